@@ -1,0 +1,35 @@
+"""Evaluate a trained model on a prepared split with Ray Data batch inference.
+
+python jobs/evaluate.py --model RUN_DIR_OR_MODEL_FOLDER [--split test] [--config CFG] [--eval.num_actors 4 ...]
+Without --config, the config saved with the model is used (overrides still apply).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job submit --working-dir .
+
+from resnet_ray import cli  # noqa: E402
+
+
+def main() -> int:
+    from resnet_ray.evaluate import evaluate, model_config
+    from resnet_ray.report import print_summary
+    from resnet_ray.runtime import init_ray
+
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="exported model folder, checkpoint folder or run folder")
+    p.add_argument("--split", choices=("train", "val", "test"), help="split to evaluate (default: eval.split)")
+    p.add_argument("--output", help="report folder (default: <run>/eval-<split>)")
+    args, overrides = cli.parse(p)
+    cli.setup_logging()
+    cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
+    init_ray(local=args.local)
+    result = evaluate(cfg, args.model, split=args.split, output=args.output)
+    print_summary(result["report"])
+    print(f"{result['report']['rows']} images in {result['seconds']:.1f} s ({result['images_per_s']:.0f} img/s); "
+          f"report in {result['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

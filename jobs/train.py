@@ -1,0 +1,30 @@
+"""Fine-tune a ResNet with Ray Train.  python jobs/train.py --config configs/cifar10.yaml [--optim.lr 0.01 ...]
+
+--local runs the offline single-node test mode (configs/local.yaml); --resume RUN_DIR continues a stopped run.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job submit --working-dir .
+
+from resnet_ray import cli  # noqa: E402
+
+
+def main() -> int:
+    from resnet_ray.report import print_training_summary
+    from resnet_ray.runtime import init_ray
+    from resnet_ray.train import config_for_resume, fit
+
+    p = cli.parser(__doc__)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    args, overrides = cli.parse(p)
+    cli.setup_logging()
+    cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
+    init_ray(local=args.local)
+    result = fit(cfg)
+    print_training_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

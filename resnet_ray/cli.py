@@ -1,0 +1,63 @@
+"""Shared command-line handling for the jobs: --config/--local, dotted overrides, logging, clean errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from resnet_ray.config import Config, load_config
+
+LOCAL_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "local.yaml")
+
+
+def user_errors() -> tuple:
+    """Exceptions that mean bad input: reported in one line, exit status 2, no traceback."""
+    from resnet_ray.checkpoint import CheckpointError
+    from resnet_ray.config import ConfigError
+    from resnet_ray.data.sources import DataError
+    from resnet_ray.model import ModelError
+
+    return ConfigError, DataError, ModelError, CheckpointError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=description,
+        epilog="Any config field can be overridden with --section.field VALUE, e.g. --optim.lr 0.01 --train.epochs 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--local", action="store_true",
+                   help="single-node test mode: configs/local.yaml, a local Ray instance on this machine")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list]:
+    """Known options and the remaining ``--section.field value`` overrides."""
+    args, overrides = p.parse_known_args(argv)
+    if args.local and not args.config:
+        args.config = LOCAL_CONFIG
+    return args, overrides
+
+
+def config_from(args: argparse.Namespace, overrides: Sequence[str]) -> Config:
+    return load_config(args.config, overrides)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a job's main; bad input ends with one clear line on stderr and exit status 2."""
+    try:
+        sys.exit(main() or 0)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

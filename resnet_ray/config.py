@@ -1,0 +1,421 @@
+"""One frozen configuration tree shared by every job.
+
+``load_config(yaml_path, overrides)`` merges a YAML file and dotted overrides
+(``["--optim.lr", "0.01"]`` or ``{"optim.lr": 0.01}``) into the defaults below
+and validates everything before any Ray work starts. Errors name the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+SOURCES = ("digits", "cifar10", "cifar100", "parquet", "imagefolder")
+ARCHS = ("resnet18", "resnet34", "resnet50")
+OPTIMIZERS = ("sgd", "adamw")
+AUGMENTS = ("crop", "rrc", "none")
+SPLITS = ("train", "val", "test")
+SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible."""
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _choice(value: Any, name: str, allowed: Sequence[str]) -> None:
+    _check(value in allowed, name, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(value: float, name: str, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    _check(ok and math.isfinite(value), name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how splits are carved."""
+
+    source: str = "digits"  # one of SOURCES
+    path: Optional[str] = None  # archive / extracted folder / parquet folder / image folder
+    root: str = "~/.cache/resnet_ray/datasets"  # prepared datasets live here (local path or URI)
+    name: Optional[str] = None  # prepared dataset name; defaults to the source name
+    image_column: str = "image"  # parquet source: encoded image column (bytes or {bytes, path})
+    label_column: str = "label"  # parquet source: integer label column
+    coarse_label_column: Optional[str] = None  # parquet source: optional superclass column
+    classes: tuple = ()  # parquet source: class names when no classes.json sits beside the files
+    md5: Optional[str] = None  # cifar archives: expected MD5 (defaults to the official one)
+    download: bool = True  # cifar: download the official archive when no local copy is given
+    image_size: int = 32  # every source image must be image_size x image_size RGB
+    val_fraction: float = 0.1  # stratified validation split carved from train
+    test_fraction: float = 0.2  # carved from train only when the source has no test split
+    seed: int = 0  # seed of the carving
+    limit: Optional[int] = None  # rows per split when loading (smoke runs)
+    shuffle: bool = True  # reshuffle the training split every epoch
+    cache: bool = True  # keep decoded splits in Ray's object store across epochs (off for data larger than it)
+
+    def __post_init__(self):
+        _choice(self.source, "data.source", SOURCES)
+        if self.source in ("parquet", "imagefolder"):
+            _check(bool(self.path), "data.path", f"is required for data.source={self.source!r}")
+        _check(all(isinstance(c, str) for c in self.classes), "data.classes", "must be a list of strings")
+        _positive(self.image_size, "data.image_size")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _check(0.0 < value < 0.5, f"data.{name}", f"must be in (0, 0.5), got {value!r}")
+        if self.limit is not None:
+            _positive(self.limit, "data.limit")
+        if self.name is not None:
+            _check(self.name.replace("-", "").replace("_", "").isalnum(), "data.name",
+                   f"{self.name!r} may hold only letters, digits, '-' and '_'")
+
+    @property
+    def dataset_name(self) -> str:
+        return self.name or self.source
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: torchvision ResNet, its initial weights and input resolution."""
+
+    arch: str = "resnet50"  # one of ARCHS (resnet18 is the small option for tests)
+    weights: str = "imagenet"  # imagenet (=V2 for resnet50) | imagenet_v1 | imagenet_v2 | none | path to a state_dict
+    image_size: int = 224  # images are resized to this on the device
+    channels_last: bool = True  # memory format on GPU
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self):
+        _choice(self.arch, "model.arch", ARCHS)
+        _check(bool(self.weights), "model.weights", "must be imagenet, imagenet_v1, imagenet_v2, none or a file path")
+        _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (linear warmup, then cosine decay)."""
+
+    name: str = "sgd"  # one of OPTIMIZERS
+    lr: float = 0.01  # head learning rate at reference_batch_size
+    backbone_lr_scale: float = 1.0  # backbone lr = lr * backbone_lr_scale
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    label_smoothing: float = 0.0
+    grad_clip_norm: float = 0.0  # 0 disables clipping
+    reference_batch_size: int = 256  # lr is scaled by global_batch / reference_batch_size
+    scale_lr: bool = True
+
+    def __post_init__(self):
+        _choice(self.name, "optim.name", OPTIMIZERS)
+        _positive(self.lr, "optim.lr")
+        _positive(self.backbone_lr_scale, "optim.backbone_lr_scale", allow_zero=True)
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
+               "Nesterov SGD needs optim.momentum > 0")
+        _positive(self.weight_decay, "optim.weight_decay", allow_zero=True)
+        _positive(self.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing",
+               f"must be in [0, 1), got {self.label_smoothing}")
+        _positive(self.grad_clip_norm, "optim.grad_clip_norm", allow_zero=True)
+        _positive(self.reference_batch_size, "optim.reference_batch_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training run: epochs, batches, augmentation, checkpoints, fault tolerance."""
+
+    epochs: int = 10
+    batch_size: int = 128  # per worker
+    seed: int = 0
+    augment: str = "crop"  # crop (pad + random crop) | rrc (random resized crop) | none
+    crop_padding: int = 4
+    hflip: bool = True
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    cutmix_alpha: float = 0.0  # 0 disables cutmix
+    freeze_backbone_epochs: int = 0  # train only the new head for the first N epochs
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    storage_path: str = "~/resnet_ray_runs"  # local path or URI (s3://...)
+    name: Optional[str] = None  # run name: the same name resumes the same run
+    keep_checkpoints: int = 2  # best K by validation top-1
+    max_failures: int = 0  # worker-group restarts allowed (Ray FailureConfig)
+    fail_at_epoch: Optional[int] = None  # debug hook: kill one worker once after this epoch
+    prefetch_batches: int = 2
+    evaluate_test: bool = True  # evaluate the best model on the test split at the end
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _choice(self.augment, "train.augment", AUGMENTS)
+        _positive(self.crop_padding, "train.crop_padding", allow_zero=True)
+        _positive(self.mixup_alpha, "train.mixup_alpha", allow_zero=True)
+        _positive(self.cutmix_alpha, "train.cutmix_alpha", allow_zero=True)
+        _check(0 <= self.freeze_backbone_epochs <= self.epochs, "train.freeze_backbone_epochs",
+               f"must be in [0, train.epochs={self.epochs}], got {self.freeze_backbone_epochs}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if self.fail_at_epoch is not None:
+            _check(1 <= self.fail_at_epoch < self.epochs, "train.fail_at_epoch",
+                   f"must be in [1, train.epochs), got {self.fail_at_epoch}")
+        _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
+        if self.name is not None:
+            _check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How many Ray Train workers and what each one holds."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only with use_gpu
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        _positive(self.cpus_per_worker, "scaling.cpus_per_worker", allow_zero=True)
+        _positive(self.gpus_per_worker, "scaling.gpus_per_worker")
+
+    @property
+    def resources_per_worker(self) -> dict:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Hyperparameter search: ASHA over Ray Train trials."""
+
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    max_epochs: int = 10  # train.epochs of every trial
+    grace_period: int = 1
+    reduction_factor: int = 2
+    metric: str = "val_top1"
+    mode: str = "max"
+    storage_path: Optional[str] = None  # defaults to train.storage_path
+    name: Optional[str] = None  # experiment name; the same name resumes
+    search_space: dict = field(default_factory=dict)  # dotted key -> {type, low, high} | {type: choice, values}
+
+    def __post_init__(self):
+        for name in ("num_samples", "max_concurrent_trials", "max_epochs", "grace_period"):
+            _check(getattr(self, name) >= 1, f"tune.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        _check(self.grace_period <= self.max_epochs, "tune.grace_period", "must be <= tune.max_epochs")
+        _choice(self.mode, "tune.mode", ("max", "min"))
+        for key, spec in self.search_space.items():
+            _validate_search_spec(key, spec)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Distributed evaluation (batch inference on Ray Data actors)."""
+
+    split: str = "test"
+    batch_size: int = 256
+    num_actors: int = 2
+    gpus_per_actor: float = 0.0  # > 0 runs one actor per GPU share
+    cpus_per_actor: float = 1.0
+    output: Optional[str] = None  # report folder; defaults to <run>/eval-<split> or <model>/eval-<split>
+    ece_bins: int = 15
+
+    def __post_init__(self):
+        _choice(self.split, "eval.split", SPLITS)
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_actors >= 1, "eval.num_actors", f"must be >= 1, got {self.num_actors}")
+        _positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)
+        _positive(self.cpus_per_actor, "eval.cpus_per_actor", allow_zero=True)
+        _check(self.ece_bins >= 1, "eval.ece_bins", f"must be >= 1, got {self.ece_bins}")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.train.mixup_alpha > 0 or self.train.cutmix_alpha > 0:
+            _check(self.train.batch_size >= 2, "train.batch_size", "must be >= 2 with mixup/cutmix")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.batch_size * self.scaling.num_workers
+
+
+# ---------------------------------------------------------------------------
+# dict <-> dataclass, with type checks that name the field
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    optional, tp = _is_optional(tp)
+    if value is None:
+        _check(optional, name, "must not be null")
+        return None
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
+    elif tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+    elif tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+               f"expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
+    elif tp is tuple:
+        _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
+        value = tuple(value)
+    elif tp is dict:
+        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
+    return value
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key; allowed: {', '.join(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values.get(f.name) or {}, name)
+        elif f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], name)
+    return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (as saved in run folders and checkpoints)."""
+    return _build(Config, values, "")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of builtins (tuples become lists) that round-trips through from_dict."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, creating sub-dicts. search_space keys stay whole."""
+    parts = key.split(".")
+    _check(len(parts) >= 2 and all(parts), key, "overrides look like section.field, e.g. optim.lr")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        _check(isinstance(node, dict), key, "cannot set a field below a value")
+        if part == "search_space":  # its keys are themselves dotted config paths
+            node[".".join(parts[parts.index(part) + 1:])] = value
+            return
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """``["--optim.lr", "0.01", "--train.amp=false"]`` -> ``{"optim.lr": 0.01, "train.amp": False}``.
+
+    Values are parsed as YAML scalars, so numbers, booleans, null and lists work.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        _check(arg.startswith("--") and len(arg) > 2, arg, "expected --section.field VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            _check(i + 1 < len(args), arg, "is missing its value")
+            value = args[i + 1]
+            i += 1
+        out[key] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError naming the field."""
+    tree: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path}: not found")
+        with open(path) as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        tree = loaded
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    for key, value in overrides.items():
+        set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def replace(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of cfg with dotted overrides applied and validated (used by Tune trials)."""
+    tree = to_dict(cfg)
+    for key, value in overrides.items():
+        set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def _validate_search_spec(key: str, spec: Any) -> None:
+    name = f"tune.search_space.{key}"
+    _check(isinstance(spec, dict) and spec.get("type") in SEARCH_TYPES, name,
+           f"must be a mapping with type one of {', '.join(SEARCH_TYPES)}")
+    parts = key.split(".")
+    section = {f.name: f for f in dataclasses.fields(Config)}.get(parts[0])
+    _check(section is not None and len(parts) == 2, name, "must name a config field as section.field")
+    fields = {f.name for f in dataclasses.fields(typing.get_type_hints(Config)[parts[0]])}
+    _check(parts[1] in fields, name, f"unknown field; {parts[0]} has: {', '.join(sorted(fields))}")
+    if spec["type"] == "choice":
+        _check(isinstance(spec.get("values"), list) and spec["values"], name, "choice needs a non-empty 'values' list")
+        _check(set(spec) <= {"type", "values"}, name, "choice takes only 'values'")
+    else:
+        _check(set(spec) == {"type", "low", "high"}, name, f"{spec['type']} needs exactly 'low' and 'high'")
+        low, high = spec["low"], spec["high"]
+        _check(isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high, name,
+               f"needs numeric low < high, got {low!r}, {high!r}")
+        if spec["type"] == "loguniform":
+            _check(low > 0, name, "loguniform needs low > 0")

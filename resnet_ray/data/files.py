@@ -1,0 +1,418 @@
+"""Readers for user data: Parquet folders (local or any pyarrow filesystem URI) and image folders.
+
+Both decode every image with Pillow, insist on RGB ``image_size x image_size`` (nothing is converted or
+resized silently) and raise :class:`DataError` naming the file and row of the first bad record.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from resnet_ray.config import DataConfig
+from resnet_ray.data.sources import DataError, RawDataset, RawSplit
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+CLASSES_FILE = "classes.json"
+# 32x32 decodes are dominated by Python overhead and get slower with threads (GIL contention);
+# bigger images spend their time in C with the GIL released, so threads pay off there.
+_THREADED_MIN_SIZE = 96
+_CHUNK = 256
+
+
+# ---------------------------------------------------------------------------
+# decoding
+
+
+def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str]) -> None:
+    from PIL import Image
+
+    size = out.shape[1]
+    for offset, blob in enumerate(blobs):
+        i = start + offset
+        try:
+            im = Image.open(io.BytesIO(blob), formats=PIL_FORMATS)
+        except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+            raise DataError(f"{where(i)}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        with im:
+            if im.size != (size, size) or im.mode != "RGB":
+                raise DataError(f"{where(i)}: image is {im.size[0]}x{im.size[1]} {im.mode}, "
+                                f"expected {size}x{size} RGB (data.image_size={size})")
+            try:
+                im.load()
+                out[i] = np.asarray(im)
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"{where(i)}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def decode_images(blobs: Sequence, image_size: int, where: Callable[[int], str]) -> np.ndarray:
+    """Decode encoded images into (N, S, S, 3) uint8; ``where(i)`` names item i in error messages.
+
+    Chunks run on a thread pool for large images; the first bad item (in order) is reported.
+    """
+    out = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
+    workers = min(8, os.cpu_count() or 1) if image_size >= _THREADED_MIN_SIZE else 1
+    starts = list(range(0, len(blobs), _CHUNK))
+    if workers <= 1 or len(starts) <= 1:
+        _decode_into(out, 0, blobs, where)
+        return out
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_decode_into, out, s, blobs[s:s + _CHUNK], where) for s in starts]
+        for future in futures:  # in order, so the earliest bad chunk's error wins
+            future.result()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# class names
+
+
+def _parse_classes(text: bytes, where: str, keys: Sequence[str], required: bool) -> Optional[list]:
+    """A JSON list of names, or an object holding one under one of ``keys``; None if absent and not required."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc})") from None
+    if isinstance(value, dict):
+        key = next((k for k in keys if k in value), None)
+        if key is None:
+            if required:
+                raise DataError(f"{where}: expected a JSON list of class names, or an object with one of "
+                                f"{', '.join(keys)}; got keys {', '.join(map(str, value))}")
+            return None
+        value = value[key]
+    elif not required:  # a bare list names the fine classes only
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{where}: expected a non-empty JSON list of class-name strings")
+    return value
+
+
+FINE_KEYS = ("classes", "label_names", "names", "class_names", "fine_label_names")
+COARSE_KEYS = ("coarse_classes", "coarse_label_names", "coarse_names")
+
+
+def fine_to_coarse_map(fine: np.ndarray, coarse: np.ndarray, num_fine: int, where: str) -> Optional[list]:
+    """fine label -> coarse label derived from the data; DataError if one fine label has two coarse labels;
+    None (with a warning) if some fine label never occurs."""
+    mapping: list = [None] * num_fine
+    pairs = np.unique(np.stack([fine, coarse], axis=1), axis=0) if len(fine) else np.zeros((0, 2), np.int64)
+    for f, c in pairs.tolist():
+        if mapping[f] is not None:
+            raise DataError(f"{where}: fine label {f} maps to two coarse labels ({mapping[f]} and {c})")
+        mapping[f] = c
+    if any(c is None for c in mapping):
+        log.warning("%s: some fine labels never occur; fine_to_coarse left unset", where)
+        return None
+    return mapping
+
+
+# ---------------------------------------------------------------------------
+# Parquet
+
+
+def _split_of(rel: str) -> Optional[str]:
+    """train.parquet, train-*.parquet (any depth) or train/*.parquet -> "train"; likewise test."""
+    parts = rel.split("/")
+    name = parts[-1]
+    if not name.endswith(".parquet") or any(p.startswith((".", "_")) for p in parts):
+        return None
+    for split in SPLIT_NAMES:
+        if name == f"{split}.parquet" or fnmatch.fnmatchcase(name, f"{split}-*.parquet"):
+            return split
+    if len(parts) >= 2 and parts[-2] in SPLIT_NAMES:
+        return parts[-2]
+    return None
+
+
+def _filesystem(path: str):
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except Exception as exc:
+            raise DataError(f"parquet source {path}: cannot open filesystem ({exc})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _read_bytes(fs, path: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def _column_values(table, column: str, file: str, kind: str):
+    if column not in table.column_names:
+        raise DataError(f"{file}: no {kind} column {column!r}; columns: {', '.join(table.column_names)}")
+    return table.column(column).combine_chunks()
+
+
+def _first_null(arr) -> int:
+    return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def _image_blobs(table, column: str, file: str) -> list:
+    import pyarrow as pa
+
+    arr = _column_values(table, column, file, "image")
+    if pa.types.is_struct(arr.type):
+        if arr.type.get_field_index("bytes") < 0:
+            raise DataError(f"{file}: image column {column!r} is a struct without a 'bytes' field ({arr.type})")
+        if arr.null_count:
+            raise DataError(f"{file}: row {_first_null(arr)}: image is null")
+        arr = arr.field("bytes")
+    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        raise DataError(f"{file}: image column {column!r} has type {arr.type}, expected encoded image bytes "
+                        f"(binary, or a struct with a 'bytes' field)")
+    if arr.null_count:
+        raise DataError(f"{file}: row {_first_null(arr)}: image bytes are null")
+    return arr.to_pylist()
+
+
+def _int_labels(table, column: str, file: str, kind: str) -> np.ndarray:
+    import pyarrow as pa
+
+    arr = _column_values(table, column, file, kind)
+    if not pa.types.is_integer(arr.type):
+        raise DataError(f"{file}: {kind} column {column!r} has type {arr.type}, expected integers")
+    if arr.null_count:
+        raise DataError(f"{file}: row {_first_null(arr)}: {kind} is null")
+    labels = arr.to_numpy(zero_copy_only=False).astype(np.int64)
+    bad = np.flatnonzero(labels < 0)
+    if len(bad):
+        raise DataError(f"{file}: row {bad[0]}: {kind} {labels[bad[0]]} is negative")
+    return labels
+
+
+def _check_range(labels: np.ndarray, n: int, owners: Sequence[tuple], kind: str, what: str) -> None:
+    """Label range check that names the file and row; owners = [(file, rows), ...] in order."""
+    bad = np.flatnonzero(labels >= n)
+    if not len(bad):
+        return
+    row = int(bad[0])
+    for file, rows in owners:
+        if row < rows:
+            raise DataError(f"{file}: row {row}: {kind} {labels[bad[0]]} is outside [0, {n}) ({what})")
+        row -= rows
+
+
+def _find_classes_file(fs, base: str, files: Sequence[str]) -> Optional[str]:
+    """classes.json beside the first train file or in a folder above it, up to the source folder."""
+    import pyarrow.fs as pafs
+
+    folder = posixpath.dirname(files[0])
+    candidates = []
+    while True:
+        candidates.append(posixpath.join(folder, CLASSES_FILE))
+        if folder == base or len(folder) <= len(base) or folder in ("", "/"):
+            break
+        folder = posixpath.dirname(folder)
+    for info in fs.get_file_info(candidates):
+        if info.type == pafs.FileType.File:
+            return info.path
+    return None
+
+
+def read_parquet_source(cfg: DataConfig) -> RawDataset:
+    """Parquet files per split under cfg.path (local folder, file:// or any pyarrow filesystem URI):
+    train.parquet / train-*.parquet (any depth, the Hugging Face layout) / train/*.parquet, likewise test.
+    Class names: cfg.classes, else classes.json beside or above the train files (a list, or an object with
+    "classes"/"label_names"), else str(i) up to the largest label. checksum = sha256 of the files in path order."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, base = _filesystem(cfg.path)
+    base = base.rstrip("/") or "/"
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"parquet source {cfg.path}: not found")
+    if info.type == pafs.FileType.File:  # a single file is the train split
+        by_split = {"train": [base]}
+        base = posixpath.dirname(base)
+    else:
+        by_split = {s: [] for s in SPLIT_NAMES}
+        others = []
+        for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            if item.type != pafs.FileType.File:
+                continue
+            rel = item.path[len(base):].lstrip("/")
+            split = _split_of(rel)
+            if split:
+                by_split[split].append(item.path)
+            elif rel.endswith(".parquet"):
+                others.append(rel)
+        if others:
+            log.warning("parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s",
+                        cfg.path, len(others), others[0])
+        if not by_split["train"]:
+            raise DataError(f"parquet source {cfg.path}: no train split found; expected train.parquet, "
+                            f"train-*.parquet or train/*.parquet below it"
+                            + (f" (found only {', '.join(others[:5])})" if others else ""))
+        by_split = {s: sorted(f) for s, f in by_split.items() if f}
+
+    coarse_col = cfg.coarse_label_column
+    columns = [cfg.image_column, cfg.label_column] + ([coarse_col] if coarse_col else [])
+    digest = hashlib.sha256()
+    contents = {}
+    for path in sorted(p for files in by_split.values() for p in files):
+        contents[path] = _read_bytes(fs, path)
+        digest.update(contents[path])
+
+    splits, owners = {}, {}
+    for split, files in by_split.items():
+        images, labels, coarse, owners[split] = [], [], [], []
+        for path in files:
+            try:
+                pf = pq.ParquetFile(pa.BufferReader(contents.pop(path)))
+                names = pf.schema_arrow.names
+            except Exception as exc:
+                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                                f"columns: {', '.join(names)}")
+            try:
+                table = pf.read(columns=columns)
+            except Exception as exc:
+                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            labels.append(_int_labels(table, cfg.label_column, path, "label"))
+            if coarse_col:
+                coarse.append(_int_labels(table, coarse_col, path, "coarse label"))
+            blobs = _image_blobs(table, cfg.image_column, path)
+            del table
+            images.append(decode_images(blobs, cfg.image_size, lambda i, p=path: f"{p}: row {i}"))
+            owners[split].append((path, len(blobs)))
+            del blobs
+        splits[split] = RawSplit(
+            images=np.concatenate(images) if len(images) > 1 else images[0],
+            labels=np.concatenate(labels),
+            coarse_labels=np.concatenate(coarse) if coarse_col else None,
+        )
+    if not len(splits["train"].labels):
+        raise DataError(f"parquet source {cfg.path}: the train split has no rows ({', '.join(by_split['train'])})")
+
+    classes_doc = None
+    if cfg.classes:
+        classes, classes_from = list(cfg.classes), "data.classes"
+    else:
+        found = _find_classes_file(fs, base, by_split["train"])
+        if found:
+            classes_doc = (_read_bytes(fs, found), found)
+            classes, classes_from = _parse_classes(classes_doc[0], found, FINE_KEYS, True), found
+        else:
+            top = max(int(s.labels.max()) for s in splits.values() if len(s.labels))
+            classes, classes_from = [str(i) for i in range(top + 1)], "max label"
+    for split in splits:
+        _check_range(splits[split].labels, len(classes), owners[split], "label",
+                     f"{len(classes)} classes from {classes_from}")
+
+    coarse_classes = fine_to_coarse = None
+    if coarse_col:
+        if classes_doc is not None:
+            coarse_classes = _parse_classes(classes_doc[0], classes_doc[1], COARSE_KEYS, False)
+        if coarse_classes is None:
+            top = max(int(s.coarse_labels.max()) for s in splits.values() if len(s.coarse_labels))
+            coarse_classes = [str(i) for i in range(top + 1)]
+        for split in splits:
+            _check_range(splits[split].coarse_labels, len(coarse_classes), owners[split], "coarse label",
+                         f"{len(coarse_classes)} coarse classes")
+        fine_to_coarse = fine_to_coarse_map(np.concatenate([s.labels for s in splits.values()]),
+                                            np.concatenate([s.coarse_labels for s in splits.values()]),
+                                            len(classes), f"parquet source {cfg.path}")
+    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest(), coarse_classes=coarse_classes,
+                      fine_to_coarse=fine_to_coarse)
+
+
+# ---------------------------------------------------------------------------
+# image folders
+
+
+def _class_dirs(folder: str) -> list:
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise DataError(f"image folder {folder}: cannot list ({exc})") from None
+    return [e for e in entries if not e.startswith(".") and os.path.isdir(os.path.join(folder, e))]
+
+
+def _image_files(folder: str) -> list:
+    """Image files below a class folder (recursively), sorted by relative path."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, name))
+    return sorted(found, key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
+
+
+def read_imagefolder(cfg: DataConfig) -> RawDataset:
+    """cfg.path/{train,test}/<class>/<image> or cfg.path/<class>/<image> (then all of it is train)."""
+    root = os.path.abspath(os.path.expanduser(cfg.path))
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {cfg.path}: not a folder")
+    if os.path.isdir(os.path.join(root, "train")):
+        split_dirs = {s: os.path.join(root, s) for s in SPLIT_NAMES if os.path.isdir(os.path.join(root, s))}
+    else:
+        if os.path.isdir(os.path.join(root, "test")):
+            log.warning("image folder %s has test/ but no train/: treating 'test' as a class folder", root)
+        split_dirs = {"train": root}
+
+    classes = _class_dirs(split_dirs["train"])
+    if not classes:
+        raise DataError(f"image folder {split_dirs['train']}: no class subfolders")
+    listing = {}
+    for split, folder in split_dirs.items():
+        names = _class_dirs(folder)
+        if names != classes:
+            extra, missing = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
+            raise DataError(f"image folder {folder}: class folders differ from the train split's"
+                            + (f"; extra: {', '.join(extra)}" if extra else "")
+                            + (f"; missing: {', '.join(missing)}" if missing else ""))
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            class_dir = os.path.join(folder, name)
+            found = _image_files(class_dir)
+            if not found:
+                raise DataError(f"image folder {class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
+            files += found
+            labels += [label] * len(found)
+        listing[split] = (files, np.asarray(labels, dtype=np.int64))
+
+    rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for files, _ in listing.values() for p in files}
+    contents = {}
+    for path in rel:
+        try:
+            with open(path, "rb") as f:
+                contents[path] = f.read()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc})") from None
+    digest = hashlib.sha256()
+    for path in sorted(rel, key=rel.get):
+        name = rel[path].encode()
+        digest.update(len(name).to_bytes(8, "little") + name)
+        digest.update(len(contents[path]).to_bytes(8, "little") + contents[path])
+
+    splits = {}
+    for split, (files, labels) in listing.items():
+        images = decode_images([contents[p] for p in files], cfg.image_size, lambda i, fs=files: fs[i])
+        splits[split] = RawSplit(images=images, labels=labels)
+    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest())

@@ -1,0 +1,65 @@
+"""Prepared splits as Ray Data datasets of uint8 HWC images and int64 labels."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from resnet_ray import storage
+from resnet_ray.config import DataConfig
+from resnet_ray.data.prepare import dataset_dir, read_metadata
+from resnet_ray.data.sources import DataError
+
+
+def decode_images(column: pa.ChunkedArray | pa.Array, image_size: int) -> np.ndarray:
+    """fixed_size_binary(H*W*3) column -> (N, H, W, 3) uint8 view, no per-row Python."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = array.type.byte_width
+    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=len(array) * width, offset=array.offset * width)
+    return flat.reshape(len(array), image_size, image_size, 3)
+
+
+def table_to_batch(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
+    """A canonical Parquet table -> {"row_id", "image", "label"[, "coarse_label"]} numpy batch."""
+    batch = {name: table.column(name).to_numpy() for name in table.column_names if name != "image"}
+    batch["image"] = decode_images(table.column("image"), image_size)
+    return batch
+
+
+def split_rows(meta: dict, split: str, limit: Optional[int]) -> int:
+    """Rows load_split yields for this split: the count the evaluation's support must equal."""
+    if split not in meta["counts"]:
+        raise DataError(f"split {split!r} does not exist in {meta['name']}; it has {', '.join(meta['counts'])}")
+    count = meta["counts"][split]
+    return min(count, limit) if limit else count
+
+
+def quiet_data_progress() -> None:
+    """No Ray Data progress bars or per-execution banners: the jobs report progress themselves."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+
+
+def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
+    """Ray Data dataset of a prepared split: columns row_id, image (uint8 N x H x W x 3), label[, coarse_label].
+
+    ``cfg.limit`` caps the rows (the first rows of the seeded random order written by prepare).
+    Images stay uint8 at the source resolution: resizing happens on the training device.
+    """
+    import ray.data
+
+    prepared = prepared or dataset_dir(cfg)
+    meta = read_metadata(prepared)
+    split_rows(meta, split, None)
+    fs, path = storage.resolve(storage.join(prepared, split))
+    size = meta["image_size"]
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    return ds.map_batches(table_to_batch, batch_format="pyarrow", fn_kwargs={"image_size": size},
+                          zero_copy_batch=True)

@@ -1,0 +1,164 @@
+"""Distributed evaluation: Ray Data batch inference on actors -> summed confusion matrices -> report files."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from resnet_ray import metrics, report, storage
+from resnet_ray.checkpoint import CheckpointError, load_model
+from resnet_ray.config import Config, from_dict, parse_overrides, replace, to_dict
+from resnet_ray.data.load import load_split, split_rows
+from resnet_ray.data.prepare import ensure_prepared
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(RuntimeError):
+    """Inference did not cover the split exactly once."""
+
+
+def default_output(model_path: str, split: str) -> str:
+    """<run>/eval-<split> for a run's exported model, else <model folder>/eval-<split>."""
+    location = storage.normalize(model_path).rstrip("/")
+    parent = location.rsplit("/", 1)[0] if location.endswith("/model") else location
+    return storage.join(parent, f"eval-{split}")
+
+
+def check_model_fits(info: dict, meta: dict, model_path: str) -> None:
+    if info["num_classes"] != len(meta["classes"]):
+        raise CheckpointError(f"{model_path}: the model has {info['num_classes']} classes, dataset "
+                              f"{meta['name']} has {len(meta['classes'])}")
+    if list(info.get("classes") or meta["classes"]) != list(meta["classes"]):
+        raise CheckpointError(f"{model_path}: the model's class names differ from dataset {meta['name']}'s")
+
+
+def batch_statistics(batch: dict, num_classes: int, ece_bins: int, fine_to_coarse: Optional[list]) -> dict:
+    """One row per prediction batch: its C x C confusion matrix, top-5 hits, calibration bins, row-id sums."""
+    labels, preds = batch["label"], batch["pred"]
+    stats = {
+        "cm": metrics.confusion_matrix(labels, preds, num_classes)[None],
+        "top5": np.array([(batch["top5"] == labels[:, None]).any(1).sum()]),
+        "calibration": metrics.calibration_counts(batch["confidence"], preds == labels, ece_bins)[None],
+        "rows": np.array([len(labels)]),
+    }
+    if fine_to_coarse is not None:
+        mapping = np.asarray(fine_to_coarse)
+        stats["coarse_cm"] = metrics.confusion_matrix(mapping[labels], mapping[preds], int(mapping.max()) + 1)[None]
+    return stats
+
+
+def _sum_statistics(stats_ds) -> dict:
+    total: dict = {}
+    for batch in stats_ds.iter_batches(batch_size=64, batch_format="numpy"):
+        for key, value in batch.items():
+            total[key] = total.get(key, 0) + value.sum(0)
+    return total
+
+
+def _write_predictions(predictions, path: str, expected_rows: int) -> None:
+    """predictions.parquet (row_id, label, pred, confidence, top5[, coarse_label]), written atomically.
+
+    Also checks that row ids cover 0..expected_rows-1 exactly once.
+    """
+    seen = np.zeros(expected_rows, dtype=bool)
+    writer = None
+    fd, tmp = tempfile.mkstemp(suffix=".parquet")
+    os.close(fd)
+    try:
+        for batch in predictions.iter_batches(batch_size=4096, batch_format="numpy"):
+            ids = batch["row_id"]
+            if ids.min(initial=0) < 0 or ids.max(initial=0) >= expected_rows or seen[ids].any() \
+                    or len(np.unique(ids)) != len(ids):
+                raise EvaluationError("a row was predicted twice or a row id is outside the split")
+            seen[ids] = True
+            columns = {k: v for k, v in batch.items() if k != "top5"}
+            columns["top5"] = pa.array(list(batch["top5"]), type=pa.list_(pa.int64()))
+            table = pa.table(columns)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        if writer:
+            writer.close()
+        if not seen.all():
+            raise EvaluationError(f"{int((~seen).sum())} of {expected_rows} rows were never predicted")
+        with open(tmp, "rb") as f:
+            storage.write_bytes(path, f.read())
+    finally:
+        os.unlink(tmp)
+
+
+def model_config(model_path: str, overrides=()) -> Config:
+    """The resolved config saved with a model (exported, checkpoint or run folder), with CLI overrides."""
+    local = model_path if not storage.is_uri(model_path) else \
+        storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
+    return replace(from_dict(load_model(local).info["config"]), parse_overrides(overrides))
+
+
+def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: Optional[str] = None) -> dict:
+    """Evaluate a model (exported folder, checkpoint or run folder) on a prepared split.
+
+    Returns {"report": report dict, "output": folder, "seconds": wall time, "images_per_s": throughput}.
+    """
+    import ray.data
+
+    split = split or cfg.eval.split
+    local_model = model_path if not storage.is_uri(model_path) else \
+        storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
+    info = load_model(local_model).info
+    prepared, meta = ensure_prepared(cfg.data)
+    check_model_fits(info, meta, model_path)
+    expected = split_rows(meta, split, cfg.data.limit)
+    output = output or cfg.eval.output or default_output(model_path, split)
+    classes = list(meta["classes"])
+
+    from resnet_ray.predict import Predictor
+
+    start = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True  # the progress of inference is worth showing
+    predictions = load_split(cfg.data, split, prepared).map_batches(
+        Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path)},
+        batch_size=cfg.eval.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
+        num_gpus=cfg.eval.gpus_per_actor, num_cpus=cfg.eval.cpus_per_actor,
+    ).materialize()
+    seconds = time.perf_counter() - start
+    stats = _sum_statistics(predictions.map_batches(
+        batch_statistics, batch_format="numpy", batch_size=cfg.eval.batch_size,
+        fn_kwargs={"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins,
+                   "fine_to_coarse": meta.get("fine_to_coarse")}))
+    ctx.enable_progress_bars = False
+    if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
+        raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")
+
+    result = metrics.classification_report(stats["cm"], classes, zero_division=0.0)
+    result.update({
+        "model": storage.normalize(model_path),
+        "model_info": {"arch": info["arch"], "sha256": info.get("sha256"), "epoch": info.get("epoch"),
+                       "val_metrics": info.get("metrics")},
+        "dataset": meta["name"], "split": split, "rows": expected,
+        "top5_accuracy": float(stats["top5"]) / expected,
+        "ece": metrics.expected_calibration_error(stats["calibration"]),
+        "confused_pairs": metrics.most_confused_pairs(stats["cm"], classes, k=10),
+        "images_per_s": expected / seconds, "config": to_dict(cfg),
+    })
+    coarse_cm = None
+    if "coarse_cm" in stats:
+        coarse_cm = stats["coarse_cm"]
+        coarse = metrics.classification_report(coarse_cm, meta["coarse_classes"], zero_division=0.0)
+        coarse["confused_pairs"] = metrics.most_confused_pairs(coarse_cm, meta["coarse_classes"], k=10)
+        result["coarse"] = coarse
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=coarse_cm)
+        storage.upload_dir(tmp, output)
+    _write_predictions(predictions, storage.join(output, "predictions.parquet"), expected)
+    log.info("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],
+             split, result["accuracy"], expected, seconds, output)
+    return {"report": result, "output": output, "seconds": seconds, "images_per_s": expected / seconds}

@@ -1,0 +1,65 @@
+"""Optimizer with separate backbone/head learning rates, and warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from resnet_ray.config import OptimConfig
+from resnet_ray.model import is_head
+
+
+def peak_lr(cfg: OptimConfig, global_batch_size: int) -> float:
+    """Head learning rate after the linear batch-size scaling rule."""
+    return cfg.lr * global_batch_size / cfg.reference_batch_size if cfg.scale_lr else cfg.lr
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
+    """Four groups: backbone/head x decay/no-decay (no weight decay on biases and norm layers)."""
+    groups = {}
+    for name, param in model.named_parameters():
+        head = is_head(name)
+        decay = param.ndim > 1
+        key = (head, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [], "name": f"{'head' if head else 'backbone'}{'' if decay else '_no_decay'}",
+                "lr": lr if head else lr * cfg.backbone_lr_scale,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, peak_lr(cfg, global_batch_size))
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"])
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup from 1/warmup to 1, then cosine to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class WarmupCosine:
+    """Picklable lr lambda (so the scheduler's state_dict round-trips)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float):
+        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.min_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
+                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR: call ``scheduler.step()`` after every optimizer step."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(steps_per_epoch * epochs, warmup, cfg.min_lr_ratio))

@@ -1,0 +1,55 @@
+"""Batch inference callable for ``Dataset.map_batches``: one model per actor, the evaluation preprocessing."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from resnet_ray import storage
+from resnet_ray.checkpoint import load_model
+from resnet_ray.loop import autocast
+from resnet_ray.transforms import Preprocess
+
+TOPK = 5
+
+
+class Predictor:
+    """Loads the model once per actor (GPU when the actor has one) and predicts uint8 image batches.
+
+    Output columns per row: row_id, label, pred, confidence (top-1 softmax probability) and
+    top5 (the k most probable classes, k = min(5, C)), plus coarse_label when the input has it.
+    """
+
+    def __init__(self, model_path: str, amp: bool = True):
+        if storage.is_uri(model_path):
+            model_path = storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
+        loaded = load_model(model_path)
+        info = loaded.info
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = self.device.type == "cuda"
+        self.model = loaded.model.to(self.device)
+        if on_gpu:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]),
+                                     channels_last=on_gpu)
+        self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
+        self.k = min(TOPK, info["num_classes"])
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(self.preprocess(images))
+        probs = logits.float().softmax(dim=1)
+        top = probs.topk(self.k, dim=1)
+        out = {"row_id": batch["row_id"], "label": batch["label"],
+               "pred": top.indices[:, 0].cpu().numpy().astype(np.int64),
+               "confidence": top.values[:, 0].cpu().numpy().astype(np.float64),
+               "top5": top.indices.cpu().numpy().astype(np.int64)}
+        if "coarse_label" in batch:
+            out["coarse_label"] = batch["coarse_label"]
+        return out

@@ -1,0 +1,74 @@
+"""Shared fixtures: one local Ray instance per test session, tiny prepared data, quiet logs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with more logical CPUs than cores (Train workers + Data tasks + Tune drivers)."""
+    import ray
+
+    from resnet_ray.runtime import init_ray
+
+    init_ray(local=True, num_cpus=8)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(data_root):
+    """The embedded digits data set prepared once for the session: (DataConfig, prepared path, metadata)."""
+    from resnet_ray.config import DataConfig
+    from resnet_ray.data.prepare import ensure_prepared
+
+    cfg = DataConfig(source="digits", root=data_root)
+    prepared, meta = ensure_prepared(cfg)
+    return cfg, prepared, meta
+
+
+@pytest.fixture(scope="session")
+def shared_cifar10():
+    path = os.path.abspath(SHARED_CIFAR10)
+    if not os.path.exists(os.path.join(path, "train.parquet")):
+        pytest.skip("../shared/data/cifar10 is not present")
+    return path
+
+
+def tiny_config(data_root: str, storage: str, **overrides):
+    """A seconds-long 2-worker CPU training config: resnet18 at 32 px on 240 digits."""
+    from resnet_ray.config import load_config
+
+    values = {
+        "data.source": "digits", "data.root": data_root, "data.limit": 240,
+        "model.arch": "resnet18", "model.weights": "none", "model.image_size": 32,
+        "optim.name": "adamw", "optim.lr": 0.002, "optim.reference_batch_size": 64,
+        "train.epochs": 2, "train.batch_size": 32, "train.hflip": False, "train.storage_path": storage,
+        "train.evaluate_test": False, "train.keep_checkpoints": 2,
+        "scaling.num_workers": 2, "eval.num_actors": 2, "eval.batch_size": 64,
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, data_root, tmp_path_factory):
+    """One real 2-worker TorchTrainer run with the final test evaluation, shared by several tests."""
+    from resnet_ray.train import fit
+
+    cfg = tiny_config(data_root, str(tmp_path_factory.mktemp("runs")), **{"train.evaluate_test": True,
+                                                                        "train.name": "tiny"})
+    return cfg, fit(cfg)

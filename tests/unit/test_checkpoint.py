@@ -1,0 +1,211 @@
+"""Training checkpoints, exported models and load_model (no Ray)."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from resnet_ray import checkpoint as ckpt
+from resnet_ray.checkpoint import (CheckpointError, checkpoint_config, export_model, load_model,
+                                   load_training_state, save_training_state, unwrap_state_dict)
+from resnet_ray.config import Config, ModelConfig, to_dict
+from resnet_ray.model import build_model
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_meta(epoch=2):
+    return {"arch": "resnet18", "num_classes": NUM_CLASSES, "classes": ["a", "b", "c"], "coarse_classes": None,
+            "fine_to_coarse": None, "image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+            "dataset": "digits", "epoch": epoch, "metrics": [{"epoch": epoch, "val_top1": 0.5}],
+            "config": to_dict(Config())}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A resnet18 with non-default weights and BN statistics, and its state_dict."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", weights="none"), NUM_CLASSES)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        model.train()
+        model(torch.rand(4, 3, 32, 32))  # moves the running statistics
+    return model.eval(), model.state_dict()
+
+
+@pytest.fixture
+def checkpoint(tmp_path, trained):
+    """A training checkpoint folder saved with DDP-style ``module.`` keys."""
+    _, state_dict = trained
+    folder = tmp_path / "checkpoint_000002"
+    folder.mkdir()
+    model = {f"module.{k}": v for k, v in state_dict.items()}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
+    state = {"model": model, "optimizer": opt.state_dict(), "scheduler": {"last_epoch": 7}, "epoch": 2}
+    save_training_state(str(folder), state, make_meta())
+    return str(folder)
+
+
+def test_training_state_round_trip(checkpoint, trained):
+    state, meta = load_training_state(checkpoint)
+    assert meta == make_meta()
+    assert state["epoch"] == 2 and state["scheduler"] == {"last_epoch": 7}
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    for k, v in trained[1].items():
+        assert torch.equal(state["model"][f"module.{k}"], v), k
+    assert checkpoint_config(meta) == Config()
+
+
+@pytest.mark.parametrize("missing", [ckpt.STATE, ckpt.META])
+def test_load_training_state_missing_file_names_folder(checkpoint, missing):
+    os.remove(os.path.join(checkpoint, missing))
+    with pytest.raises(CheckpointError, match=missing) as info:
+        load_training_state(checkpoint)
+    assert checkpoint in str(info.value)
+
+
+def test_load_training_state_corrupt_state(checkpoint):
+    with open(os.path.join(checkpoint, ckpt.STATE), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_training_state(checkpoint)
+
+
+def test_unwrap_state_dict_prefixes():
+    t = torch.zeros(1)
+    assert list(unwrap_state_dict({"module.fc.weight": t, "_orig_mod.conv1.weight": t,
+                                   "module._orig_mod.bn1.bias": t, "layer1.0.bn1.bias": t})) == [
+        "fc.weight", "conv1.weight", "bn1.bias", "layer1.0.bn1.bias"]
+
+
+def test_export_writes_model_and_info_with_matching_sha(checkpoint, tmp_path, trained):
+    out = export_model(checkpoint, str(tmp_path / "run" / "model"))
+    assert sorted(os.listdir(out)) == sorted([ckpt.MODEL, ckpt.MODEL_INFO])
+    with open(os.path.join(out, ckpt.MODEL_INFO)) as f:
+        info = json.load(f)
+    with open(os.path.join(out, ckpt.MODEL), "rb") as f:
+        assert info["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    meta = make_meta()
+    assert {k: v for k, v in info.items() if k != "sha256"} == meta
+    weights = torch.load(os.path.join(out, ckpt.MODEL), weights_only=True)
+    assert set(weights) == set(trained[1])  # DDP prefix stripped
+    assert not any(k.startswith("module.") for k in weights)
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".export-")]
+
+
+def test_export_replaces_an_existing_folder(checkpoint, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_model(checkpoint, str(out))
+    assert sorted(os.listdir(out)) == sorted([ckpt.MODEL, ckpt.MODEL_INFO])
+
+
+def test_load_model_from_export_checkpoint_and_run_folder_agree(checkpoint, tmp_path, trained):
+    run = tmp_path / "run"
+    export_model(checkpoint, str(run / "model"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained[0](x)
+        outputs = {}
+        for name, path in [("export", run / "model"), ("checkpoint", checkpoint), ("run", run)]:
+            loaded = load_model(str(path))
+            assert not loaded.model.training
+            assert loaded.info["num_classes"] == NUM_CLASSES and loaded.info["arch"] == "resnet18"
+            outputs[name] = loaded.model(x)
+    assert load_model(str(run)).source == str(run / "model")
+    assert load_model(checkpoint).source == checkpoint
+    for out in outputs.values():
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_tampered_model_is_refused_before_torch_load(checkpoint, tmp_path, monkeypatch):
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    path = os.path.join(out, ckpt.MODEL)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_model(out)
+    assert calls == []
+
+
+def test_load_model_uses_weights_only(checkpoint, tmp_path, monkeypatch):
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    flags = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_model(out)
+    load_model(checkpoint)
+    assert flags == [True, True]
+
+
+def test_missing_model_pt_names_folder(checkpoint, tmp_path):
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    os.remove(os.path.join(out, ckpt.MODEL))
+    with pytest.raises(CheckpointError) as info:
+        load_model(out)
+    assert out in str(info.value)
+
+
+def test_folder_without_model_names_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError) as info:
+        load_model(str(empty))
+    assert str(empty) in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        load_model(str(tmp_path / "nope"))
+    assert str(tmp_path / "nope") in str(info.value)
+
+
+def test_checkpoint_without_meta_names_folder(checkpoint):
+    os.remove(os.path.join(checkpoint, ckpt.META))
+    with pytest.raises(CheckpointError, match=ckpt.META) as info:
+        load_model(checkpoint)
+    assert checkpoint in str(info.value)
+
+
+def test_model_json_with_other_num_classes_is_refused(checkpoint, tmp_path):
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    info_path = os.path.join(out, ckpt.MODEL_INFO)
+    with open(info_path) as f:
+        info = json.load(f)
+    info["num_classes"] = NUM_CLASSES + 2
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    with pytest.raises(CheckpointError, match="5 classes") as exc:
+        load_model(out)
+    assert out in str(exc.value)
+
+
+def test_corrupt_model_json_raises_checkpoint_error(checkpoint, tmp_path):
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    with open(os.path.join(out, ckpt.MODEL_INFO), "w") as f:
+        f.write('{"arch": "resnet18", ')
+    try:
+        load_model(out)
+    except CheckpointError:
+        pass
+    except Exception as exc:
+        raise AssertionError(f"expected CheckpointError, got {type(exc).__name__}") from exc
+    else:
+        raise AssertionError("no error raised")

@@ -1,0 +1,95 @@
+import glob
+import os
+
+import pytest
+
+from resnet_ray.config import (Config, ConfigError, from_dict, load_config, parse_overrides, replace, to_dict,
+                               to_yaml)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.5\n  name: adamw\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["--optim.lr", "0.01", "--train.amp=false", "--data.classes", "[a, b]"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.name == "adamw"
+    assert cfg.train.epochs == 3 and cfg.train.amp is False
+    assert cfg.data.classes == ("a", "b")
+    assert cfg.model.arch == "resnet50"  # untouched default
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, {"optim.lr": 0.2, "data.classes": ["x"], "tune.search_space": {
+        "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}}})
+    assert from_dict(to_dict(cfg)) == cfg
+    assert load_config(write(tmp_path, to_yaml(cfg))) == cfg
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["--optim.lr", "1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(None, ["--train.epochs", "2.5"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--optim.lr", "-0.1"], "optim.lr: must be > 0"),
+    (["--train.batch_size", "0"], "train.batch_size: must be >= 1"),
+    (["--scaling.num_workers", "0"], "scaling.num_workers: must be >= 1"),
+    (["--data.source", "mnist"], "data.source: 'mnist' is not one of 'digits', 'cifar10'"),
+    (["--optim.name", "lamb"], "optim.name: 'lamb' is not one of 'sgd', 'adamw'"),
+    (["--optim.lrr", "0.1"], "optim.lrr: unknown key; allowed: name, lr,"),
+    (["--nosection.x", "1"], "nosection: unknown key"),
+    (["--train.amp", "maybe"], "train.amp: expected true/false"),
+    (["--data.source", "parquet"], "data.path: is required for data.source='parquet'"),
+    (["--data.val_fraction", "0.7"], "data.val_fraction: must be in"),
+    (["--train.freeze_backbone_epochs", "50"], "train.freeze_backbone_epochs"),
+    (["--eval.split", "dev"], "eval.split: 'dev' is not one of"),
+    (["--optim.lr"], "--optim.lr: is missing its value"),
+    (["optim.lr", "1"], "expected --section.field VALUE"),
+])
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_yaml_key_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="model.depth: unknown key"):
+        load_config(write(tmp_path, "model:\n  depth: 50\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_search_space_is_validated():
+    bad = {"tune.search_space": {"optim.nope": {"type": "uniform", "low": 0, "high": 1}}}
+    with pytest.raises(ConfigError, match="tune.search_space.optim.nope: unknown field"):
+        load_config(None, bad)
+    bad = {"tune.search_space": {"optim.lr": {"type": "loguniform", "low": 0, "high": 1}}}
+    with pytest.raises(ConfigError, match="loguniform needs low > 0"):
+        load_config(None, bad)
+
+
+def test_replace_validates():
+    cfg = Config()
+    assert replace(cfg, {"optim.lr": 0.3}).optim.lr == 0.3
+    with pytest.raises(ConfigError, match="optim.lr"):
+        replace(cfg, {"optim.lr": 0.0})
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["--a.b", "3", "--a.c=null", "--a.d", "[1, 2]", "--a.e", "text"]) == {
+        "a.b": 3, "a.c": None, "a.d": [1, 2], "a.e": "text"}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_shipped_config_parses(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
