@@ -9,7 +9,9 @@ from typing import Callable, Sequence
 
 from resnet_ray.config import Config, load_config
 
-LOCAL_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "local.yaml")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+LOCAL_CONFIG = os.path.join(CONFIGS, "local.yaml")
+LOCAL_TUNE_CONFIG = os.path.join(CONFIGS, "tune-local.yaml")
 
 
 def user_errors() -> tuple:
@@ -33,11 +35,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list]:
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+          local_config: str = LOCAL_CONFIG) -> tuple[argparse.Namespace, list]:
     """Known options and the remaining ``--section.field value`` overrides."""
     args, overrides = p.parse_known_args(argv)
     if args.local and not args.config:
-        args.config = LOCAL_CONFIG
+        args.config = local_config
     return args, overrides
 
 

@@ -367,3 +367,28 @@ def print_training_summary(result: Any, console: Any = None) -> None:
     if result.evaluation:
         print_summary(result.evaluation["report"], console)
         console.print(f"evaluation report: {result.evaluation['output']}")
+
+
+def print_search_summary(result: Any, console: Any = None) -> None:
+    """All trials of a search (``tune.SearchResult``) with the best in bold, then where the outputs are."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console if console is not None else Console()
+    keys = sorted({k for row in result.trials for k in row["params"]})
+    metric = next(k for k in result.best if k not in ("trial_id", "status", "epochs", "best_epoch", "params"))
+    table = Table(title=f"Search {result.experiment_dir}", box=box.SIMPLE_HEAD)
+    for header in ("Trial", "Status", "Epochs", "Best epoch", metric, *keys):
+        table.add_column(header, justify="right")
+    for row in sorted(result.trials, key=lambda r: -(r[metric] if r[metric] is not None else -math.inf)):
+        table.add_row(row["trial_id"], row["status"], str(row["epochs"]), str(row["best_epoch"]),
+                      _fmt(row[metric]), *(f"{row['params'].get(k):.3g}" if isinstance(row["params"].get(k), float)
+                                           else str(row["params"].get(k)) for k in keys),
+                      style="bold green" if row is result.best else None)
+    console.print(table)
+    console.print(f"best trial {result.best['trial_id']}: {metric} {_fmt(result.best[metric])}")
+    console.print(f"best config: {result.best_config_path}  (python jobs/train.py --config {result.best_config_path})")
+    if result.evaluation:
+        console.print(f"test accuracy of the best model: {_fmt(result.evaluation['report']['accuracy'])} "
+                      f"(report in {result.evaluation['output']})")

@@ -270,6 +270,8 @@ def fit(cfg: Config, callbacks: Optional[list] = None) -> FitResult:
     _check_batches(cfg, meta)
     run_dir = run_dir_of(cfg)
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+    ingest_options = ray.train.DataConfig.default_ingest_options()
+    ingest_options.preserve_order = True  # batches in the seeded block order, not in order of completion
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir},
@@ -282,7 +284,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None) -> FitResult:
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
         datasets=training_datasets(cfg, prepared),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:

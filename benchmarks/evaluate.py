@@ -1,0 +1,99 @@
+"""Evaluation throughput: the evaluation job (Ray Data batch inference, CPU actors) vs a single-process loop.
+
+python benchmarks/evaluate.py [--runs 3] [--actors 2] [--batch-size 256]               # CPU, 32x32
+python benchmarks/evaluate.py --gpu --image-size 224 --actors 1 --batch-size 512      # GPU, bf16
+
+Both predict the shared CIFAR-10 test split (10,000 images) with the same ResNet-50 (random weights: speed does
+not depend on them) through the same Predictor (evaluation preprocessing). (a) is the whole inference stage of
+resnet_ray.evaluate.evaluate; (b) calls Predictor on in-memory batches in this process.
+"""
+import argparse
+import glob
+import os
+import tempfile
+import time
+
+from _common import shared_cifar10_config, summary
+
+
+def make_model(folder, meta, image_size):
+    from resnet_ray.checkpoint import export_model, save_training_state
+    from resnet_ray.config import ModelConfig, to_dict
+    from resnet_ray.model import build_model
+
+    cfg = shared_cifar10_config(**{"model.weights": "none", "model.image_size": image_size})
+    model = build_model(ModelConfig(weights="none", image_size=image_size), len(meta["classes"]))
+    ckpt = os.path.join(folder, "ckpt")
+    os.makedirs(ckpt)
+    save_training_state(ckpt, {"model": model.state_dict()}, {
+        "arch": "resnet50", "num_classes": len(meta["classes"]), "classes": meta["classes"], "coarse_classes": None,
+        "fine_to_coarse": None, "image_size": image_size, "mean": meta["mean"], "std": meta["std"],
+        "dataset": meta["name"], "epoch": 0, "metrics": {}, "config": to_dict(cfg)})
+    return cfg, export_model(ckpt, os.path.join(folder, "model"))
+
+
+def single_process(model_dir, prepared, batch_size, threads):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from resnet_ray.data.load import table_to_batch
+    from resnet_ray.predict import Predictor
+
+    torch.set_num_threads(threads)
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{prepared}/test/*.parquet")))
+    data = table_to_batch(table, 32)
+    predictor = Predictor(model_dir)
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    n = 0
+    for i in range(0, len(data["label"]), batch_size):
+        out = predictor({k: v[i:i + batch_size] for k, v in data.items()})
+        n += len(out["pred"])
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the single-process loop")
+    p.add_argument("--gpu", action="store_true")
+    args = p.parse_args()
+
+    from resnet_ray.config import replace
+    from resnet_ray.data.prepare import ensure_prepared
+    from resnet_ray.evaluate import evaluate
+    from resnet_ray.runtime import init_ray
+
+    base = shared_cifar10_config()
+    prepared, meta = ensure_prepared(base.data)
+    init_ray(local=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, model_dir = make_model(tmp, meta, args.image_size)
+        cfg = replace(cfg, {"eval.num_actors": args.actors, "eval.batch_size": args.batch_size,
+                            "eval.gpus_per_actor": 1.0 if args.gpu else 0.0,
+                            "eval.cpus_per_actor": 1.0 if args.gpu else 1.0})
+        single_process(model_dir, prepared, args.batch_size, args.threads)  # warm-up
+        job, job_wall, plain = [], [], []
+        for run in range(args.runs):
+            start = time.perf_counter()
+            result = evaluate(cfg, model_dir, split="test", output=os.path.join(tmp, f"eval-{run}"))
+            job_wall.append(meta["counts"]["test"] / (time.perf_counter() - start))
+            job.append(result["images_per_s"])
+            assert result["report"]["total_support"] == meta["counts"]["test"]
+            plain.append(single_process(model_dir, prepared, args.batch_size, args.threads))
+    device = "GPU bf16" if args.gpu else f"CPU ({args.actors} actors x 1 CPU vs {args.threads} threads)"
+    print(f"ResNet-50 at {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+          f"{meta['counts']['test']} test images, {device}")
+    a = summary("(a) evaluation job: batch inference stage", job)
+    summary("(a') evaluation job: whole call incl. reports", job_wall)
+    b = summary("(b) single-process inference loop", plain)
+    ratios = sorted(x / y for x, y in zip(job, plain))
+    print(f"ratio a/b: median of per-run ratios {ratios[len(ratios) // 2]:.2f} (medians {a / b:.2f})")
+
+
+if __name__ == "__main__":
+    main()

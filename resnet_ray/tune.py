@@ -1,0 +1,192 @@
+"""Hyperparameter search: Ray Tune (ASHA + a TPE searcher) over Ray Train runs (Train V2 pattern).
+
+Each trial is a function trainable that launches a TorchTrainer through ``train.fit`` with Tune's
+``TuneReportCallback``, so the trial's metrics reach ASHA and its checkpoints stay in the trial's run folder.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from resnet_ray import storage
+from resnet_ray.checkpoint import META, export_model
+from resnet_ray.config import Config, ConfigError, from_dict, replace, to_dict, to_yaml
+
+log = logging.getLogger(__name__)
+
+TRIALS_FOLDER = "trials"
+
+
+def _domain(spec: dict):
+    from ray import tune
+
+    kind = spec["type"]
+    if kind == "choice":
+        return tune.choice(spec["values"])
+    if kind == "randint":
+        return tune.randint(int(spec["low"]), int(spec["high"]))
+    return getattr(tune, kind)(spec["low"], spec["high"])
+
+
+def validate_search_space(cfg: Config) -> None:
+    """Every value the space can produce must make a valid config (checked at its bounds / choices)."""
+    for key, spec in cfg.tune.search_space.items():
+        values = spec["values"] if spec["type"] == "choice" else [spec["low"], spec["high"]]
+        if spec["type"] == "randint":
+            values = [int(spec["low"]), int(spec["high"]) - 1]
+        for value in values:
+            try:
+                replace(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.search_space.{key}: {value!r} makes an invalid config ({exc})") from None
+    if not cfg.tune.search_space:
+        raise ConfigError("tune.search_space: is empty; nothing to search")
+
+
+def experiment_dir(cfg: Config) -> str:
+    return storage.join(cfg.tune.storage_path or cfg.train.storage_path, cfg.tune.name)
+
+
+def trial_config(base: Config, params: dict, trial_id: str, exp_dir: str) -> Config:
+    """The trial's full config: base <- sampled params, epochs from tune.max_epochs, its own run folder."""
+    return replace(base, {**params, "train.epochs": base.tune.max_epochs, "train.name": trial_id,
+                          "train.storage_path": storage.join(exp_dir, TRIALS_FOLDER),
+                          "train.evaluate_test": False, "train.fail_at_epoch": None})
+
+
+def run_trial(params: dict, base: dict, exp_dir: str) -> None:
+    """Tune function trainable: one Ray Train run whose per-epoch reports go to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from resnet_ray.train import fit
+
+    cfg = trial_config(from_dict(base), params, ray.tune.get_context().get_trial_id(), exp_dir)
+    fit(cfg, callbacks=[TuneReportCallback()])
+
+
+@dataclass
+class SearchResult:
+    experiment_dir: str
+    trials: list  # one dict per trial: trial_id, status, epochs, best_epoch, val_top1, params
+    best: dict  # the best trial's row
+    best_config_path: str  # YAML that jobs/train.py --config takes as is
+    model_dir: str  # the best trial's best checkpoint, exported
+    evaluation: Optional[dict] = None
+
+
+def _searcher(cfg: Config):
+    """Optuna's TPE (better than random on small budgets); random search if optuna is missing."""
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        log.warning("optuna is not installed: falling back to random search")
+        return None
+    return OptunaSearch(seed=cfg.train.seed)
+
+
+def _tuner(cfg: Config, exp_dir: str, restore: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), exp_dir=exp_dir), {"CPU": 1})
+    if restore:
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+    parent, name = exp_dir.rstrip("/").rsplit("/", 1)
+    return tune.Tuner(
+        trainable,
+        param_space={key: _domain(spec) for key, spec in cfg.tune.search_space.items()},
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent_trials, search_alg=_searcher(cfg),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.tune.max_epochs,
+                                    grace_period=cfg.tune.grace_period,
+                                    reduction_factor=cfg.tune.reduction_factor)),
+        run_config=tune.RunConfig(name=name, storage_path=parent,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def _trial_rows(grid, cfg: Config) -> list:
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        history = [] if frame is None or cfg.tune.metric not in frame else frame.to_dict("records")
+        best = max(history, key=lambda h: h[cfg.tune.metric] * (1 if cfg.tune.mode == "max" else -1)) \
+            if history else {}
+        epochs = int(max((h["epoch"] for h in history), default=0))
+        status = "error" if result.error else ("completed" if epochs >= cfg.tune.max_epochs else "stopped early")
+        rows.append({"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path or "?"),
+                     "status": status, "epochs": epochs, "best_epoch": best.get("epoch"),
+                     cfg.tune.metric: best.get(cfg.tune.metric), "params": result.config})
+    return rows
+
+
+def best_checkpoint(run_dir: str, metric: str, mode: str) -> str:
+    """The checkpoint folder of a run with the best metric (read from each checkpoint's meta.json)."""
+    candidates = []
+    for name in sorted(os.listdir(run_dir)):
+        meta_path = os.path.join(run_dir, name, META)
+        if name.startswith("checkpoint_") and os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                candidates.append((json.load(f)["metrics"][metric], name))
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint")
+    value, name = (max if mode == "max" else min)(candidates)
+    return os.path.join(run_dir, name)
+
+
+def _write_trials_csv(path: str, rows: list, metric: str) -> None:
+    keys = sorted({k for row in rows for k in row["params"]})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", "status", "epochs", "best_epoch", metric, *keys])
+    for row in rows:
+        writer.writerow([row["trial_id"], row["status"], row["epochs"], row["best_epoch"], row[metric],
+                         *(row["params"].get(k) for k in keys)])
+    storage.write_text(path, out.getvalue())
+
+
+def search(cfg: Config, resume: bool = False) -> SearchResult:
+    """Run (or resume) the search; write trials.csv, best_config.yaml, best_model/ and the test report."""
+    from resnet_ray.data.prepare import ensure_prepared
+
+    if not cfg.tune.name:
+        cfg = replace(cfg, {"tune.name": f"tune-{cfg.data.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    validate_search_space(cfg)
+    if storage.is_uri(cfg.tune.storage_path or cfg.train.storage_path):
+        raise ConfigError("tune.storage_path: the search keeps its trials on a shared local/NFS path; "
+                          "URIs are not supported yet")
+    exp_dir = experiment_dir(cfg)
+    ensure_prepared(cfg.data)  # once, before trials start in parallel
+    if resume and not os.path.isdir(exp_dir):
+        raise ConfigError(f"--resume {exp_dir}: no such experiment folder")
+    storage.write_text(storage.join(exp_dir, "search_config.yaml"), to_yaml(cfg))
+    grid = _tuner(cfg, exp_dir, restore=resume).fit()
+
+    rows = _trial_rows(grid, cfg)
+    _write_trials_csv(storage.join(exp_dir, "trials.csv"), rows, cfg.tune.metric)
+    scored = [r for r in rows if r[cfg.tune.metric] is not None]
+    if not scored:
+        raise RuntimeError(f"no trial reported {cfg.tune.metric}; see {exp_dir}")
+    best = (max if cfg.tune.mode == "max" else min)(scored, key=lambda r: r[cfg.tune.metric])
+    best_run = storage.join(exp_dir, TRIALS_FOLDER, best["trial_id"])
+    best_cfg = replace(trial_config(cfg, best["params"], best["trial_id"], exp_dir),
+                       {"train.name": None, "train.storage_path": cfg.train.storage_path,
+                        "train.evaluate_test": True})
+    best_config_path = storage.join(exp_dir, "best_config.yaml")
+    storage.write_text(best_config_path, "# best trial " + best["trial_id"] + f": {cfg.tune.metric} "
+                       f"{best[cfg.tune.metric]:.4f}\n" + to_yaml(best_cfg))
+    model_dir = export_model(best_checkpoint(best_run, cfg.tune.metric, cfg.tune.mode),
+                             storage.join(exp_dir, "best_model"))
+    from resnet_ray.evaluate import evaluate
+
+    evaluation = evaluate(best_cfg, model_dir, split="test", output=storage.join(exp_dir, "best_model_eval-test"))
+    return SearchResult(exp_dir, rows, best, best_config_path, model_dir, evaluation)

@@ -1,0 +1,84 @@
+"""cluster.yaml: valid for Ray's own launcher schema, secure by default, and big enough for every shipped config."""
+import copy
+import glob
+import math
+import os
+
+import pytest
+import yaml
+
+from resnet_ray.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_passes_rays_schema_validation(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def test_schema_validation_is_not_a_rubber_stamp(cluster):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["gpu_1x"]["resources"] = {"GPU": "one"}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_only_ssh_is_open_and_dashboard_binds_to_localhost(cluster):
+    ports = [(p["FromPort"], p["ToPort"]) for p in cluster["provider"]["security_group"]["IpPermissions"]]
+    assert ports == [(22, 22)]
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "--num-cpus=0" in head
+
+
+def _worker_types(cluster):
+    return [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
+
+
+def _slots(cluster, cpus, gpus):
+    """How many (cpus, gpus) bundles the cluster can hold at its maximum size."""
+    total = 0
+    for node in _worker_types(cluster):
+        res = node["resources"]
+        per_node = math.floor(res.get("CPU", 0) / cpus) if cpus else math.inf
+        if gpus:
+            per_node = min(per_node, math.floor(res.get("GPU", 0) / gpus))
+        total += node["max_workers"] * (per_node if per_node != math.inf else 1)
+    return total
+
+
+CONFIGS = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) if "local" not in os.path.basename(p)]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_node_types_can_hold_every_shipped_config(cluster, path):
+    cfg = load_config(path)
+    s = cfg.scaling
+    gpus = s.gpus_per_worker if s.use_gpu else 0
+    workers_per_run = s.num_workers
+    concurrent = cfg.tune.max_concurrent_trials if cfg.tune.search_space else 1
+    assert _slots(cluster, s.cpus_per_worker, gpus) >= workers_per_run * concurrent, path
+    # at least one node type fits a single worker, and the resource keys are integers as Ray requires
+    assert any(n["resources"].get("CPU", 0) >= s.cpus_per_worker and n["resources"].get("GPU", 0) >= gpus
+               for n in _worker_types(cluster))
+    if cfg.eval.gpus_per_actor:
+        assert _slots(cluster, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor) >= cfg.eval.num_actors
+    for node in cluster["available_node_types"].values():
+        assert all(isinstance(v, int) for v in node["resources"].values())
+
+
+def test_a_run_of_four_gpu_workers_fits_on_one_node(cluster):
+    cfg = load_config(os.path.join(ROOT, "configs", "cifar10.yaml"))
+    assert any(n["resources"].get("GPU", 0) >= cfg.scaling.num_workers and
+               n["resources"]["CPU"] >= cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+               for n in _worker_types(cluster))
