@@ -42,7 +42,7 @@ def single_process(model_dir, prepared, batch_size, threads):
 
     torch.set_num_threads(threads)
     table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{prepared}/test/*.parquet")))
-    data = table_to_batch(table, 32)
+    data = {k: v.copy() for k, v in table_to_batch(table, 32).items()}  # writable arrays, as Ray Data hands out
     predictor = Predictor(model_dir)
     torch.set_num_threads(threads)
     start = time.perf_counter()

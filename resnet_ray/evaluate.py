@@ -122,7 +122,9 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     start = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True  # the progress of inference is worth showing
-    predictions = load_split(cfg.data, split, prepared).map_batches(
+    # small blocks (streaming), so that every actor of the pool gets work even when the split is one file
+    rows = load_split(cfg.data, split, prepared).repartition(target_num_rows_per_block=cfg.eval.batch_size)
+    predictions = rows.map_batches(
         Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path)},
         batch_size=cfg.eval.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),

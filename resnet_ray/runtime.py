@@ -12,7 +12,7 @@ def init_ray(local: bool = False, num_cpus: int | None = None) -> None:
 
     Local mode (unless RAY_ADDRESS names a cluster, as in a submitted job) reserves more logical CPUs than the machine has cores: Ray Train workers would otherwise
     take every CPU and Ray Data's read tasks would wait forever. The dashboard only listens on 127.0.0.1
-    (Ray's job API has no authentication).
+    (whoever reaches the job API runs code on the cluster).
     """
     import ray
 

@@ -62,4 +62,4 @@ def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds.map_batches(table_to_batch, batch_format="pyarrow", fn_kwargs={"image_size": size},
-                          zero_copy_batch=True)
+                          zero_copy_batch=True, batch_size=None)

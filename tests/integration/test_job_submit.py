@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import uuid
 import urllib.request
 
 import pytest
@@ -13,6 +15,13 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def cluster_env(token):
+    """Token authentication on (as Ray 2.60 does by default), with this test's own token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return env
 
 
 def free_ports(n):
@@ -30,12 +39,13 @@ def cluster(tmp_path_factory):
     """`ray start --head --block` with the dashboard on 127.0.0.1; terminating it stops only this cluster."""
     gcs, dash, agent, agent_grpc, metrics, runtime_env = free_ports(6)
     log = open(tmp_path_factory.mktemp("cluster") / "ray-start.log", "w")
+    env = cluster_env(uuid.uuid4().hex)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", "--num-cpus=6", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -43,11 +53,13 @@ def cluster(tmp_path_factory):
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:  # it answers (401 when Ray's token authentication is on)
+                break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"ray start failed; see {log.name}")
                 time.sleep(1)
-        yield address
+        yield address, env
     finally:
         proc.terminate()
         try:
@@ -57,8 +69,8 @@ def cluster(tmp_path_factory):
         log.close()
 
 
-def submit(address, *args, timeout=900):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def submit(cluster, *args, timeout=900):
+    address, env = cluster
     return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ROOT, "--", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -85,3 +97,10 @@ def test_bad_config_fails_the_job_with_a_clear_message(cluster):
     bad = submit(cluster, "python", "jobs/train.py", "--local", "--optim.lr", "-1", timeout=300)
     assert bad.returncode != 0
     assert "error: optim.lr: must be > 0" in bad.stdout + bad.stderr
+
+
+def test_job_api_refuses_requests_without_the_token(cluster):
+    address, _ = cluster
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
