@@ -20,7 +20,7 @@ def init_ray(local: bool = False, num_cpus: int | None = None) -> None:
         return
     if local and not os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` the cluster is given
         cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  configure_logging=True, logging_level=logging.WARNING)
     else:
         ray.init()
