@@ -102,23 +102,29 @@ def _resolve_model_folder(path: str) -> str:
                           f"nor a run folder with model/")
 
 
+def read_info(path: str) -> tuple[str, dict]:
+    """(folder, metadata) of an exported model, checkpoint or run folder, without loading any weights."""
+    folder = _resolve_model_folder(path)
+    name = MODEL_INFO if os.path.isfile(os.path.join(folder, MODEL_INFO)) else META
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return folder, json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}/{name}: missing or corrupt ({exc})") from None
+
+
 def load_model(path: str) -> LoadedModel:
     """Rebuild the model from an exported folder, checkpoint folder or run folder, on the CPU, in eval mode."""
     from resnet_ray.model import build_model
 
-    folder = _resolve_model_folder(path)
+    folder, info = read_info(path)
     if os.path.isfile(os.path.join(folder, MODEL_INFO)):
-        try:
-            with open(os.path.join(folder, MODEL_INFO)) as f:
-                info = json.load(f)
-        except ValueError as exc:
-            raise CheckpointError(f"{folder}/{MODEL_INFO}: corrupt ({exc})") from None
         model_path = os.path.join(folder, MODEL)
         if not os.path.isfile(model_path) or _sha256(model_path) != info.get("sha256"):
             raise CheckpointError(f"{model_path}: missing or its SHA-256 differs from {MODEL_INFO}: refusing to load")
         weights = torch.load(model_path, map_location="cpu", weights_only=True)
     else:
-        state, info = load_training_state(folder)
+        state, _ = load_training_state(folder)
         weights = unwrap_state_dict(state["model"])
     missing = [key for key in ("arch", "num_classes", "image_size", "mean", "std", "config") if key not in info]
     if missing:
@@ -133,6 +139,6 @@ def load_model(path: str) -> LoadedModel:
     return LoadedModel(model.eval(), info, folder)
 
 
-def checkpoint_config(info: dict):
-    """The resolved Config stored with a model or checkpoint."""
-    return from_dict(info["config"])
+def checkpoint_config(path: str):
+    """The resolved Config stored with a model, checkpoint or run folder."""
+    return from_dict(read_info(path)[1]["config"])

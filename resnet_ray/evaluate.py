@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_ray import metrics, report, storage
-from resnet_ray.checkpoint import CheckpointError, load_model
-from resnet_ray.config import Config, from_dict, parse_overrides, replace, to_dict
+from resnet_ray.checkpoint import CheckpointError, checkpoint_config, load_model
+from resnet_ray.config import Config, parse_overrides, replace, to_dict
 from resnet_ray.data.load import load_split, split_rows
 from resnet_ray.data.prepare import ensure_prepared
 
@@ -97,7 +97,7 @@ def model_config(model_path: str, overrides=()) -> Config:
     """The resolved config saved with a model (exported, checkpoint or run folder), with CLI overrides."""
     local = model_path if not storage.is_uri(model_path) else \
         storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
-    return replace(from_dict(load_model(local).info["config"]), parse_overrides(overrides))
+    return replace(checkpoint_config(local), parse_overrides(overrides))
 
 
 def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: Optional[str] = None) -> dict:

@@ -63,10 +63,6 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
-def write_json(path: str, value: Any) -> None:
-    write_bytes(path, json.dumps(value, indent=2, sort_keys=False).encode())
-
-
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 

@@ -53,6 +53,51 @@ def _all_reduce(values: list[float], op=None) -> list[float]:
     return t.tolist()
 
 
+def _restore(model, optimizer, scheduler, rank: int) -> tuple[int, list]:
+    """Load the latest checkpoint Ray Train hands over (after a restart or a resumed run), if any.
+
+    Returns the last completed epoch and the metrics history up to it (0 and [] for a fresh run).
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        state, meta = load_training_state(folder)
+    target = model.module if hasattr(model, "module") else model
+    target.load_state_dict(unwrap_state_dict(state["model"]))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("rank %d resumed after epoch %d", rank, state["epoch"])
+    return state["epoch"], meta["history"]
+
+
+def _global_metrics(tr: dict, ev: dict, val_rows: int) -> dict:
+    """Epoch metrics over all ranks: sums all-reduced, times the slowest rank's; every val row counted once."""
+    loss_sum, correct, count, v_loss, v_top1, v_top5, v_count = _all_reduce(
+        [tr["loss_sum"], tr["correct"], tr["count"], ev["loss_sum"], ev["top1"], ev["top5"], ev["count"]])
+    seconds, data_wait = _all_reduce([tr["seconds"], tr["data_wait_s"]],
+                                     dist.ReduceOp.MAX if dist.is_initialized() else None)
+    if int(v_count) != val_rows:
+        raise RuntimeError(f"validation saw {int(v_count)} rows, the split has {val_rows}")
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "val_loss": v_loss / v_count,
+            "val_top1": v_top1 / v_count, "val_top5": v_top5 / v_count, "val_count": int(v_count),
+            "images_per_s": count / seconds, "epoch_s": seconds, "data_wait_s": data_wait}
+
+
+def _report(metrics: dict, state: Optional[dict], meta: dict) -> None:
+    """ray.train.report on every rank (a barrier); rank 0 (the one with a state) attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if state is not None:
+            save_training_state(folder, state, meta)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
     """Ray Train worker: rebuild the config, train cfg.train.epochs epochs, report + checkpoint each one."""
     import ray.train
@@ -78,17 +123,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     scheduler = build_scheduler(optimizer, cfg.optim, steps, cfg.train.epochs)
     step_model = torch.compile(model) if cfg.model.compile else model
 
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state, ckpt_meta = load_training_state(folder)
-        target = model.module if hasattr(model, "module") else model
-        target.load_state_dict(unwrap_state_dict(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], ckpt_meta["history"]
-        log.info("rank %d resumed after epoch %d", rank, start_epoch)
+    start_epoch, history = _restore(model, optimizer, scheduler, rank)
 
     mean, std = normalization(cfg.model, meta)
     settings = StepSettings(
@@ -102,6 +137,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_head(n)]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     val_rows = split_rows(meta, "val", cfg.data.limit)
+    model_meta = {"config": to_dict(cfg), "arch": cfg.model.arch, "num_classes": num_classes,
+                  "classes": meta["classes"], "coarse_classes": meta.get("coarse_classes"),
+                  "fine_to_coarse": meta.get("fine_to_coarse"), "image_size": cfg.model.image_size,
+                  "mean": list(mean), "std": list(std), "dataset": meta["name"]}
 
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         frozen = epoch <= cfg.train.freeze_backbone_epochs
@@ -121,33 +160,12 @@ def train_fn_per_worker(loop_config: dict) -> None:
         tr = train_epoch(step_model, batches, optimizer, scheduler, settings, on_step=on_step)
         val_start = time.perf_counter()
         ev = evaluate_epoch(step_model, _val_batches(val_shard, cfg.eval.batch_size, rank, world), settings)
-        loss_sum, correct, count, v_loss, v_top1, v_top5, v_count = _all_reduce(
-            [tr["loss_sum"], tr["correct"], tr["count"], ev["loss_sum"], ev["top1"], ev["top5"], ev["count"]])
-        seconds, data_wait = _all_reduce([tr["seconds"], tr["data_wait_s"]],
-                                         dist.ReduceOp.MAX if dist.is_initialized() else None)
-        if int(v_count) != val_rows:
-            raise RuntimeError(f"validation saw {int(v_count)} rows, the split has {val_rows}")
-        metrics = {
-            "epoch": epoch, "train_loss": loss_sum / count, "train_acc": correct / count,
-            "val_loss": v_loss / v_count, "val_top1": v_top1 / v_count, "val_top5": v_top5 / v_count,
-            "val_count": int(v_count), "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": count / seconds, "epoch_s": seconds, "data_wait_s": data_wait,
-            "val_s": time.perf_counter() - val_start, "backbone_frozen": frozen,
-        }
+        metrics = {"epoch": epoch, **_global_metrics(tr, ev, val_rows), "lr": optimizer.param_groups[0]["lr"],
+                   "val_s": time.perf_counter() - val_start, "backbone_frozen": frozen}
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch}
-                save_training_state(folder, state, {
-                    "epoch": epoch, "metrics": metrics, "history": history, "config": to_dict(cfg),
-                    "arch": cfg.model.arch, "num_classes": num_classes, "classes": meta["classes"],
-                    "coarse_classes": meta.get("coarse_classes"), "fine_to_coarse": meta.get("fine_to_coarse"),
-                    "image_size": cfg.model.image_size, "mean": list(mean), "std": list(std),
-                    "dataset": meta["name"]})
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=ckpt)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch} if rank == 0 else None
+        _report(metrics, state, {**model_meta, "epoch": epoch, "metrics": metrics, "history": history})
         if rank == 0:
             log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f top1 %.4f top5 %.4f | %.0f img/s",
                      epoch, cfg.train.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"],

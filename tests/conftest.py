@@ -71,3 +71,14 @@ def tiny_run(ray_session, data_root, tmp_path_factory):
     cfg = tiny_config(data_root, str(tmp_path_factory.mktemp("runs")), **{"train.evaluate_test": True,
                                                                         "train.name": "tiny"})
     return cfg, fit(cfg)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny batches: one intra-op thread is faster and immune to a busy machine's oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,9 @@ from resnet_ray.model import build_model
 
 NUM_CLASSES = 3
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def make_meta(epoch=2):
@@ -63,7 +59,7 @@ def test_training_state_round_trip(checkpoint, trained):
     assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
     for k, v in trained[1].items():
         assert torch.equal(state["model"][f"module.{k}"], v), k
-    assert checkpoint_config(meta) == Config()
+    assert checkpoint_config(checkpoint) == Config()
 
 
 @pytest.mark.parametrize("missing", [ckpt.STATE, ckpt.META])
