@@ -64,3 +64,15 @@ def test_stopped_run_resumes_and_same_seed_gives_same_first_epoch(failing_run, d
     assert resumed.run_dir == run_dir and os.path.isdir(os.path.join(run_dir, "model"))
     # epoch 1 ran before the stop with the same seed and config as the reference run (2 workers each)
     assert resumed.history[0]["train_loss"] == reference.history[0]["train_loss"]
+
+
+def test_runs_and_reports_go_through_a_uri_filesystem(ray_session, data_root, tmp_path):
+    """storage_path as a file:// URI: the same pyarrow-filesystem code path as s3:// or gs://."""
+    cfg = tiny_config(data_root, f"file://{tmp_path}", **{"train.epochs": 1, "train.name": "uri",
+                                                          "train.evaluate_test": True})
+    result = fit(cfg)
+    assert result.run_dir == f"file://{tmp_path}/uri"
+    for name in ("config.yaml", "history.csv", "model/model.json", "model/model.pt", "eval-test/report.json",
+                 "eval-test/predictions.parquet", "eval-test/confusion_matrix.png"):
+        assert os.path.isfile(tmp_path / "uri" / name), name
+    assert json.load(open(tmp_path / "uri" / "eval-test" / "report.json"))["total_support"] == 240
