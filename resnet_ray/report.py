@@ -377,7 +377,7 @@ def print_search_summary(result: Any, console: Any = None) -> None:
 
     console = console if console is not None else Console()
     keys = sorted({k for row in result.trials for k in row["params"]})
-    metric = next(k for k in result.best if k not in ("trial_id", "status", "epochs", "best_epoch", "params"))
+    metric = result.metric
     table = Table(title=f"Search {result.experiment_dir}", box=box.SIMPLE_HEAD)
     for header in ("Trial", "Status", "Epochs", "Best epoch", metric, *keys):
         table.add_column(header, justify="right")

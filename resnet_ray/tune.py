@@ -74,6 +74,7 @@ def run_trial(params: dict, base: dict, exp_dir: str) -> None:
 @dataclass
 class SearchResult:
     experiment_dir: str
+    metric: str  # what the search maximised or minimised (tune.metric)
     trials: list  # one dict per trial: trial_id, status, epochs, best_epoch, val_top1, params
     best: dict  # the best trial's row
     best_config_path: str  # YAML that jobs/train.py --config takes as is
@@ -189,4 +190,4 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     from resnet_ray.evaluate import evaluate
 
     evaluation = evaluate(best_cfg, model_dir, split="test", output=storage.join(exp_dir, "best_model_eval-test"))
-    return SearchResult(exp_dir, rows, best, best_config_path, model_dir, evaluation)
+    return SearchResult(exp_dir, cfg.tune.metric, rows, best, best_config_path, model_dir, evaluation)

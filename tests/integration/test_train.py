@@ -3,10 +3,12 @@ import json
 import os
 
 import pytest
+from rich.console import Console
 
 from conftest import tiny_config
 from resnet_ray import storage
 from resnet_ray.checkpoint import load_model
+from resnet_ray.report import print_training_summary
 from resnet_ray.train import FAILURE_MARKER, config_for_resume, fit
 
 pytestmark = pytest.mark.slow
@@ -33,6 +35,10 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
     loaded = load_model(result.model_dir)
     assert loaded.info["num_classes"] == 10 and loaded.info["epoch"] == result.best["epoch"]
     assert result.best["val_top1"] == max(h["val_top1"] for h in result.history)
+    console = Console(record=True, width=200)
+    print_training_summary(result, console)
+    shown = console.export_text()
+    assert f"{result.history[-1]['val_top1']:.4f}" in shown and result.model_dir in shown
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,10 @@ import os
 import pytest
 
 from conftest import tiny_config
+from rich.console import Console
+
 from resnet_ray.config import ConfigError, load_config, replace
+from resnet_ray.report import print_search_summary
 from resnet_ray.train import fit
 from resnet_ray.tune import search, validate_search_space
 
@@ -33,6 +36,10 @@ def test_small_search_stops_early_and_its_best_config_trains(ray_session, data_r
     rows = list(csv.DictReader(open(os.path.join(result.experiment_dir, "trials.csv"))))
     assert len(rows) == 4 and {"optim.lr", "optim.label_smoothing", "val_top1"} <= set(rows[0])
     assert result.evaluation["report"]["total_support"] == 240
+    console = Console(record=True, width=200)
+    print_search_summary(result, console)
+    shown = console.export_text()
+    assert result.best["trial_id"] in shown and result.best["status"] in shown
 
     best = load_config(result.best_config_path)  # jobs/train.py --config takes it as is
     assert best.optim.lr == pytest.approx(result.best["params"]["optim.lr"])
