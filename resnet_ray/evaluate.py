@@ -95,9 +95,7 @@ def _write_predictions(predictions, path: str, expected_rows: int) -> None:
 
 def model_config(model_path: str, overrides=()) -> Config:
     """The resolved config saved with a model (exported, checkpoint or run folder), with CLI overrides."""
-    local = model_path if not storage.is_uri(model_path) else \
-        storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
-    return replace(checkpoint_config(local), parse_overrides(overrides))
+    return replace(checkpoint_config(storage.local_folder(model_path)), parse_overrides(overrides))
 
 
 def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: Optional[str] = None) -> dict:
@@ -108,9 +106,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     import ray.data
 
     split = split or cfg.eval.split
-    local_model = model_path if not storage.is_uri(model_path) else \
-        storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
-    info = load_model(local_model).info
+    info = load_model(storage.local_folder(model_path)).info
     prepared, meta = ensure_prepared(cfg.data)
     check_model_fits(info, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -23,9 +22,7 @@ class Predictor:
     """
 
     def __init__(self, model_path: str, amp: bool = True):
-        if storage.is_uri(model_path):
-            model_path = storage.download_dir(model_path, tempfile.mkdtemp(prefix="resnet_ray-model-"))
-        loaded = load_model(model_path)
+        loaded = load_model(storage.local_folder(model_path))
         info = loaded.info
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = self.device.type == "cuda"

@@ -10,7 +10,8 @@ log = logging.getLogger(__name__)
 def init_ray(local: bool = False, num_cpus: int | None = None) -> None:
     """Join the cluster (``RAY_ADDRESS`` / a running ``ray start``) or start a local one.
 
-    Local mode (unless RAY_ADDRESS names a cluster, as in a submitted job) reserves more logical CPUs than the machine has cores: Ray Train workers would otherwise
+    Local mode (unless RAY_ADDRESS names a cluster, as in a submitted job) reserves more logical CPUs than
+    the machine has cores: Ray Train workers would otherwise
     take every CPU and Ray Data's read tasks would wait forever. The dashboard only listens on 127.0.0.1
     (whoever reaches the job API runs code on the cluster).
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
 import uuid
 from typing import Any
 
@@ -67,10 +68,12 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def download_dir(path: str, local: str) -> str:
-    """Copy the files of a folder (local path or URI) into the local folder ``local``; returns ``local``."""
+def local_folder(path: str) -> str:
+    """``path`` itself when local, else a copy of the remote folder in a new temporary local folder."""
+    if not is_uri(path):
+        return path
+    local = tempfile.mkdtemp(prefix="resnet_ray-")
     fs, src = resolve(path)
-    os.makedirs(local, exist_ok=True)
     for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
         if info.type == pafs.FileType.File:
             target = os.path.join(local, os.path.relpath(info.path, src))
