@@ -4,10 +4,10 @@ fed by Ray Data.
 python benchmarks/train_step.py [--runs 3] [--steps 24] [--batch-size 64]            # CPU, 32x32
 python benchmarks/train_step.py --gpu [--image-size 224 --batch-size 256 --steps 50]  # GPU, bf16, channels_last
 
-Both run resnet_ray.loop.train_epoch on the same prepared shared CIFAR-10 training images with the same model,
-optimizer and augmentation; (b) is the product's own Ray Train worker (train.train_fn_per_worker via fit), whose
-reported images_per_s covers the training epoch only; (b) takes its second epoch, (a) runs after a warm-up
-epoch, so both are measured in a warm process. Prints images/s per run, medians and the ratio b/a.
+Both run the product's worker session (resnet_ray.engine.Session) on the same prepared shared CIFAR-10 training
+images with the same model, optimizer and augmentation; (b) is the product's own Ray Train worker
+(train.train_fn_per_worker via fit), whose reported images_per_s covers the training epoch only; (b) takes its
+second epoch, (a) runs after a warm-up epoch, so both are measured in a warm process. Prints images/s per run, medians and the ratio b/a.
 """
 import argparse
 import time
@@ -25,7 +25,8 @@ def config(args):
 
 
 def plain_loop(cfg, meta, prepared, threads):
-    """(a): read the same rows into memory, then train_epoch in this process."""
+    """(a): read the same rows into memory, then the product's worker session trains one epoch in this process
+    (engine.Session.train: the code a Ray Train worker runs, without Ray)."""
     import glob
 
     import pyarrow as pa
@@ -33,33 +34,18 @@ def plain_loop(cfg, meta, prepared, threads):
     import torch
 
     from resnet_ray.data.load import table_to_batch
-    from resnet_ray.loop import StepSettings, train_epoch
-    from resnet_ray.model import build_model, normalization
-    from resnet_ray.optim import build_optimizer, build_scheduler
-    from resnet_ray.transforms import Preprocess
+    from resnet_ray.engine import Session
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
     table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{prepared}/train/*.parquet")))
     data = {k: v.copy() for k, v in table_to_batch(table.slice(0, cfg.data.limit), 32).items()}  # writable
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(meta["classes"])).to(device)
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    steps = cfg.data.limit // cfg.train.batch_size
-    optimizer = build_optimizer(model, cfg.optim, cfg.global_batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps, 1)
-    mean, std = normalization(cfg.model, meta)
-    settings = StepSettings(Preprocess(cfg.model.image_size, mean, std, cfg.train.augment, 4, True, on_gpu),
-                            len(meta["classes"]), device, amp_dtype=torch.bfloat16 if on_gpu else None,
-                            generator=torch.Generator().manual_seed(0))
-    b = cfg.train.batch_size
+    session = Session(cfg, meta, device)
+    b, on_gpu = cfg.train.batch_size, device.type == "cuda"
     batches = [{"image": torch.from_numpy(data["image"][i:i + b]).pin_memory() if on_gpu
                 else torch.from_numpy(data["image"][i:i + b]), "label": torch.from_numpy(data["label"][i:i + b])}
-               for i in range(0, steps * b, b)]
-    result = train_epoch(model, batches, optimizer, scheduler, settings)
+               for i in range(0, session.steps * b, b)]
+    result = session.train(1, batches)
     return result["count"] / result["seconds"]
 
 

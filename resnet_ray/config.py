@@ -149,7 +149,9 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     storage_path: str = "~/resnet_ray_runs"  # local path or URI (s3://...)
     name: Optional[str] = None  # run name: the same name resumes the same run
-    keep_checkpoints: int = 2  # best K by validation top-1
+    keep_checkpoints: int = 2  # best K by validation top-1 (among the checkpointed epochs)
+    checkpoint_every: Optional[int] = None  # epochs between checkpoints; null: about ten per run; the last always
+    async_checkpoint: bool = True  # upload checkpoints in the background (training goes on meanwhile)
     max_failures: int = 0  # worker-group restarts allowed (Ray FailureConfig)
     fail_at_epoch: Optional[int] = None  # debug hook: kill one worker once after this epoch
     prefetch_batches: int = 2
@@ -165,6 +167,8 @@ class TrainConfig:
         _check(0 <= self.freeze_backbone_epochs <= self.epochs, "train.freeze_backbone_epochs",
                f"must be in [0, train.epochs={self.epochs}], got {self.freeze_backbone_epochs}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        if self.checkpoint_every is not None:
+            _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
         if self.fail_at_epoch is not None:
             _check(1 <= self.fail_at_epoch < self.epochs, "train.fail_at_epoch",
@@ -172,6 +176,13 @@ class TrainConfig:
         _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
         if self.name is not None:
             _check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
+
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """Whether ``epoch`` ends with a checkpoint: every checkpoint_every epochs (default: about ten per run),
+        and always the last epoch."""
+        every = self.checkpoint_every or max(1, math.ceil(self.epochs / 10))
+        return epoch % every == 0 or epoch == self.epochs
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""Plain-PyTorch training and evaluation epochs (no Ray): iterables of batches in, sums/metrics out."""
+"""Plain-PyTorch training and evaluation epochs (no Ray): iterables of batches in, sums/metrics out.
+
+The training step never synchronizes the host with the device: losses and hit counts are summed on the
+device and read once at the end of the epoch (and at the logging points of ``on_step``); augmentation
+randomness comes from a generator on the device. ``StepSettings.sync_debug`` proves it on a GPU: every step
+runs under ``torch.cuda.set_sync_debug_mode("error")``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -27,13 +33,28 @@ class StepSettings:
     amp_dtype: Optional[torch.dtype] = None  # torch.bfloat16 on GPU, None for fp32
     frozen: list = field(default_factory=list)  # parameters whose update is skipped (frozen backbone)
     frozen_norms: list = field(default_factory=list)  # norm layers kept in eval mode (frozen backbone)
-    generator: Optional[torch.Generator] = None  # CPU generator for augmentation randomness
+    generator: Optional[torch.Generator] = None  # per-image augmentation randomness, on ``device``
+    host_generator: Optional[torch.Generator] = None  # per-batch mixup/cutmix scalars, on the CPU
+    sync_debug: bool = False  # run each training step under torch.cuda.set_sync_debug_mode("error")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def no_sync_allowed(enabled: bool):
+    """Inside: any host-device synchronization on the GPU raises (torch.cuda.set_sync_debug_mode("error"))."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,12 +68,14 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
 
 
 def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
-                scheduler, s: StepSettings, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+                scheduler, s: StepSettings, on_step: Optional[Callable[[int, float], None]] = None,
+                log_every: int = 0) -> dict:
     """One pass over ``batches`` ({"image": uint8 BxHxWx3, "label": int64 B}); returns sums and timings.
 
     Returned keys: loss_sum, correct, count (images seen on this process), seconds, data_wait_s (time
-    spent waiting for the next batch), steps.
-    Accuracy is against the unmixed labels.
+    spent waiting for the next batch), steps. Accuracy is against the unmixed labels.
+    ``on_step(step, loss)`` is called every ``log_every`` steps (0: never): reading the loss there is the
+    only host-device synchronization inside the epoch.
     """
     model.train()
     for module in s.frozen_norms:
@@ -64,28 +87,12 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.opti
     start = tick = time.perf_counter()
     for batch in batches:
         wait += time.perf_counter() - tick
-        labels = batch["label"].to(s.device, non_blocking=True)
-        x = s.preprocess(batch["image"].to(s.device, non_blocking=True), s.generator)
-        targets = smooth_one_hot(labels, s.num_classes, s.label_smoothing)
-        x, targets = mix_batch(x, targets, s.mixup_alpha, s.cutmix_alpha, s.generator)
-        with autocast(s.device, s.amp_dtype):
-            logits = model(x)
-        loss = soft_cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in s.frozen:
-            p.grad = None  # optimizers skip parameters without a gradient: no update, no decay, no momentum
-        if s.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
-        optimizer.step()
-        scheduler.step()
-        n = labels.shape[0]
-        loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
-        count += n
+        with no_sync_allowed(s.sync_debug and s.device.type == "cuda"):
+            loss = _train_step(model, batch, optimizer, scheduler, s, loss_sum, correct)
+        count += batch["label"].shape[0]
         steps += 1
-        if on_step is not None:
-            on_step(steps, float(loss.detach()))
+        if on_step is not None and log_every and steps % log_every == 0:
+            on_step(steps, float(loss))
         tick = time.perf_counter()
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
@@ -93,12 +100,37 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.opti
             "seconds": time.perf_counter() - start, "data_wait_s": wait, "steps": steps}
 
 
+def _train_step(model, batch, optimizer, scheduler, s: StepSettings, loss_sum: torch.Tensor,
+                correct: torch.Tensor) -> torch.Tensor:
+    """One optimizer step; adds the batch's loss and hits to the device sums; returns the (device) loss."""
+    labels = batch["label"].to(s.device, non_blocking=True)
+    x = s.preprocess(batch["image"].to(s.device, non_blocking=True), s.generator)
+    targets = smooth_one_hot(labels, s.num_classes, s.label_smoothing)
+    x, targets = mix_batch(x, targets, s.mixup_alpha, s.cutmix_alpha, s.generator, s.host_generator)
+    with autocast(s.device, s.amp_dtype):
+        logits = model(x)
+    loss = soft_cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in s.frozen:
+        p.grad = None  # optimizers skip parameters without a gradient: no update, no decay, no momentum
+    if s.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
+    optimizer.step()
+    scheduler.step()
+    loss = loss.detach()
+    loss_sum.add_(loss.double() * labels.shape[0])
+    correct.add_((logits.detach().argmax(1) == labels).sum())
+    return loss
+
+
 @torch.no_grad()
 def evaluate_epoch(model: nn.Module, batches: Iterable[dict], s: StepSettings) -> dict:
     """Sums over ``batches`` with the evaluation preprocessing: loss_sum, top1, top5, count."""
     model.eval()
     preprocess = s.preprocess.eval()
-    sums = torch.zeros(4, device=s.device, dtype=torch.float64)
+    sums = torch.zeros(3, device=s.device, dtype=torch.float64)
+    count = 0
     for batch in batches:
         labels = batch["label"].to(s.device, non_blocking=True)
         with autocast(s.device, s.amp_dtype):
@@ -107,6 +139,6 @@ def evaluate_epoch(model: nn.Module, batches: Iterable[dict], s: StepSettings) -
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                             torch.tensor(float(labels.shape[0]), device=s.device, dtype=torch.float64)])
-    return dict(zip(("loss_sum", "top1", "top5", "count"), sums.tolist()))
+                             hits[:, 0].sum().double(), hits.any(1).sum().double()])
+        count += labels.shape[0]
+    return {**dict(zip(("loss_sum", "top1", "top5"), sums.tolist())), "count": count}

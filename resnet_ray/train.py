@@ -1,28 +1,25 @@
 """Ray Train (TorchTrainer, DDP) fine-tuning: the per-worker function and ``fit(cfg)``."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
 from resnet_ray import storage
-from resnet_ray.checkpoint import export_model, load_training_state, save_training_state, unwrap_state_dict
+from resnet_ray.checkpoint import export_model, load_training_state, save_training_state
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 from resnet_ray.data.load import load_split, quiet_data_progress, split_rows
 from resnet_ray.data.prepare import ensure_prepared
-from resnet_ray.loop import StepSettings, evaluate_epoch, train_epoch
-from resnet_ray.model import build_model, is_head, normalization
-from resnet_ray.optim import build_optimizer, build_scheduler
-from resnet_ray.transforms import Preprocess
+from resnet_ray.engine import Session, epoch_seed, process_group_backend
+from resnet_ray.tracking import TensorBoard
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +28,7 @@ METRIC = "val_top1"
 
 
 # ---------------------------------------------------------------------------
-# inside each Ray Train worker
-
-
-def _steps_per_epoch(cfg: Config, meta: dict, world: int) -> int:
-    return split_rows(meta, "train", cfg.data.limit) // world // cfg.train.batch_size
+# inside each Ray Train worker: a thin Ray wrapper (shards, report, checkpoint, restore) around engine.Session
 
 
 def _val_batches(shard, batch_size: int, rank: int, world: int):
@@ -45,61 +38,39 @@ def _val_batches(shard, batch_size: int, rank: int, world: int):
         yield {"image": batch["image"][mask], "label": batch["label"][mask]}
 
 
-def _all_reduce(values: list[float], op=None) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def _restore(model, optimizer, scheduler, rank: int) -> tuple[int, list]:
-    """Load the latest checkpoint Ray Train hands over (after a restart or a resumed run), if any.
-
-    Returns the last completed epoch and the metrics history up to it (0 and [] for a fresh run).
-    """
+def _restore(session: Session) -> None:
+    """Continue from the latest checkpoint Ray Train hands over (after a restart or a resumed run), if any."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return 0, []
-    with checkpoint.as_directory() as folder:
-        state, meta = load_training_state(folder)
-    target = model.module if hasattr(model, "module") else model
-    target.load_state_dict(unwrap_state_dict(state["model"]))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    log.info("rank %d resumed after epoch %d", rank, state["epoch"])
-    return state["epoch"], meta["history"]
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state, meta = load_training_state(folder)
+        session.restore(state, meta["history"])
 
 
-def _global_metrics(tr: dict, ev: dict, val_rows: int) -> dict:
-    """Epoch metrics over all ranks: sums all-reduced, times the slowest rank's; every val row counted once."""
-    loss_sum, correct, count, v_loss, v_top1, v_top5, v_count = _all_reduce(
-        [tr["loss_sum"], tr["correct"], tr["count"], ev["loss_sum"], ev["top1"], ev["top5"], ev["count"]])
-    seconds, data_wait = _all_reduce([tr["seconds"], tr["data_wait_s"]],
-                                     dist.ReduceOp.MAX if dist.is_initialized() else None)
-    if int(v_count) != val_rows:
-        raise RuntimeError(f"validation saw {int(v_count)} rows, the split has {val_rows}")
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "val_loss": v_loss / v_count,
-            "val_top1": v_top1 / v_count, "val_top5": v_top5 / v_count, "val_count": int(v_count),
-            "images_per_s": count / seconds, "epoch_s": seconds, "data_wait_s": data_wait}
+def _report(session: Session, metrics: dict) -> None:
+    """ray.train.report on every rank (a barrier); rank 0 attaches a checkpoint on the epochs that are due.
 
-
-def _report(metrics: dict, state: Optional[dict], meta: dict) -> None:
-    """ray.train.report on every rank (a barrier); rank 0 (the one with a state) attaches the checkpoint."""
+    The checkpoint is written to a fresh temporary folder that Ray uploads (in the background with
+    train.async_checkpoint) and then deletes.
+    """
     import ray.train
 
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if state is not None:
-            save_training_state(folder, state, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    cfg = session.cfg.train
+    checkpoint = None
+    if session.rank == 0 and cfg.checkpoint_due(session.epoch):
+        folder = tempfile.mkdtemp(prefix="resnet_ray-checkpoint-")
+        save_training_state(folder, session.state(), session.checkpoint_meta())
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
-    """Ray Train worker: rebuild the config, train cfg.train.epochs epochs, report + checkpoint each one."""
+    """Ray Train worker: rebuild the config, train cfg.train.epochs epochs, report each one, checkpoint when due.
+    Rank 0 also writes the history files and the TensorBoard events of the run."""
     import ray.train
     import ray.train.torch
 
@@ -107,70 +78,33 @@ def train_fn_per_worker(loop_config: dict) -> None:
     meta, run_dir = loop_config["meta"], loop_config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    torch.manual_seed(cfg.train.seed)
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-
-    num_classes = len(meta["classes"])
-    model = build_model(cfg.model, num_classes)
-    if on_gpu and cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    steps = _steps_per_epoch(cfg, meta, world)
-    optimizer = build_optimizer(model, cfg.optim, cfg.global_batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps, cfg.train.epochs)
-    step_model = torch.compile(model) if cfg.model.compile else model
-
-    start_epoch, history = _restore(model, optimizer, scheduler, rank)
-
-    mean, std = normalization(cfg.model, meta)
-    settings = StepSettings(
-        preprocess=Preprocess(cfg.model.image_size, mean, std, cfg.train.augment, cfg.train.crop_padding,
-                              cfg.train.hflip, on_gpu and cfg.model.channels_last),
-        num_classes=num_classes, device=device, label_smoothing=cfg.optim.label_smoothing,
-        grad_clip_norm=cfg.optim.grad_clip_norm, mixup_alpha=cfg.train.mixup_alpha,
-        cutmix_alpha=cfg.train.cutmix_alpha, amp_dtype=torch.bfloat16 if on_gpu and cfg.train.amp else None)
-    backbone = [p for n, p in model.named_parameters() if not is_head(n)]
-    backbone_norms = [m for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_head(n)]
+    session = Session(cfg, meta, ray.train.torch.get_device(), rank, world)
+    _restore(session)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    val_rows = split_rows(meta, "val", cfg.data.limit)
-    model_meta = {"config": to_dict(cfg), "arch": cfg.model.arch, "num_classes": num_classes,
-                  "classes": meta["classes"], "coarse_classes": meta.get("coarse_classes"),
-                  "fine_to_coarse": meta.get("fine_to_coarse"), "image_size": cfg.model.image_size,
-                  "mean": list(mean), "std": list(std), "dataset": meta["name"]}
+    pin = session.device.type == "cuda"  # pinned host batches: the non_blocking copies really overlap
+    board = TensorBoard(cfg, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
 
-    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-        frozen = epoch <= cfg.train.freeze_backbone_epochs
-        settings.frozen, settings.frozen_norms = (backbone, backbone_norms) if frozen else ([], [])
-        # the same seed on every rank: the split may hand a rank either half of the rows, and with rank-free
-        # seeds the global batch (and so the run) does not depend on which half a rank got
-        settings.generator = torch.Generator().manual_seed(cfg.train.seed * 100003 + epoch)
+    for epoch in range(session.epoch + 1, cfg.train.epochs + 1):
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, drop_last=True, prefetch_batches=cfg.train.prefetch_batches,
             local_shuffle_buffer_size=4 * cfg.train.batch_size if cfg.data.shuffle else None,
-            local_shuffle_seed=settings.generator.initial_seed(), device="cpu")
+            local_shuffle_seed=epoch_seed(cfg, epoch), device="cpu", pin_memory=pin)
 
         def on_step(step, loss):
-            if rank == 0 and (step % max(1, steps // 4) == 0 or step == steps):
-                log.info("epoch %d/%d step %d/%d loss %.4f", epoch, cfg.train.epochs, step, steps, loss)
+            if board:
+                board.step((epoch - 1) * session.steps + step, loss, session.optimizer.param_groups[0]["lr"])
 
-        tr = train_epoch(step_model, batches, optimizer, scheduler, settings, on_step=on_step)
-        val_start = time.perf_counter()
-        ev = evaluate_epoch(step_model, _val_batches(val_shard, cfg.eval.batch_size, rank, world), settings)
-        metrics = {"epoch": epoch, **_global_metrics(tr, ev, val_rows), "lr": optimizer.param_groups[0]["lr"],
-                   "val_s": time.perf_counter() - val_start, "backbone_frozen": frozen}
-        history.append(metrics)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch} if rank == 0 else None
-        _report(metrics, state, {**model_meta, "epoch": epoch, "metrics": metrics, "history": history})
-        if rank == 0:
-            log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f top1 %.4f top5 %.4f | %.0f img/s",
-                     epoch, cfg.train.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"],
-                     metrics["val_top1"], metrics["val_top5"], metrics["images_per_s"])
+        metrics = session.run_epoch(epoch, batches, _val_batches(val_shard, cfg.eval.batch_size, rank, world),
+                                    on_step=on_step, log_every=max(1, session.steps // 4))
+        report_start = time.perf_counter()
+        _report(session, dict(metrics))
+        metrics["report_s"] = time.perf_counter() - report_start  # in the history from now on
+        if board:
+            write_history(run_dir, session.history)
+            board.epoch(session.history)
         _maybe_inject_failure(cfg, epoch, rank, world, run_dir)
+    if board:
+        board.close()
 
 
 def _maybe_inject_failure(cfg: Config, epoch: int, rank: int, world: int, run_dir: str) -> None:
@@ -236,10 +170,10 @@ def _check_batches(cfg: Config, meta: dict) -> None:
 
 
 def write_history(run_dir: str, history: list) -> None:
-    """history.jsonl and history.csv in the run folder."""
+    """history.jsonl and history.csv in the run folder (the CSV's columns: every key any epoch has)."""
     storage.write_text(storage.join(run_dir, "history.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]))
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(key for h in history for key in h)))
     writer.writeheader()
     writer.writerows(history)
     storage.write_text(storage.join(run_dir, "history.csv"), out.getvalue())
@@ -277,22 +211,23 @@ def training_datasets(cfg: Config, prepared: str) -> dict:
     return datasets
 
 
-def fit(cfg: Config, callbacks: Optional[list] = None) -> FitResult:
-    """Prepare data if needed, train with TorchTrainer, export the best model, evaluate it on test."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def read_history(run_dir: str) -> list:
+    """The run's history.jsonl (written by rank 0 after every epoch) as a list of per-epoch metric dicts."""
+    return [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, "history.jsonl")).splitlines()]
 
-    cfg = with_run_name(cfg)
-    quiet_data_progress()
-    prepared, meta = ensure_prepared(cfg.data)
-    _check_batches(cfg, meta)
-    run_dir = run_dir_of(cfg)
-    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+
+def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: Optional[list] = None):
+    """The TorchTrainer of a run: workers, process-group backend (cpu:gloo,cuda:nccl on GPUs), storage,
+    checkpoint ranking, failure policy and the Ray Data ingest of ``datasets`` (train split per worker)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     ingest_options = ray.train.DataConfig.default_ingest_options()
     ingest_options.preserve_order = True  # batches in the seeded block order, not in order of completion
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir},
+        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir_of(cfg)},
+        torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=cfg.scaling.resources_per_worker),
         run_config=ray.train.RunConfig(
@@ -301,14 +236,63 @@ def fit(cfg: Config, callbacks: Optional[list] = None) -> FitResult:
                                                          checkpoint_score_attribute=METRIC,
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets=training_datasets(cfg, prepared),
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        _, last = load_training_state(folder)
-    history = last["history"]
-    write_history(run_dir, history)
+
+
+class EpochLog:
+    """While a run trains: one log line on the driver per finished epoch (losses, top-1/top-5, learning rate,
+    img/s, ETA), read from the history.jsonl that rank 0 writes after every epoch (a local path or a URI)."""
+
+    def __init__(self, run_dir: str, epochs: int, interval_s: float = 2.0):
+        self.run_dir, self.epochs, self.interval_s = run_dir, epochs, interval_s
+        self.shown = 0  # the last epoch logged
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="epoch-log", daemon=True)
+
+    def __enter__(self) -> "EpochLog":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.poll()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Log the epochs finished since the last call (after a restart the history may start over)."""
+        try:
+            rows = read_history(self.run_dir)
+        except (OSError, ValueError):  # not written yet, or caught mid-replace on a store without atomic moves
+            return
+        for row in rows:
+            if row["epoch"] > self.shown:
+                self.shown = row["epoch"]
+                per_epoch = row["epoch_s"] + row["val_s"] + row.get("report_s", 0.0)
+                eta = time.strftime("%H:%M:%S", time.gmtime(per_epoch * (self.epochs - row["epoch"])))
+                log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f top1 %.4f top5 %.4f | lr %.2e | "
+                         "%.0f img/s | ETA %s", row["epoch"], self.epochs, row["train_loss"], row["train_acc"],
+                         row["val_loss"], row["val_top1"], row["val_top5"], row["lr"], row["images_per_s"], eta)
+
+
+def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -> FitResult:
+    """Prepare data if needed, train with TorchTrainer, export the best model, evaluate it on test.
+
+    ``epoch_log``: log one line per finished epoch on this process (off for Tune trials)."""
+    cfg = with_run_name(cfg)
+    quiet_data_progress()
+    prepared, meta = ensure_prepared(cfg.data)
+    _check_batches(cfg, meta)
+    run_dir = run_dir_of(cfg)
+    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+    with EpochLog(run_dir, cfg.train.epochs) if epoch_log else contextlib.nullcontext():
+        result = build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks).fit()
+    history = read_history(run_dir)
     best, model_dir = _export_best(result, run_dir)
     evaluation = None
     if cfg.train.evaluate_test:

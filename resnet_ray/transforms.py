@@ -1,11 +1,14 @@
 """Batch preprocessing on the training device: uint8 (B, H, W, 3) in, normalized float (B, 3, S, S) out.
 
 One code path for training (augment=True) and for validation, evaluation and inference (augment=False).
+Nothing here synchronizes the host with the device: per-image randomness is drawn on the images' device from
+the generator passed in (a generator on that device), and the normalization constants are created on the
+device once and cached.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,12 +26,22 @@ class Preprocess:
     crop_padding: int = 4
     hflip: bool = False
     channels_last: bool = False
+    _constants: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def eval(self) -> "Preprocess":
         """The evaluation twin of a training preprocess."""
         return Preprocess(self.image_size, self.mean, self.std, channels_last=self.channels_last)
 
+    def normalization(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, 3, 1, 1) tensors on ``device``, built once per device and dtype."""
+        key = (str(device), dtype)
+        if key not in self._constants:
+            self._constants[key] = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device)
+                                         for v in (self.mean, self.std))
+        return self._constants[key]
+
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> normalized float (B, 3, S, S); ``generator`` lives on the images' device."""
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         if self.augment == "crop":
             x = random_crop(x, self.crop_padding, generator)
@@ -38,14 +51,14 @@ class Preprocess:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         if self.hflip and self.augment != "none":
             x = random_hflip(x, generator)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean, std = self.normalization(x.device, x.dtype)
         x = (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
 
 def _rand(n: int, device, generator) -> torch.Tensor:
-    return torch.rand(n, device="cpu", generator=generator).to(device)
+    """n uniform draws made on ``device`` itself (no host-to-device copy); generator on that device or None."""
+    return torch.rand(n, device=device, generator=generator)
 
 
 def random_crop(x: torch.Tensor, padding: int, generator=None) -> torch.Tensor:
@@ -84,24 +97,37 @@ def random_hflip(x: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.where(flip, x.flip(3), x)
 
 
+def _host_generator(generator, host_generator):
+    """The CPU generator for per-batch scalars: host_generator, or ``generator`` when that one is on the CPU."""
+    if host_generator is not None:
+        return host_generator
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    raise ValueError("mix_batch with a device generator needs a CPU host_generator for its per-batch draws")
+
+
 def mix_batch(x: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
-              generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+              generator=None, host_generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or CutMix (one of them, chosen at random when both are on) on soft targets (B, C).
 
-    Returns the mixed images and targets; with both alphas 0 the inputs come back unchanged.
+    The pairing permutation is drawn on the images' device from ``generator``; the per-batch scalars (which of
+    the two, lambda, the box) from ``host_generator`` on the CPU (defaults to ``generator`` when that is a CPU
+    generator), so nothing waits on the device. Returns the mixed images and targets; with both alphas 0 the
+    inputs come back unchanged.
     """
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, targets
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(_rand(1, "cpu", generator)) < 0.5)
+    host = _host_generator(generator, host_generator)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(_rand(1, "cpu", host)) < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
-    gammas = torch._standard_gamma(torch.full((2,), float(alpha)), generator=generator)
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    gammas = torch._standard_gamma(torch.full((2,), float(alpha)), generator=host)
     total = float(gammas.sum())
-    lam = float(gammas[0]) / total if total > 0 else 0.5  # Beta(alpha, alpha) drawn from the generator
+    lam = float(gammas[0]) / total if total > 0 else 0.5  # Beta(alpha, alpha) drawn from the host generator
     if use_cutmix:
         h, w = x.shape[-2:]
         cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy, cx = int(_rand(1, "cpu", generator) * h), int(_rand(1, "cpu", generator) * w)
+        cy, cx = int(_rand(1, "cpu", host) * h), int(_rand(1, "cpu", host) * w)
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
         x = x.clone()

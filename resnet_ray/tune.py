@@ -68,7 +68,7 @@ def run_trial(params: dict, base: dict, exp_dir: str) -> None:
     from resnet_ray.train import fit
 
     cfg = trial_config(from_dict(base), params, ray.tune.get_context().get_trial_id(), exp_dir)
-    fit(cfg, callbacks=[TuneReportCallback()])
+    fit(cfg, callbacks=[TuneReportCallback()], epoch_log=False)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from resnet_ray.train import FAILURE_MARKER, config_for_resume, fit
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "val_count", "lr",
-               "images_per_s", "epoch_s", "data_wait_s", "val_s", "backbone_frozen"}
+               "images_per_s", "epoch_s", "data_wait_s", "val_s", "backbone_frozen", "report_s"}
 
 
 def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
@@ -43,10 +43,11 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
 
 @pytest.fixture(scope="module")
 def failing_run(ray_session, data_root, tmp_path_factory):
-    """A 3-epoch run whose last worker is killed once after epoch 1; one restart allowed."""
+    """A 3-epoch run checkpointed every 2 epochs (and at the end) whose last worker is killed once after
+    epoch 2; one restart allowed."""
     cfg = tiny_config(data_root, str(tmp_path_factory.mktemp("runs")),
-                      **{"train.epochs": 3, "train.fail_at_epoch": 1, "train.max_failures": 1,
-                         "train.name": "failover"})
+                      **{"train.epochs": 3, "train.fail_at_epoch": 2, "train.max_failures": 1,
+                         "train.checkpoint_every": 2, "train.name": "failover"})
     return cfg, fit(cfg)
 
 
@@ -56,6 +57,13 @@ def test_worker_failure_resumes_without_losing_or_repeating_epochs(failing_run):
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     lines = open(os.path.join(result.run_dir, "history.jsonl")).read().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    # checkpoints only where due (epoch 2 and the last one), each holding the history up to its epoch
+    epochs = {}
+    for folder in glob.glob(os.path.join(result.run_dir, "checkpoint_*", "meta.json")):
+        meta = json.load(open(folder))
+        epochs[meta["epoch"]] = [h["epoch"] for h in meta["history"]]
+    assert epochs == {2: [1, 2], 3: [1, 2, 3]}
+    assert all(h["report_s"] >= 0 for h in result.history[2:])  # epochs run after the restart
 
 
 def test_stopped_run_resumes_and_same_seed_gives_same_first_epoch(failing_run, data_root, tmp_path):

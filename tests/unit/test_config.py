@@ -93,3 +93,14 @@ def test_parse_overrides_types():
 def test_every_shipped_config_parses(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_checkpoint_cadence_about_ten_per_run_and_always_the_last_epoch():
+    from resnet_ray.config import TrainConfig
+
+    assert [e for e in range(1, 115) if TrainConfig(epochs=114).checkpoint_due(e)] == \
+        [12, 24, 36, 48, 60, 72, 84, 96, 108, 114]
+    assert [e for e in range(1, 4) if TrainConfig(epochs=3).checkpoint_due(e)] == [1, 2, 3]
+    assert [e for e in range(1, 6) if TrainConfig(epochs=5, checkpoint_every=2).checkpoint_due(e)] == [2, 4, 5]
+    with pytest.raises(ConfigError, match="train.checkpoint_every: must be >= 1"):
+        load_config(None, {"train.checkpoint_every": 0})

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_ray.config import ModelConfig, OptimConfig
-from resnet_ray.loop import StepSettings, evaluate_epoch, smooth_one_hot, soft_cross_entropy, train_epoch
+from resnet_ray.loop import (StepSettings, _train_step, evaluate_epoch, smooth_one_hot, soft_cross_entropy,
+                             train_epoch)
 from resnet_ray.model import build_model
 from resnet_ray.optim import build_optimizer, build_scheduler
 from resnet_ray.transforms import Preprocess
@@ -59,7 +60,8 @@ def test_train_epoch_sums_are_consistent_with_batches():
     opt, sched = optimizer(model)
     batches = random_batches(3, 4) + random_batches(1, 2, seed=1)
     losses = []
-    out = train_epoch(model, batches, opt, sched, settings(), on_step=lambda step, loss: losses.append((step, loss)))
+    out = train_epoch(model, batches, opt, sched, settings(), on_step=lambda step, loss: losses.append((step, loss)),
+                      log_every=1)
     assert set(out) == {"loss_sum", "correct", "count", "steps", "seconds", "data_wait_s"}
     assert out["count"] == 14 and out["steps"] == 4
     assert [s for s, _ in losses] == [1, 2, 3, 4]
@@ -68,6 +70,17 @@ def test_train_epoch_sums_are_consistent_with_batches():
     assert out["seconds"] >= out["data_wait_s"] >= 0
     assert sched.last_epoch == 4
     assert model.training
+
+
+def test_on_step_is_called_only_at_logging_points():
+    model = resnet18()
+    opt, sched = optimizer(model)
+    seen = []
+    train_epoch(model, random_batches(5, 2), opt, sched, settings(), on_step=lambda step, loss: seen.append(step),
+                log_every=2)
+    assert seen == [2, 4]
+    train_epoch(model, random_batches(2, 2), opt, sched, settings(), on_step=lambda step, loss: seen.append(step))
+    assert seen == [2, 4]  # log_every=0: never
 
 
 def test_train_epoch_learns_trivial_task():
@@ -202,3 +215,31 @@ def test_train_epoch_with_mixup_and_clipping_runs():
     out = train_epoch(model, random_batches(2, 4), opt, sched, s)
     assert out["count"] == 8 and out["steps"] == 2
     assert torch.isfinite(torch.tensor(out["loss_sum"]))
+
+
+def test_training_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """Every Python-level read of a tensor's value (item, float, int, bool, tolist, cpu, numpy) would be a
+    host-device synchronization on a GPU; inside the steps there must be none (SGD, crop, flip, rrc, label
+    smoothing, clipping). The GPU check proves the same with torch.cuda.set_sync_debug_mode("error")."""
+    model = resnet18()
+    opt, sched = optimizer(model)
+    reads = []
+
+    def forbid(name):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    for augment in ("crop", "rrc"):
+        s = settings(preprocess=Preprocess(32, MEAN, STD, augment, 4, True), grad_clip_norm=1.0,
+                     label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
+        for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy"):
+            forbid(name)
+        loss_sum, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        for batch in random_batches(2, 4):
+            _train_step(model, batch, opt, sched, s, loss_sum, correct)
+        monkeypatch.undo()
+        assert reads == [], f"{augment}: the step read tensor values on the host: {sorted(set(reads))}"

@@ -1,0 +1,121 @@
+"""The plain-PyTorch worker session (no Ray) and the process-group backend of GPU runs."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from resnet_ray import engine
+from resnet_ray.config import load_config
+from resnet_ray.engine import GPU_BACKEND, Session, all_reduce, global_metrics
+
+META = {"name": "fake", "classes": ["a", "b", "c"], "counts": {"train": 48, "val": 10, "test": 10},
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def tiny_cfg(**overrides):
+    values = {"model.arch": "resnet18", "model.weights": "none", "model.image_size": 32, "optim.name": "sgd",
+              "optim.lr": 0.01, "train.epochs": 2, "train.batch_size": 8, "scaling.num_workers": 1}
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def batches(rows, batch_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (rows, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (rows,), generator=g)
+    return [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size]} for i in range(0, rows, batch_size)]
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-rank process group created with the given backend string; destroyed afterwards."""
+    def create(backend):
+        store = dist.FileStore(str(tmp_path / "store"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+
+    yield create
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_gpu_runs_create_the_process_group_with_a_cpu_and_a_cuda_backend():
+    from resnet_ray.train import build_trainer
+
+    gpu = tiny_cfg(**{"scaling.use_gpu": True, "train.name": "r"})
+    assert build_trainer(gpu, META, datasets=None).backend_config.backend == GPU_BACKEND == "cpu:gloo,cuda:nccl"
+    assert build_trainer(tiny_cfg(**{"train.name": "r"}), META, datasets=None).backend_config.backend == "gloo"
+
+
+def test_an_accelerator_only_backend_rejects_cpu_collectives_and_the_mixed_one_does_not(process_group):
+    # "cuda:gloo" maps only the accelerator, as NCCL does: the crash of a CPU-tensor reduction on GPU runs
+    process_group("cuda:gloo")
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        dist.all_reduce(torch.zeros(2, dtype=torch.float64))
+    dist.destroy_process_group()
+    process_group("cpu:gloo,cuda:gloo")  # GPU_BACKEND's shape, gloo standing in for NCCL on this machine
+    assert all_reduce([1.0, 2.5], torch.device("cpu")) == [1.0, 2.5]
+
+
+def test_metric_reduction_uses_tensors_on_the_device_it_is_given(process_group, monkeypatch):
+    process_group("gloo")
+    seen = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append((t.device, t.dtype)) or real(t, op=op))
+    tr = {"loss_sum": 6.0, "correct": 3, "count": 4, "seconds": 2.0, "data_wait_s": 0.5}
+    ev = {"loss_sum": 2.0, "top1": 1.0, "top5": 2.0, "count": 2}
+    metrics = global_metrics(tr, ev, val_rows=2, device=torch.device("cpu"))
+    assert seen == [(torch.device("cpu"), torch.float64)] * 2
+    assert metrics["train_loss"] == 1.5 and metrics["val_top5"] == 1.0 and metrics["images_per_s"] == 2.0
+    with pytest.raises(RuntimeError, match="validation saw 2 rows, the split has 3"):
+        global_metrics(tr, ev, val_rows=3, device=torch.device("cpu"))
+
+
+def test_session_runs_epochs_in_a_one_rank_ddp_group_and_restores(process_group):
+    process_group("gloo")
+    cfg = tiny_cfg()
+    session = Session(cfg, META, torch.device("cpu"), ddp=True)
+    assert isinstance(session.model, torch.nn.parallel.DistributedDataParallel) and session.steps == 6
+    metrics = session.run_epoch(1, batches(48, 8, 0), batches(10, 4, 1))
+    assert metrics["epoch"] == 1 and metrics["val_count"] == 10 and session.epoch == 1
+    assert session.history == [metrics] and session.scheduler.last_epoch == 6
+    state, meta = session.state(), session.checkpoint_meta()
+    assert meta["history"] == [metrics] and meta["classes"] == META["classes"]
+
+    again = Session(cfg, META, torch.device("cpu"))  # e.g. a restarted worker, without DDP this time
+    again.restore(state, meta["history"])
+    assert again.epoch == 1 and again.scheduler.last_epoch == 6
+    for key, value in again.module.state_dict().items():
+        torch.testing.assert_close(value, session.module.state_dict()[key])
+
+
+def _rank_main(rank, world, store_path, out_dir):
+    """One rank of a 2-process gloo group (as torchrun would start it): one epoch, reduced metrics to a file."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        session = Session(tiny_cfg(**{"scaling.num_workers": world}), META, torch.device("cpu"), rank, world)
+        metrics = session.run_epoch(1, batches(24, 8, rank), batches(5, 5, 10 + rank))  # 5 of the 10 val rows each
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({**metrics, "ddp": isinstance(session.model, torch.nn.parallel.DistributedDataParallel)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_without_ray_reduce_metrics_over_every_validation_row(tmp_path):
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["ddp"] and ranks[1]["ddp"]
+    assert ranks[0]["val_count"] == 10  # 5 rows seen by each rank, summed
+    for key in ("train_loss", "train_acc", "val_loss", "val_top1", "epoch_s"):
+        assert ranks[0][key] == ranks[1][key]  # every rank reports the same global figures
+
+
+def test_epoch_seed_differs_per_epoch_and_not_per_rank():
+    cfg = tiny_cfg()
+    assert engine.epoch_seed(cfg, 1) != engine.epoch_seed(cfg, 2)
+    assert engine.epoch_seed(cfg, 1) == engine.epoch_seed(tiny_cfg(), 1)
