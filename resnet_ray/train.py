@@ -219,11 +219,13 @@ def read_history(run_dir: str) -> list:
 def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: Optional[list] = None):
     """The TorchTrainer of a run: workers, process-group backend (cpu:gloo,cuda:nccl on GPUs), storage,
     checkpoint ranking, failure policy and the Ray Data ingest of ``datasets`` (train split per worker)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ingest_options = ray.train.DataConfig.default_ingest_options()
-    ingest_options.preserve_order = True  # batches in the seeded block order, not in order of completion
+    # batches in the seeded block order, not in order of completion (built here: Ray's default_ingest_options()
+    # sets a deprecated option and warns)
+    ingest_options = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir_of(cfg)},

@@ -6,6 +6,7 @@ import pytest
 from rich.console import Console
 
 from conftest import tiny_config
+from tensorboard_events import read_events
 from resnet_ray import storage
 from resnet_ray.checkpoint import load_model
 from resnet_ray.report import print_training_summary
@@ -39,6 +40,24 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
     print_training_summary(result, console)
     shown = console.export_text()
     assert f"{result.history[-1]['val_top1']:.4f}" in shown and result.model_dir in shown
+    # TensorBoard: every epoch's metrics, sparse step scalars, the hyperparameters
+    scalars, _ = read_events(os.path.join(result.run_dir, "tensorboard"))
+    assert [(e, round(v, 4)) for e, v in scalars["val/top1"]] == [(h["epoch"], round(h["val_top1"], 4))
+                                                                 for h in result.history]
+    assert len(scalars["step/train_loss"]) >= 2 and "time/report_s" in scalars
+    _, plugins = read_events(os.path.join(result.run_dir, "tensorboard", "hparams"))
+    assert "hparams" in plugins
+
+
+def test_the_driver_logs_one_line_per_epoch(tiny_run, caplog):
+    from resnet_ray.train import EpochLog
+
+    cfg, result = tiny_run
+    with caplog.at_level("INFO", logger="resnet_ray.train"):
+        EpochLog(result.run_dir, cfg.train.epochs).poll()
+    lines = [r.getMessage() for r in caplog.records if r.name == "resnet_ray.train"]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert f"top1 {result.history[1]['val_top1']:.4f}" in lines[1] and "ETA 00:00:00" in lines[1]
 
 
 @pytest.fixture(scope="module")
