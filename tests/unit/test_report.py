@@ -163,7 +163,7 @@ def _png_size(path):
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-@pytest.mark.parametrize("c", [10, 100])
+@pytest.mark.parametrize("c", [10, 30])
 def test_write_outputs_pictures(tmp_path, c):
     report, cm, names, _ = _make(c, n=3000)
     rng = np.random.default_rng(1)
@@ -174,10 +174,10 @@ def test_write_outputs_pictures(tmp_path, c):
     assert paths["reliability_png"] == str(tmp_path / "reliability.png")
     assert _png_size(paths["reliability_png"])[1] > 400
     # the per-class F1 chart only where a confusion matrix is too big to read
-    assert (tmp_path / "per_class_f1.png").exists() == (c == 100)
-    if c == 100:
+    assert (tmp_path / "per_class_f1.png").exists() == (c > 20)
+    if c > 20:
         width, height = _png_size(paths["f1_png"])
-        assert height > 1000 and width > 400  # one readable bar per class
+        assert height > 600 and width > 400  # one readable bar per class
     data = json.loads((tmp_path / "report.json").read_text())
     bins = data["calibration_bins"]
     assert [b["count"] for b in bins] == calibration[:, 0].astype(int).tolist()
