@@ -39,8 +39,8 @@ from resnet_ray import storage
 from resnet_ray.metrics import calibration_bins, expected_calibration_error, most_confused_pairs
 
 __all__ = ["write_outputs", "write_history_plot", "write_reliability_plot", "print_summary",
-           "print_training_summary", "print_search_summary", "print_table", "to_jsonable", "md_table",
-           "fmt", "fmt_ci"]
+           "print_training_summary", "print_search_summary", "print_table", "default_console", "to_jsonable",
+           "md_table", "fmt", "fmt_ci"]
 
 _AVERAGES = ("macro avg", "weighted avg", "micro avg")
 _CSV_FIELDS = ("class", "index", "precision", "recall", "f1", "support",
@@ -103,9 +103,9 @@ def _md_cell(text: Any) -> str:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """Markdown table lines; text columns (Class, Average, True, Predicted) left-aligned, numbers right."""
+    """Markdown table lines; text columns (Class, Measure, ...) left-aligned, numbers right."""
     lines = ["| " + " | ".join(headers) + " |"]
-    text_cols = ("Class", "Average", "True", "Predicted")
+    text_cols = ("Class", "Average", "True", "Predicted", "Measure", "Confidence bin")
     lines.append("|" + "|".join(":---" if h in text_cols else "---:" for h in headers) + "|")
     for row in rows:
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
@@ -373,7 +373,8 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
     if missing:
         raise ValueError(f"history row {missing[0]} has no 'epoch'")
     panels = (("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
-              ("Top-1 accuracy", (("train_acc", "train"), ("val_top1", "validation"), ("val_top5", "validation top-5"))),
+              ("Top-1 accuracy", (("train_acc", "train"), ("val_top1", "validation"),
+                                  ("val_top5", "validation top-5"))),
               ("Learning rate", (("lr", "lr"),)))
     with _figure(path, ncols=3, figsize=(15, 4.2), dpi=110) as (fig, axes):
         for ax, (title, series) in zip(axes, panels):
@@ -504,7 +505,8 @@ def print_table(table: Any, console: Any) -> None:
     console.print(table, crop=False)
 
 
-def _default_console(console: Any) -> Any:
+def default_console(console: Any = None) -> Any:
+    """``console`` itself, or a new rich Console on stdout."""
     from rich.console import Console
 
     return console if console is not None else Console()
@@ -518,7 +520,7 @@ def print_summary(report: dict, console: Any = None, worst: int = 5) -> None:
     line with accuracy and macro-F1 (with their intervals) / top-5 / ECE /
     total support.
     """
-    console = _default_console(console)
+    console = default_console(console)
     bits = [_identity(report[k]) for k in ("model", "dataset", "split") if report.get(k) is not None]
     title = "Per-class metrics" + (" - " + " / ".join(bits) if bits else "")
     print_table(_summary_table(report, title, worst), console)
@@ -550,7 +552,7 @@ def print_training_summary(result: Any, console: Any = None) -> None:
     from rich import box
     from rich.table import Table
 
-    console = _default_console(console)
+    console = default_console(console)
     best_epoch = result.best.get("epoch")
     table = Table(title=f"Training run {result.run_dir}", box=box.SIMPLE_HEAD)
     columns = [("epoch", "Epoch", "{}"), ("train_loss", "Train loss", "{:.4f}"), ("train_acc", "Train acc", "{:.4f}"),
@@ -575,7 +577,7 @@ def print_search_summary(result: Any, console: Any = None) -> None:
     from rich import box
     from rich.table import Table
 
-    console = _default_console(console)
+    console = default_console(console)
     keys = sorted({k for row in result.trials for k in row["params"]})
     metric = result.metric
     table = Table(title=f"Search {result.experiment_dir}", box=box.SIMPLE_HEAD)
