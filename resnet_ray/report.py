@@ -1,7 +1,7 @@
 """Render a ``metrics.classification_report`` dict to files and the terminal.
 
-``write_outputs`` writes, atomically (temp file in the same folder, then
-``os.replace``), into a local folder:
+``write_outputs`` writes, atomically (``storage.write_bytes``: a temporary
+sibling, then a move), into a local folder:
 
 * ``report.json`` - the whole report dict (numpy values converted, non-finite
   floats written as ``null``), with ``calibration_bins`` when calibration
@@ -373,8 +373,8 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
     if missing:
         raise ValueError(f"history row {missing[0]} has no 'epoch'")
     panels = (("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
-              ("Top-1 accuracy", (("train_acc", "train"), ("val_top1", "validation"),
-                                  ("val_top5", "validation top-5"))),
+              ("Accuracy", (("train_acc", "train top-1"), ("val_top1", "validation top-1"),
+                            ("val_top5", "validation top-5"))),
               ("Learning rate", (("lr", "lr"),)))
     with _figure(path, ncols=3, figsize=(15, 4.2), dpi=110) as (fig, axes):
         for ax, (title, series) in zip(axes, panels):
@@ -386,7 +386,7 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
             ax.set_title(title)
             ax.set_xlabel("Epoch")
             ax.grid(alpha=0.3)
-            if ax.has_data() and title != "Learning rate":
+            if ax.has_data() and title != "Learning rate":  # one curve needs no legend
                 ax.legend()
         _, lrs = _history_series(history, "lr")
         if lrs and min(lrs) > 0 and max(lrs) / min(lrs) > 20:
