@@ -40,7 +40,7 @@ Python ``int``/``float``/``str``, so the dict is JSON-serialisable; a
       "accuracy_ci": [lo, hi],                  # Wilson
       "total_support": int,                     # cm.sum()
       "intervals": {"confidence": 0.95, "accuracy": "wilson", ...,
-                    "macro_f1": "bootstrap", "resamples": 1000, "seed": 0},
+                    "macro_f1": "percentile bootstrap of the rows", "resamples": 1000, "seed": 0},
       # only if topk_correct is given:
       "topk_correct": {"<k>": int, ...},
       "top<k>_accuracy": float, ...
