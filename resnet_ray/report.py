@@ -376,6 +376,8 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
               ("Accuracy", (("train_acc", "train top-1"), ("val_top1", "validation top-1"),
                             ("val_top5", "validation top-5"))),
               ("Learning rate", (("lr", "lr"),)))
+    from matplotlib.ticker import MaxNLocator
+
     with _figure(path, ncols=3, figsize=(15, 4.2), dpi=110) as (fig, axes):
         for ax, (title, series) in zip(axes, panels):
             for key, label in series:
@@ -385,6 +387,7 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
                             linestyle=":" if key == "val_top5" else "-", label=label)
             ax.set_title(title)
             ax.set_xlabel("Epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if ax.has_data() and title != "Learning rate":  # one curve needs no legend
                 ax.legend()
