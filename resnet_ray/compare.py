@@ -114,9 +114,9 @@ def load_evaluation(path: str) -> Evaluation:
 
 def check_comparable(a: Evaluation, b: Evaluation) -> None:
     """Refuse two evaluations of different datasets, splits, rows, classes or labels (ComparisonError)."""
-    for key in ("dataset", "split", "rows"):
+    for key, what in (("dataset", "datasets"), ("split", "splits"), ("rows", "row counts")):
         if a.report[key] != b.report[key]:
-            raise ComparisonError(f"the evaluations are of different {key}s: A has {a.report[key]!r} ({a.folder}), "
+            raise ComparisonError(f"the evaluations are of different {what}: A has {a.report[key]!r} ({a.folder}), "
                                   f"B has {b.report[key]!r} ({b.folder})")
     classes_a = [r["class"] for r in a.report["per_class"]]
     classes_b = [r["class"] for r in b.report["per_class"]]
@@ -126,8 +126,8 @@ def check_comparable(a: Evaluation, b: Evaluation) -> None:
                               f"({', '.join(classes_b[:5])}, ...)")
     if not np.array_equal(a.row_id, b.row_id):
         first = int(np.flatnonzero(a.row_id != b.row_id)[0])
-        raise ComparisonError(f"the evaluations cover different rows: A's {first + 1}th row id is "
-                              f"{a.row_id[first]}, B's is {b.row_id[first]}")
+        raise ComparisonError(f"the evaluations cover different rows: in row id order, A has row_id "
+                              f"{a.row_id[first]} where B has {b.row_id[first]}")
     differ = np.flatnonzero(a.label != b.label)
     if differ.size:
         i = int(differ[0])

@@ -101,8 +101,14 @@ def test_refuses_different_datasets_splits_classes(tmp_path, change, needle):
 def test_refuses_different_rows_or_labels(tmp_path):
     labels, pred_a, pred_b = paired()
     a = write_eval(tmp_path / "a", labels, pred_a)
-    with pytest.raises(ComparisonError, match="different rows"):
+    with pytest.raises(ComparisonError, match="different row counts: A has 1000"):
         compare_folders(a, write_eval(tmp_path / "short", labels[:999], pred_b[:999]))
+    shifted = write_eval(tmp_path / "shifted", labels, pred_b)
+    table = pq.read_table(os.path.join(shifted, "predictions.parquet"))
+    table = table.set_column(0, "row_id", pa.array(table.column("row_id").to_numpy() + 5))
+    pq.write_table(table, os.path.join(shifted, "predictions.parquet"))
+    with pytest.raises(ComparisonError, match="different rows: in row id order, A has row_id 0 where B has 5"):
+        compare_folders(a, shifted)
     relabelled = labels.copy()
     relabelled[17] = (relabelled[17] + 2) % 4
     with pytest.raises(ComparisonError, match=f"row_id 17 has label {labels[17]} in A but {relabelled[17]} in B"):
@@ -122,6 +128,11 @@ def test_refuses_unreadable_or_inconsistent_folders(tmp_path):
     pq.write_table(pa.table({"row_id": np.arange(1000), "label": labels, "pred": pred_a}),
                    os.path.join(c, "predictions.parquet"))  # predictions of another model
     with pytest.raises(ComparisonError, match="not from the same evaluation"):
+        compare_folders(a, c)
+    twice = np.arange(1000)
+    twice[999] = 3
+    pq.write_table(pa.table({"row_id": twice, "label": labels, "pred": pred_b}), os.path.join(c, "predictions.parquet"))
+    with pytest.raises(ComparisonError, match="row_id 3 appears more than once"):
         compare_folders(a, c)
     with pytest.raises(ComparisonError, match="alpha"):
         compare_folders(a, a, alpha=5)
