@@ -154,7 +154,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
         result["coarse"] = coarse
 
     with tempfile.TemporaryDirectory() as tmp:
-        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=coarse_cm)
+        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=coarse_cm, calibration=stats["calibration"])
         storage.upload_dir(tmp, output)
     _write_predictions(predictions, storage.join(output, "predictions.parquet"), expected)
     log.info("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],

@@ -10,6 +10,13 @@ The final numbers are then derived once from the summed statistics with
 ``classification_report``, ``expected_calibration_error``,
 ``coarse_confusion_matrix`` and ``most_confused_pairs``.
 
+Intervals (95% by default) are added by ``classification_report``: Wilson
+score intervals (``wilson_interval``) for accuracy and each class's
+precision and recall, and a seeded percentile bootstrap for macro-F1
+(``bootstrap_macro_f1``) that resamples the confusion-matrix cells, which is
+the same as resampling the evaluated rows. An undefined interval (no trials)
+is NaN. No inference is re-run.
+
 This module deliberately imports neither ray nor torch.
 
 Report dict produced by :func:`classification_report` (all values are plain
@@ -21,14 +28,19 @@ Python ``int``/``float``/``str``, so the dict is JSON-serialisable; a
       "zero_division": float,                   # 0.0, 1.0 or nan
       "per_class": [                            # C entries, in index order
         {"class": str, "index": int, "precision": float, "recall": float,
-         "f1": float, "support": int},          # support = row sum of cm
+         "f1": float, "support": int,           # support = row sum of cm
+         "precision_ci": [lo, hi], "recall_ci": [lo, hi]},   # Wilson
         ...
       ],
-      "macro avg":    {"precision", "recall", "f1", "support"},
+      "macro avg":    {"precision", "recall", "f1", "support",
+                       "f1_ci": [lo, hi]},      # bootstrap (absent if n_resamples=0)
       "weighted avg": {"precision", "recall", "f1", "support"},
       "micro avg":    {"precision", "recall", "f1", "support"},
       "accuracy": float,                        # trace / total (fraction)
+      "accuracy_ci": [lo, hi],                  # Wilson
       "total_support": int,                     # cm.sum()
+      "intervals": {"confidence": 0.95, "accuracy": "wilson", ...,
+                    "macro_f1": "percentile bootstrap of the rows", "resamples": 1000, "seed": 0},
       # only if topk_correct is given:
       "topk_correct": {"<k>": int, ...},
       "top<k>_accuracy": float, ...
@@ -41,6 +53,7 @@ of this same structure plus its own ``confused_pairs``) on top.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -49,6 +62,9 @@ __all__ = [
     "confusion_matrix",
     "calibration_counts",
     "expected_calibration_error",
+    "calibration_bins",
+    "wilson_interval",
+    "bootstrap_macro_f1",
     "classification_report",
     "coarse_confusion_matrix",
     "most_confused_pairs",
@@ -174,13 +190,38 @@ def expected_calibration_error(counts: Any) -> float:
     Returns:
         ECE as a fraction in ``[0, 1]`` (not percent); NaN if no samples.
     """
-    c = np.asarray(counts, dtype=np.float64)
-    if c.ndim != 2 or c.shape[1] != 3:
-        raise ValueError(f"counts must have shape (n_bins, 3), got {c.shape}")
+    c = _check_counts(counts)
     total = c[:, 0].sum()
     if total <= 0:
         return float("nan")
     return float(np.abs(c[:, 2] - c[:, 1]).sum() / total)
+
+
+def _check_counts(counts: Any) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != 3:
+        raise ValueError(f"counts must have shape (n_bins, 3), got {c.shape}")
+    return c
+
+
+def calibration_bins(counts: Any) -> list[dict]:
+    """The reliability diagram behind the ECE, one dict per bin of summed :func:`calibration_counts`.
+
+    Returns:
+        ``n_bins`` dicts ``{"low", "high", "count", "confidence", "accuracy"}``:
+        the bin's confidence range, its number of samples, and the mean
+        confidence and the accuracy of those samples (fractions; NaN for an
+        empty bin).
+    """
+    c = _check_counts(counts)
+    edges = _bin_edges(c.shape[0])
+    mean_conf = _divide(c[:, 1], c[:, 0], math.nan)
+    accuracy = _divide(c[:, 2], c[:, 0], math.nan)
+    return [
+        {"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(round(c[b, 0])),
+         "confidence": float(mean_conf[b]), "accuracy": float(accuracy[b])}
+        for b in range(c.shape[0])
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -230,11 +271,114 @@ def _check_cm(cm: Any) -> np.ndarray:
     return cm
 
 
+# --------------------------------------------------------------------------
+# Confidence intervals
+# --------------------------------------------------------------------------
+def _z(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def wilson_interval(successes: Any, trials: Any, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for binomial proportions (no continuity correction), vectorised.
+
+    Args:
+        successes: ``k``, counts (scalar or array).
+        trials: ``n``, counts of the same shape, ``0 <= k <= n``.
+        confidence: two-sided level, e.g. 0.95.
+
+    Returns:
+        ``(low, high)`` float64 arrays of fractions in ``[0, 1]``; NaN where
+        ``n == 0`` (no trials, no interval).
+    """
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if np.any(k < 0) or np.any(k > n):
+        raise ValueError("wilson_interval needs 0 <= successes <= trials")
+    z2 = _z(confidence) ** 2
+    safe_n = np.where(n > 0, n, 1.0)
+    center = (k + z2 / 2.0) / (safe_n + z2)
+    half = np.sqrt(z2) / (safe_n + z2) * np.sqrt(k * (safe_n - k) / safe_n + z2 / 4.0)
+    low = np.where(n > 0, np.clip(center - half, 0.0, 1.0), np.nan)
+    high = np.where(n > 0, np.clip(center + half, 0.0, 1.0), np.nan)
+    return low, high
+
+
+def _macro_f1(tp: np.ndarray, true_sum: np.ndarray, pred_sum: np.ndarray, zd: float) -> np.ndarray:
+    """Macro-F1 of the last axis (classes), ignoring NaN (zero_division=nan) like ``_nanaverage``."""
+    f1 = _divide(2.0 * tp, true_sum + pred_sum, zd)
+    valid = ~np.isnan(f1)
+    counts = valid.sum(axis=-1)
+    sums = np.where(valid, f1, 0.0).sum(axis=-1)
+    return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
+
+
+def bootstrap_macro_f1(
+    cm: Any,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    zero_division: Union[float, str] = 0.0,
+) -> tuple[float, float]:
+    """Seeded percentile-bootstrap interval for macro-F1 from a summed confusion matrix.
+
+    Resampling the N evaluated rows with replacement is a multinomial draw of
+    N over the matrix cells with probabilities ``cm / N``; only non-empty
+    cells can be drawn, so the cost is ``n_resamples x`` (non-empty cells),
+    independent of C^2.
+
+    Args:
+        cm: ``(C, C)`` counts, rows = true, cols = predicted.
+        n_resamples: number of bootstrap resamples (> 0).
+        confidence: two-sided level, e.g. 0.95.
+        seed: seed of numpy's default generator; the same seed gives the same interval.
+        zero_division: the convention of the point estimate (see :func:`classification_report`).
+
+    Returns:
+        ``(low, high)`` macro-F1 fractions; NaN if the matrix is empty.
+    """
+    cm = _check_cm(cm)
+    _z(confidence)
+    if int(n_resamples) <= 0:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    zd = _zero_division_value(zero_division)
+    C, total = cm.shape[0], int(cm.sum())
+    if total == 0:
+        return math.nan, math.nan
+    cells = np.flatnonzero(cm.reshape(-1))
+    rows, cols = np.divmod(cells, C)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(total, cm.reshape(-1)[cells] / total, size=int(n_resamples)).astype(np.float64)
+    offset = (np.arange(int(n_resamples)) * C)[:, None]
+
+    def per_class(index: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        flat = (offset + index[None, :]).reshape(-1)
+        return np.bincount(flat, weights=weights.reshape(-1), minlength=int(n_resamples) * C).reshape(-1, C)
+
+    diagonal = rows == cols
+    tp = per_class(rows[diagonal], draws[:, diagonal])
+    scores = _macro_f1(tp, per_class(rows, draws), per_class(cols, draws), zd)
+    scores = scores[~np.isnan(scores)]
+    if scores.size == 0:
+        return math.nan, math.nan
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(scores, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _pairs(low: np.ndarray, high: np.ndarray) -> list[list[float]]:
+    return [[float(lo), float(hi)] for lo, hi in zip(np.atleast_1d(low), np.atleast_1d(high))]
+
+
 def classification_report(
     cm: Any,
     class_names: Sequence[str],
     zero_division: Union[float, str] = 0.0,
     topk_correct: Union[None, int, Mapping[int, int]] = None,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """Per-class and averaged precision/recall/F1 from a ``(C, C)`` confusion matrix.
 
@@ -255,6 +399,10 @@ def classification_report(
             the top-k predictions: an ``int`` (taken as top-5) or a mapping
             ``{k: count}``. Adds ``"topk_correct"`` and ``"top<k>_accuracy"``
             (count / total support) keys.
+        confidence: level of the intervals (Wilson for accuracy and each
+            class's precision/recall, bootstrap for macro-F1).
+        n_resamples: bootstrap resamples for the macro-F1 interval (0: none).
+        seed: bootstrap seed.
 
     Returns:
         The report dict described in the module docstring. Scores are
@@ -276,6 +424,8 @@ def classification_report(
     recall = _divide(tp, true_sum, zd)
     f1 = _divide(2.0 * tp, true_sum + pred_sum, zd)
 
+    precision_ci = _pairs(*wilson_interval(tp, pred_sum, confidence))
+    recall_ci = _pairs(*wilson_interval(tp, true_sum, confidence))
     per_class = [
         {
             "class": names[i],
@@ -284,6 +434,8 @@ def classification_report(
             "recall": float(recall[i]),
             "f1": float(f1[i]),
             "support": int(true_sum[i]),
+            "precision_ci": precision_ci[i],
+            "recall_ci": recall_ci[i],
         }
         for i in range(C)
     ]
@@ -312,8 +464,15 @@ def classification_report(
         "weighted avg": avg(true_sum),
         "micro avg": micro,
         "accuracy": micro["precision"],
+        "accuracy_ci": _pairs(*wilson_interval(tp.sum(), total, confidence))[0],
         "total_support": total,
+        "intervals": {"confidence": float(confidence), "accuracy": "wilson", "precision": "wilson",
+                      "recall": "wilson"},
     }
+    if n_resamples:
+        report["macro avg"]["f1_ci"] = list(bootstrap_macro_f1(cm, n_resamples, confidence, seed, zd))
+        report["intervals"].update(macro_f1="percentile bootstrap of the rows", resamples=int(n_resamples),
+                                   seed=int(seed))
 
     if topk_correct is not None:
         mapping = {5: topk_correct} if isinstance(topk_correct, (int, np.integer)) else topk_correct

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from resnet_ray import storage
+from resnet_ray import report, storage
 from resnet_ray.checkpoint import export_model, load_training_state, save_training_state
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 from resnet_ray.data.load import load_split, quiet_data_progress, split_rows
@@ -295,6 +295,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     with EpochLog(run_dir, cfg.train.epochs) if epoch_log else contextlib.nullcontext():
         result = build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks).fit()
     history = read_history(run_dir)
+    report.write_history_plot(history, storage.join(run_dir, "history.png"))
     best, model_dir = _export_best(result, run_dir)
     evaluation = None
     if cfg.train.evaluate_test:

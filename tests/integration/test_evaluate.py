@@ -17,8 +17,8 @@ def test_training_ends_with_a_complete_test_report(tiny_run):
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["total_support"] == report["rows"] == 240  # data.limit rows of the test split, each once
     assert sum(r["support"] for r in report["per_class"]) == 240
-    assert {"report.json", "report.md", "per_class.csv", "confusion_matrix.png", "predictions.parquet"} <= \
-        set(os.listdir(out))
+    assert {"report.json", "report.md", "per_class.csv", "confusion_matrix.png", "reliability.png",
+            "predictions.parquet"} <= set(os.listdir(out))
     predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pydict()
     assert sorted(predictions["row_id"]) == list(range(240))
     accuracy = sum(p == y for p, y in zip(predictions["pred"], predictions["label"])) / 240

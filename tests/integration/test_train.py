@@ -33,6 +33,7 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
     assert meta["config"]["train"]["name"] == "tiny" and meta["classes"] == [str(i) for i in range(10)]
     assert storage.exists(os.path.join(result.run_dir, "config.yaml"))
     assert open(os.path.join(result.run_dir, "history.csv")).read().count("\n") == 3
+    assert open(os.path.join(result.run_dir, "history.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     loaded = load_model(result.model_dir)
     assert loaded.info["num_classes"] == 10 and loaded.info["epoch"] == result.best["epoch"]
     assert result.best["val_top1"] == max(h["val_top1"] for h in result.history)

@@ -228,3 +228,100 @@ def test_most_confused_pairs_known_matrix():
     assert (pairs[2]["true_index"], pairs[2]["predicted_index"]) == (2, 0)
     assert len(M.most_confused_pairs(cm, ["a", "b", "c"], k=2)) == 2
     assert M.most_confused_pairs(np.eye(3, dtype=int), ["a", "b", "c"]) == []
+
+
+# --------------------------------------------------------------------------
+# confidence intervals
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (0, 10), (3, 10), (10, 10), (50, 100), (9512, 10000), (1, 10000)])
+def test_wilson_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = M.wilson_interval(k, n)
+    assert float(low) == pytest.approx(ref.low, abs=1e-12)
+    assert float(high) == pytest.approx(ref.high, abs=1e-12)
+    ref90 = binomtest(k, n).proportion_ci(confidence_level=0.9, method="wilson")
+    assert float(M.wilson_interval(k, n, 0.9)[0]) == pytest.approx(ref90.low, abs=1e-12)
+
+
+def test_wilson_vectorised_and_undefined_without_trials():
+    low, high = M.wilson_interval([3, 0, 5], [10, 0, 5])
+    assert low[0] == pytest.approx(0.1077912, abs=1e-6) and high[0] == pytest.approx(0.6032219, abs=1e-6)
+    assert math.isnan(low[1]) and math.isnan(high[1])
+    assert high[2] == 1.0 and low[2] < 1.0
+    with pytest.raises(ValueError, match="successes"):
+        M.wilson_interval(4, 3)
+    with pytest.raises(ValueError, match="confidence"):
+        M.wilson_interval(1, 3, confidence=95)
+
+
+def test_report_intervals_use_wilson_on_the_right_counts():
+    from scipy.stats import binomtest
+
+    cm = np.array([[8, 2, 0], [1, 6, 3], [0, 0, 0]])  # class c: no support, predicted 3 times
+    r = M.classification_report(cm, ["a", "b", "c"])
+    a, b, c = r["per_class"]
+    ref = binomtest(8, 9).proportion_ci(method="wilson")  # precision of a: tp=8 of 9 predicted a
+    assert a["precision_ci"] == pytest.approx([ref.low, ref.high], abs=1e-12)
+    ref = binomtest(6, 10).proportion_ci(method="wilson")  # recall of b: tp=6 of 10 true b
+    assert b["recall_ci"] == pytest.approx([ref.low, ref.high], abs=1e-12)
+    ref = binomtest(14, 20).proportion_ci(method="wilson")
+    assert r["accuracy_ci"] == pytest.approx([ref.low, ref.high], abs=1e-12)
+    assert all(math.isnan(v) for v in c["recall_ci"])  # no true c: recall has no interval
+    assert c["precision_ci"][0] == 0.0 and c["precision_ci"][1] == pytest.approx(
+        binomtest(0, 3).proportion_ci(method="wilson").high, abs=1e-12)
+    lo, hi = r["macro avg"]["f1_ci"]
+    assert lo <= r["macro avg"]["f1"] <= hi
+    assert r["intervals"]["confidence"] == 0.95 and r["intervals"]["resamples"] == 1000
+    assert "f1_ci" not in M.classification_report(cm, ["a", "b", "c"], n_resamples=0)["macro avg"]
+
+
+def _noisy_cm(c, n, seed=0, right=0.7):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    return M.confusion_matrix(y, np.where(rng.random(n) < right, y, rng.integers(0, c, n)), c)
+
+
+def test_bootstrap_macro_f1_seeded_contains_estimate_and_narrows():
+    small = _noisy_cm(100, 2_000)
+    first = M.bootstrap_macro_f1(small, seed=3)
+    assert first == M.bootstrap_macro_f1(small, seed=3)  # same seed, same interval
+    assert first != M.bootstrap_macro_f1(small, seed=4)
+    point = M.classification_report(small, _names(100), n_resamples=0)["macro avg"]["f1"]
+    assert first[0] < point < first[1]
+    big = small * 25  # same proportions, 25x the rows: the interval is about 5x narrower
+    low, high = M.bootstrap_macro_f1(big, seed=3)
+    assert low < point < high
+    assert (high - low) < 0.3 * (first[1] - first[0])
+
+
+def test_bootstrap_matches_resampling_rows():
+    """Multinomial draws over the cells behave like resampling the rows themselves."""
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 5, 400)
+    p = np.where(rng.random(400) < 0.75, y, rng.integers(0, 5, 400))
+    scores = []
+    for _ in range(2000):
+        i = rng.integers(0, 400, 400)
+        scores.append(M.classification_report(M.confusion_matrix(y[i], p[i], 5), _names(5),
+                                              n_resamples=0)["macro avg"]["f1"])
+    ref = np.percentile(scores, [2.5, 97.5])
+    low, high = M.bootstrap_macro_f1(M.confusion_matrix(y, p, 5), n_resamples=4000)
+    assert low == pytest.approx(ref[0], abs=0.01) and high == pytest.approx(ref[1], abs=0.01)
+
+
+def test_bootstrap_edge_cases():
+    assert M.bootstrap_macro_f1(np.diag([5, 5, 5])) == (1.0, 1.0)  # perfect: every resample is perfect
+    assert all(math.isnan(v) for v in M.bootstrap_macro_f1(np.zeros((3, 3), dtype=int)))
+    with pytest.raises(ValueError, match="n_resamples"):
+        M.bootstrap_macro_f1(np.eye(3, dtype=int), n_resamples=0)
+
+
+def test_calibration_bins():
+    counts = M.calibration_counts([0.1, 0.3, 0.4, 0.9], [0, 1, 0, 1], n_bins=4)
+    bins = M.calibration_bins(counts)
+    assert [(b["low"], b["high"], b["count"]) for b in bins] == [
+        (0.0, 0.25, 1), (0.25, 0.5, 2), (0.5, 0.75, 0), (0.75, 1.0, 1)]
+    assert bins[1]["confidence"] == pytest.approx(0.35) and bins[1]["accuracy"] == 0.5
+    assert math.isnan(bins[2]["accuracy"]) and bins[3]["accuracy"] == 1.0

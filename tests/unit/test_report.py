@@ -1,15 +1,18 @@
 """resnet_ray.report: files written, formats agree, rich summary renders."""
 import csv
+import io
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from rich.console import Console
 
 from resnet_ray import metrics as M
-from resnet_ray.report import print_summary, write_outputs
+from resnet_ray.report import (print_search_summary, print_summary, print_training_summary, write_history_plot,
+                               write_outputs, write_reliability_plot)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,13 +72,21 @@ def test_write_outputs(tmp_path, c, coarse_k):
 
     with open(out / "per_class.csv", newline="") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["class", "index", "precision", "recall", "f1", "support"]
+    assert rows[0] == ["class", "index", "precision", "recall", "f1", "support",
+                       "precision_ci_low", "precision_ci_high", "recall_ci_low", "recall_ci_high"]
     assert len(rows) == c + 1
     assert rows[1][0] == "cls_0" and int(rows[-1][1]) == c - 1
     assert float(rows[3][4]) == pytest.approx(data["per_class"][2]["f1"], abs=1e-12)
+    assert [float(v) for v in rows[3][6:]] == pytest.approx(
+        data["per_class"][2]["precision_ci"] + data["per_class"][2]["recall_ci"], abs=1e-12)
 
     md = (out / "report.md").read_text()
     assert _md_value(md, "Accuracy (top-1)") == f"{data['accuracy']:.4f}"
+    lo, hi = data["accuracy_ci"]
+    assert f"**Accuracy (top-1):** {data['accuracy']:.4f} (95% CI [{lo:.4f}, {hi:.4f}])" in md
+    lo, hi = data["macro avg"]["f1_ci"]
+    assert f"**Macro-F1:** {data['macro avg']['f1']:.4f} (95% CI [{lo:.4f}, {hi:.4f}])" in md
+    assert "Wilson score intervals" in md and "1000 resamples" in md
     assert _md_value(md, "Top-5 accuracy") == "0.9321"
     assert _md_value(md, "ECE") == "0.0456"
     assert _md_value(md, "Total support") == str(data["total_support"])
@@ -83,10 +94,11 @@ def test_write_outputs(tmp_path, c, coarse_k):
     # macro average row and one per-class row agree with the JSON
     macro = data["macro avg"]
     assert (f"| macro avg | {macro['precision']:.4f} | {macro['recall']:.4f} | "
-            f"{macro['f1']:.4f} | {macro['support']} |") in md
+            f"{macro['f1']:.4f} | [{lo:.4f}, {hi:.4f}] | {macro['support']} |") in md
     r = data["per_class"][c - 1]
-    assert (f"| {c - 1} | {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | "
-            f"{r['f1']:.4f} | {r['support']} |") in md
+    (plo, phi), (rlo, rhi) = r["precision_ci"], r["recall_ci"]
+    assert (f"| {c - 1} | {r['class']} | {r['precision']:.4f} | [{plo:.4f}, {phi:.4f}] | {r['recall']:.4f} | "
+            f"[{rlo:.4f}, {rhi:.4f}] | {r['f1']:.4f} | {r['support']} |") in md
     top = data["confused_pairs"][0]
     assert f"| {top['true']} | {top['predicted']} | {top['count']} | {top['fraction']:.4f} |" in md
     if coarse_k:
@@ -142,3 +154,120 @@ def test_print_summary_highlights_worst():
     good_line = next(line for line in html.splitlines() if "good" in line)
     assert "color: #800000" in bad_line or "color: #ff0000" in bad_line
     assert "#800000" not in good_line and "#ff0000" not in good_line
+
+
+def _png_size(path):
+    """(width, height) in pixels from the PNG header."""
+    data = open(path, "rb").read(24)
+    assert data[:8] == PNG_MAGIC, path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.parametrize("c", [10, 30])
+def test_write_outputs_pictures(tmp_path, c):
+    report, cm, names, _ = _make(c, n=3000)
+    rng = np.random.default_rng(1)
+    confidence = rng.random(3000)
+    calibration = M.calibration_counts(confidence, rng.random(3000) < confidence, n_bins=10)
+    paths = write_outputs(report, cm, names, str(tmp_path), calibration=calibration)
+
+    assert paths["reliability_png"] == str(tmp_path / "reliability.png")
+    assert _png_size(paths["reliability_png"])[1] > 400
+    # the per-class F1 chart only where a confusion matrix is too big to read
+    assert (tmp_path / "per_class_f1.png").exists() == (c > 20)
+    if c > 20:
+        width, height = _png_size(paths["f1_png"])
+        assert height > 600 and width > 400  # one readable bar per class
+    data = json.loads((tmp_path / "report.json").read_text())
+    bins = data["calibration_bins"]
+    assert [b["count"] for b in bins] == calibration[:, 0].astype(int).tolist()
+    assert bins[9]["low"] == pytest.approx(0.9) and bins[9]["high"] == 1.0
+    assert bins[9]["accuracy"] == pytest.approx(calibration[9, 2] / calibration[9, 0])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Calibration (reliability.png)" in md
+    assert f"| (0.900, 1.000] | {bins[9]['count']} | {bins[9]['confidence']:.4f} | {bins[9]['accuracy']:.4f} |" in md
+    assert "calibration_bins" not in report  # the caller's dict is left alone
+
+
+def _history(epochs):
+    return [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 1 - 0.8 / e, "val_loss": 2.1 / e,
+             "val_top1": 1 - 0.9 / e, "val_top5": 1 - 0.3 / e, "lr": 0.1 / e, "images_per_s": 50.0,
+             "epoch_s": 12.5}
+            for e in range(1, epochs + 1)]
+
+
+def test_write_history_plot(tmp_path):
+    path = write_history_plot(_history(5), str(tmp_path / "run" / "history.png"))
+    width, height = _png_size(path)
+    assert width > 2 * height  # three panels side by side
+    one = _history(1)
+    one[0]["val_loss"] = float("nan")  # a missing value is skipped, not plotted as a gap in the file
+    assert _png_size(write_history_plot(one, str(tmp_path / "one.png")))
+    with pytest.raises(ValueError, match="empty"):
+        write_history_plot([], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="row 1 has no 'epoch'"):
+        write_history_plot([{"epoch": 1}, {"lr": 0.1}], str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_write_reliability_plot_alone(tmp_path):
+    counts = M.calibration_counts([0.95, 0.97, 0.6, 0.3], [1, 1, 0, 1], n_bins=15)
+    assert _png_size(write_reliability_plot(counts, str(tmp_path / "r.png")))
+    with pytest.raises(ValueError, match="n_bins, 3"):
+        write_reliability_plot(np.zeros((15, 2)), str(tmp_path / "bad.png"))
+
+
+LONG = "a_class_name_much_longer_than_usual_{}"
+
+
+def _narrow_text(print_fn, *args):
+    """What a job log (not a terminal) 60 columns wide receives."""
+    out = io.StringIO()
+    console = Console(file=out, width=60, force_terminal=False, color_system=None)
+    print_fn(*args, console=console)
+    return out.getvalue()
+
+
+def test_print_summary_not_a_terminal_is_not_truncated():
+    names = [LONG.format(i) for i in range(3)]
+    cm = np.array([[50, 3, 1], [4, 40, 6], [2, 2, 44]])
+    report = M.classification_report(cm, names)
+    report.update(dataset="a_dataset_with_a_long_name", split="test", top5_accuracy=0.987654, ece=0.0123)
+
+    text = _narrow_text(print_summary, report)
+    for r in report["per_class"]:
+        row = next(line for line in text.splitlines() if r["class"] in line)  # the whole name, on one line
+        for value in (r["precision"], r["recall"], r["f1"]):
+            assert f"{value:.4f}" in row
+        assert f"[{r['precision_ci'][0]:.4f}, {r['precision_ci'][1]:.4f}]" in row
+        assert f"[{r['recall_ci'][0]:.4f}, {r['recall_ci'][1]:.4f}]" in row
+    lo, hi = report["accuracy_ci"]
+    flo, fhi = report["macro avg"]["f1_ci"]
+    assert (f"accuracy {report['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] | macro-F1 {report['macro avg']['f1']:.4f} "
+            f"[{flo:.4f}, {fhi:.4f}] | top-5 0.9877 | ECE 0.0123 | total support 152") in text
+    assert "…" not in text
+
+    # the same console as a terminal keeps to its 60 columns (the check above is not vacuous)
+    terminal = Console(file=io.StringIO(), width=60, force_terminal=True, color_system=None)
+    print_summary(report, console=terminal)
+    assert LONG.format(0) not in terminal.file.getvalue()
+
+
+def test_print_training_and_search_summaries_not_a_terminal():
+    history = _history(3)
+    training = SimpleNamespace(run_dir="/runs/" + "r" * 60, history=history, best=history[-1],
+                               model_dir="/runs/model", evaluation=None)
+    text = _narrow_text(print_training_summary, training)
+    assert "/runs/" + "r" * 60 in text
+    last = next(line for line in text.splitlines() if line.strip().startswith("3 "))
+    for value in ("0.6667", "0.7333", "0.7000", "0.9000", "3.33e-02", "50"):
+        assert value in last
+
+    trials = [{"trial_id": f"trial_{i:05d}", "status": "TERMINATED", "epochs": 2, "best_epoch": 2,
+               "val_top1": 0.9 + i / 100, "params": {"optim.lr": 0.001 * (i + 1), "train.batch_size": 64}}
+              for i in range(2)]
+    search = SimpleNamespace(experiment_dir="/exp", trials=trials, best=trials[1], metric="val_top1",
+                             best_config_path="/exp/" + "c" * 50 + "/best_config.yaml", evaluation=None)
+    text = _narrow_text(print_search_summary, search)
+    assert "trial_00001" in text and "optim.lr" in text and "train.batch_size" in text and "0.9100" in text
+    assert f"python jobs/train.py --config {search.best_config_path}" in text
