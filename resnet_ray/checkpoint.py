@@ -1,6 +1,6 @@
 """Training state <-> checkpoint folders, and the self-contained exported model.
 
-A training checkpoint folder holds ``state.pt`` (model, optimizer, scheduler, epoch) and ``meta.json``
+A training checkpoint folder holds ``state.pt`` (model, optimizer, epoch) and ``meta.json``
 (resolved config, class names, normalization, metrics history). An exported model folder holds
 ``model.pt`` (a plain state_dict) and ``model.json`` (everything needed to use it, with the
 SHA-256 of model.pt, checked before loading). Everything loads with ``weights_only=True``.

@@ -21,7 +21,7 @@ from resnet_ray.config import Config, to_dict
 from resnet_ray.data.load import split_rows
 from resnet_ray.loop import StepSettings, evaluate_epoch, train_epoch
 from resnet_ray.model import build_model, is_head, normalization
-from resnet_ray.optim import build_optimizer, build_scheduler
+from resnet_ray.optim import build_optimizer, build_scheduler, load_optimizer_moments, set_schedule_step
 from resnet_ray.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,28 @@ class Session:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def state(self) -> dict:
-        """Training state for a checkpoint: model, optimizer, scheduler, last completed epoch."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch}
+        """Training state for a checkpoint: model, optimizer (moments), last completed epoch. The schedule is
+        not saved: ``restore`` rebuilds it from the config."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch}
 
     def checkpoint_meta(self) -> dict:
         """What a checkpoint's meta.json holds besides the tensors (model metadata, metrics, history)."""
         return {**self.model_meta, "epoch": self.epoch, "metrics": self.history[-1], "history": self.history}
 
     def restore(self, state: dict, history: list) -> None:
-        """Continue from a checkpoint's state (as written by ``state``) and its metrics history."""
+        """Continue from a checkpoint's state (as written by ``state``) and its metrics history.
+
+        The weights, the optimizer's moments and the number of completed epochs come from the checkpoint; the
+        schedule and every hyperparameter come from this session's (possibly changed) config: a run resumed
+        with more epochs follows the cosine over the new total from its current step (completed epochs x steps
+        per epoch), and one resumed with more workers gets the learning rate of its new global batch.
+        """
         from resnet_ray.checkpoint import unwrap_state_dict
 
         self.module.load_state_dict(unwrap_state_dict(state["model"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_moments(self.optimizer, state["optimizer"])
         self.epoch, self.history = state["epoch"], list(history)
+        set_schedule_step(self.scheduler, self.epoch * self.steps)
         log.info("rank %d resumed after epoch %d", self.rank, self.epoch)
 
     def train(self, epoch: int, batches: Iterable[dict], on_step: Optional[Callable[[int, float], None]] = None,

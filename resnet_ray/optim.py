@@ -63,3 +63,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(steps_per_epoch * epochs, warmup, cfg.min_lr_ratio))
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state (momentum / Adam moments, step counts) but keep the hyperparameters
+    (learning rates, weight decay, momentum, betas) that ``optimizer`` was built with from the current config:
+    ``load_state_dict`` would otherwise bring back the old run's."""
+    current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a per-step LambdaLR at ``step`` (steps already taken) of its own schedule: the learning rates become
+    the ones the next optimizer step uses."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

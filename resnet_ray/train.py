@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -96,6 +97,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
         metrics = session.run_epoch(epoch, batches, _val_batches(val_shard, cfg.eval.batch_size, rank, world),
                                     on_step=on_step, log_every=max(1, session.steps // 4))
+        metrics["config"] = config_file(cfg)  # which config this epoch ran under
         report_start = time.perf_counter()
         _report(session, dict(metrics))
         metrics["report_s"] = time.perf_counter() - report_start  # in the history from now on
@@ -145,20 +147,35 @@ def with_run_name(cfg: Config) -> Config:
     return from_dict(tree)
 
 
+# what a resumed run cannot change: the weights and the data it was trained on would no longer fit
+RESUME_FIXED = ("model.arch", "model.image_size", "data.source", "data.path", "data.name", "data.image_size",
+                "data.classes", "data.val_fraction", "data.test_fraction", "data.seed", "data.limit")
+
+
 def config_for_resume(run_dir: str, overrides=()) -> Config:
-    """The config saved in a run folder, pointed back at that folder, with optional overrides."""
+    """The config saved in a run folder, pointed back at that folder, with optional overrides.
+
+    Overrides of the schedule, optimizer, workers or epochs apply from the resumed epoch on; an override of a
+    field in RESUME_FIXED is refused (ConfigError naming it).
+    """
     path = storage.join(run_dir, "config.yaml")
     if not storage.exists(path):
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
     with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as f:
         f.write(storage.read_bytes(path))
         f.flush()
+        saved = load_config(f.name)
         cfg = load_config(f.name, overrides)
+    old, new = to_dict(saved), to_dict(cfg)
+    for key in RESUME_FIXED:
+        section, name = key.split(".")
+        if old[section][name] != new[section][name]:
+            raise ConfigError(f"{key}: a resumed run keeps {old[section][name]!r} (it was trained with it); "
+                              f"start a new run to change it")
     location = storage.normalize(run_dir).rstrip("/")
     parent, name = location.rsplit("/", 1) if storage.is_uri(location) else os.path.split(location)
-    tree = to_dict(cfg)
-    tree["train"].update(storage_path=parent, name=name)
-    return from_dict(tree)
+    new["train"].update(storage_path=parent, name=name)
+    return from_dict(new)
 
 
 def _check_batches(cfg: Config, meta: dict) -> None:
@@ -209,6 +226,19 @@ def training_datasets(cfg: Config, prepared: str) -> dict:
         seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
         datasets["train"] = datasets["train"].randomize_block_order(seed=seed)
     return datasets
+
+
+def config_file(cfg: Config) -> str:
+    """Name of the run folder's copy of ``cfg`` that history rows point at: config-<hash of its YAML>.yaml."""
+    return f"config-{hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:8]}.yaml"
+
+
+def write_config(run_dir: str, cfg: Config) -> None:
+    """config.yaml (the config the run trains with now) and config-<hash>.yaml, the copy that the history rows
+    of the epochs trained with it name (a resumed run with overrides adds a second one)."""
+    text = to_yaml(cfg)
+    for name in ("config.yaml", config_file(cfg)):
+        storage.write_text(storage.join(run_dir, name), text)
 
 
 def read_history(run_dir: str) -> list:
@@ -291,7 +321,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)
     run_dir = run_dir_of(cfg)
-    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+    write_config(run_dir, cfg)
     with EpochLog(run_dir, cfg.train.epochs) if epoch_log else contextlib.nullcontext():
         result = build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks).fit()
     history = read_history(run_dir)

@@ -100,6 +100,25 @@ def test_stopped_run_resumes_and_same_seed_gives_same_first_epoch(failing_run, d
     assert resumed.history[0]["train_loss"] == reference.history[0]["train_loss"]
 
 
+def test_a_finished_run_resumed_with_more_epochs_follows_the_new_schedule(failing_run):
+    """Runs after the tests that read failing_run's folder: it adds epoch 4 to it."""
+    from resnet_ray.optim import lr_factor, peak_lr
+
+    cfg, finished = failing_run
+    resumed = fit(config_for_resume(finished.run_dir, ["--train.epochs", "4"]))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[0]["config"] == resumed.history[2]["config"] != resumed.history[3]["config"]
+    assert os.path.isfile(os.path.join(resumed.run_dir, resumed.history[3]["config"]))
+    # epoch 4's steps continue the cosine over 4 epochs from step 3 x steps; the 3-epoch schedule had ended at 0
+    scalars, _ = read_events(os.path.join(resumed.run_dir, "tensorboard"))
+    steps = 240 // cfg.scaling.num_workers // cfg.train.batch_size
+    logged = {step: lr for step, lr in scalars["step/lr"] if step > 3 * steps}
+    peak = peak_lr(cfg.optim, cfg.global_batch_size)
+    assert logged and all(lr == pytest.approx(peak * lr_factor(step, 4 * steps, 0, 0.0), rel=1e-5)
+                          for step, lr in logged.items())
+    assert max(logged.values()) > 0
+
+
 def test_runs_and_reports_go_through_a_uri_filesystem(ray_session, data_root, tmp_path):
     """storage_path as a file:// URI: the same pyarrow-filesystem code path as s3:// or gs://."""
     cfg = tiny_config(data_root, f"file://{tmp_path}", **{"train.epochs": 1, "train.name": "uri",

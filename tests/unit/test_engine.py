@@ -119,3 +119,48 @@ def test_epoch_seed_differs_per_epoch_and_not_per_rank():
     cfg = tiny_cfg()
     assert engine.epoch_seed(cfg, 1) != engine.epoch_seed(cfg, 2)
     assert engine.epoch_seed(cfg, 1) == engine.epoch_seed(tiny_cfg(), 1)
+
+
+def lr_per_step(session, epochs, seed=0):
+    """Train ``epochs`` (numbers) and return the learning rate each optimizer step used."""
+    used = []
+    for epoch in epochs:
+        for batch in batches(48, 8, seed + epoch):
+            used.append(session.optimizer.param_groups[0]["lr"])
+            session.train(epoch, [batch])
+        session.epoch = epoch
+    return used
+
+
+def test_a_resumed_run_reproduces_the_uninterrupted_learning_rate_curve():
+    cfg = tiny_cfg(**{"train.epochs": 3, "optim.warmup_epochs": 1.0})
+    reference = lr_per_step(Session(cfg, META, torch.device("cpu")), [1, 2, 3])
+    first = Session(cfg, META, torch.device("cpu"))
+    before = lr_per_step(first, [1])
+    resumed = Session(cfg, META, torch.device("cpu"))
+    resumed.restore(first.state(), first.history)
+    assert before + lr_per_step(resumed, [2, 3]) == pytest.approx(reference, rel=1e-12)
+    assert reference[0] < reference[5] and reference[-1] < reference[6]  # warmup, then decay
+
+
+def test_more_epochs_continue_the_cosine_over_the_new_total_and_more_workers_rescale_it():
+    from resnet_ray.optim import lr_factor, peak_lr
+
+    cfg = tiny_cfg(**{"train.epochs": 2, "optim.scale_lr": True, "optim.reference_batch_size": 8})
+    first = Session(cfg, META, torch.device("cpu"))
+    lr_per_step(first, [1, 2])  # the 2-epoch run ended: its learning rate is 0
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    longer = tiny_cfg(**{"train.epochs": 4, "optim.scale_lr": True, "optim.reference_batch_size": 8,
+                         "scaling.num_workers": 2})
+    resumed = Session(longer, META, torch.device("cpu"))  # one process standing in for 2 workers' global batch
+    resumed.restore(first.state(), first.history)
+    steps = resumed.steps  # 48 rows // 1 rank // 8
+    used = lr_per_step(resumed, [3, 4])
+    peak = peak_lr(longer.optim, longer.global_batch_size)
+    assert peak == pytest.approx(2 * peak_lr(cfg.optim, cfg.global_batch_size))  # 2 workers: twice the batch
+    expected = [peak * lr_factor(2 * steps + i, 4 * steps, 0, 0.0) for i in range(2 * steps)]
+    assert used == pytest.approx(expected, rel=1e-12)
+    # weight decay and momentum come from the new config too, the moments from the checkpoint
+    assert resumed.optimizer.param_groups[0]["weight_decay"] == longer.optim.weight_decay
+    assert resumed.optimizer.state_dict()["state"]  # momentum buffers carried over

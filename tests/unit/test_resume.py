@@ -1,0 +1,31 @@
+"""Resuming a run folder with overrides: what may change, what is refused (no Ray needed)."""
+import os
+
+import pytest
+
+from resnet_ray.config import ConfigError, load_config, to_yaml
+from resnet_ray.train import config_file, config_for_resume, write_config
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    cfg = load_config(None, {"train.storage_path": str(tmp_path), "train.name": "run", "train.epochs": 10})
+    write_config(os.path.join(tmp_path, "run"), cfg)
+    return os.path.join(tmp_path, "run"), cfg
+
+
+def test_schedule_workers_and_epochs_may_change_on_resume(run_dir):
+    folder, saved = run_dir
+    cfg = config_for_resume(folder, ["--train.epochs", "20", "--scaling.num_workers", "4", "--optim.lr", "0.02"])
+    assert (cfg.train.epochs, cfg.scaling.num_workers, cfg.optim.lr) == (20, 4, 0.02)
+    assert cfg.train.name == "run" and cfg.train.storage_path == os.path.dirname(folder)
+    # the run folder holds the config each epoch ran under, named in its history rows
+    assert open(os.path.join(folder, config_file(saved))).read() == to_yaml(saved)
+    assert config_file(cfg) != config_file(saved)
+
+
+@pytest.mark.parametrize("override, value", [("model.arch", "resnet18"), ("model.image_size", "64"),
+                                             ("data.source", "cifar10"), ("data.seed", "3"), ("data.limit", "100")])
+def test_overrides_that_cannot_apply_to_a_trained_run_are_refused(run_dir, override, value):
+    with pytest.raises(ConfigError, match=f"^{override}: a resumed run keeps"):
+        config_for_resume(run_dir[0], [f"--{override}", value])
