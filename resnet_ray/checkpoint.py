@@ -41,6 +41,11 @@ def unwrap_state_dict(state: dict) -> dict:
     return {k.replace("module.", "", 1).replace("_orig_mod.", "", 1): v for k, v in state.items()}
 
 
+def model_weights(state: dict) -> dict:
+    """The weights a training state stands for: the moving average when the run kept one (train.ema_decay)."""
+    return unwrap_state_dict(state.get("ema") or state["model"])
+
+
 def save_training_state(folder: str, state: dict, meta: dict) -> None:
     torch.save(state, os.path.join(folder, STATE))
     with open(os.path.join(folder, META), "w") as f:
@@ -69,7 +74,7 @@ def export_model(checkpoint_folder: str, out_dir: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        torch.save(unwrap_state_dict(state["model"]), os.path.join(tmp, MODEL))
+        torch.save(model_weights(state), os.path.join(tmp, MODEL))
         info = {key: meta[key] for key in ("arch", "num_classes", "classes", "coarse_classes", "fine_to_coarse",
                                            "image_size", "mean", "std", "dataset", "epoch", "metrics", "config")}
         info["sha256"] = _sha256(os.path.join(tmp, MODEL))
@@ -125,7 +130,7 @@ def load_model(path: str) -> LoadedModel:
         weights = torch.load(model_path, map_location="cpu", weights_only=True)
     else:
         state, _ = load_training_state(folder)
-        weights = unwrap_state_dict(state["model"])
+        weights = model_weights(state)
     missing = [key for key in ("arch", "num_classes", "image_size", "mean", "std", "config") if key not in info]
     if missing:
         raise CheckpointError(f"{folder}: model metadata lacks {', '.join(missing)}")

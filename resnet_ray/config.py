@@ -146,6 +146,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # 0 disables mixup
     cutmix_alpha: float = 0.0  # 0 disables cutmix
     freeze_backbone_epochs: int = 0  # train only the new head for the first N epochs
+    ema_decay: Optional[float] = None  # weight moving average (e.g. 0.999), validated and exported instead
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     storage_path: str = "~/resnet_ray_runs"  # local path or URI (s3://...)
     name: Optional[str] = None  # run name: the same name resumes the same run
@@ -167,6 +168,8 @@ class TrainConfig:
         _check(0 <= self.freeze_backbone_epochs <= self.epochs, "train.freeze_backbone_epochs",
                f"must be in [0, train.epochs={self.epochs}], got {self.freeze_backbone_epochs}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        if self.ema_decay is not None:
+            _check(0.0 < self.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         if self.checkpoint_every is not None:
             _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")

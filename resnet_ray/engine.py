@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ray.config import Config, to_dict
 from resnet_ray.data.load import split_rows
-from resnet_ray.loop import StepSettings, evaluate_epoch, train_epoch
+from resnet_ray.loop import StepSettings, WeightEMA, evaluate_epoch, train_epoch
 from resnet_ray.model import build_model, is_head, normalization
 from resnet_ray.optim import build_optimizer, build_scheduler, load_optimizer_moments, set_schedule_step
 from resnet_ray.transforms import Preprocess
@@ -103,7 +103,20 @@ class Session:
                            "classes": meta["classes"], "coarse_classes": meta.get("coarse_classes"),
                            "fine_to_coarse": meta.get("fine_to_coarse"), "image_size": cfg.model.image_size,
                            "mean": list(mean), "std": list(std), "dataset": meta["name"]}
+        self.ema = self._new_ema()
         self.epoch, self.history = 0, []
+
+    def _new_ema(self) -> Optional[WeightEMA]:
+        """The weights' moving average (train.ema_decay), started from the current weights; None when off."""
+        if self.cfg.train.ema_decay is None:
+            return None
+        self.settings.ema = WeightEMA(self.module, self.cfg.train.ema_decay)
+        return self.settings.ema
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, checkpoint ranking and the export use: the moving average when kept."""
+        return self.ema.module if self.ema else self.step_model
 
     @property
     def module(self) -> torch.nn.Module:
@@ -113,7 +126,10 @@ class Session:
     def state(self) -> dict:
         """Training state for a checkpoint: model, optimizer (moments), last completed epoch. The schedule is
         not saved: ``restore`` rebuilds it from the config."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch}
+        if self.ema:
+            state["ema"] = self.ema.module.state_dict()
+        return state
 
     def checkpoint_meta(self) -> dict:
         """What a checkpoint's meta.json holds besides the tensors (model metadata, metrics, history)."""
@@ -131,6 +147,10 @@ class Session:
 
         self.module.load_state_dict(unwrap_state_dict(state["model"]))
         load_optimizer_moments(self.optimizer, state["optimizer"])
+        if self.ema:  # the saved average, or (EMA turned on at resume) one that starts from the loaded weights
+            self.ema = self._new_ema()
+            if "ema" in state:
+                self.ema.module.load_state_dict(unwrap_state_dict(state["ema"]))
         self.epoch, self.history = state["epoch"], list(history)
         set_schedule_step(self.scheduler, self.epoch * self.steps)
         log.info("rank %d resumed after epoch %d", self.rank, self.epoch)
@@ -159,7 +179,7 @@ class Session:
         the metrics over all ranks (every validation row must be seen once), append them to the history."""
         tr = self.train(epoch, train_batches, on_step, log_every)
         val_start = time.perf_counter()
-        ev = evaluate_epoch(self.step_model, val_batches, self.settings)
+        ev = evaluate_epoch(self.eval_model, val_batches, self.settings)
         metrics = {"epoch": epoch, **global_metrics(tr, ev, self.val_rows, self.device),
                    "lr": self.optimizer.param_groups[0]["lr"], "val_s": time.perf_counter() - val_start,
                    "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs}

@@ -8,6 +8,8 @@ runs under ``torch.cuda.set_sync_debug_mode("error")``.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -17,6 +19,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_ray.transforms import Preprocess, mix_batch
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights and buffers (``module``: the averaged copy, in eval mode),
+    kept on the model's device and updated after every optimizer step with one foreach lerp: no host-device
+    synchronization. Integer buffers (BatchNorm's step counters) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                         itertools.chain(model.parameters(), model.buffers())))
+        self._floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+        self._others = [(e, m) for e, m in pairs if not e.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """ema <- decay * ema + (1 - decay) * model."""
+        torch._foreach_lerp_([e for e, _ in self._floats], [m.detach() for _, m in self._floats], 1.0 - self.decay)
+        for e, m in self._others:
+            e.copy_(m)
 
 
 @dataclass
@@ -36,6 +59,7 @@ class StepSettings:
     generator: Optional[torch.Generator] = None  # per-image augmentation randomness, on ``device``
     host_generator: Optional[torch.Generator] = None  # per-batch mixup/cutmix scalars, on the CPU
     sync_debug: bool = False  # run each training step under torch.cuda.set_sync_debug_mode("error")
+    ema: Optional[WeightEMA] = None  # updated after every optimizer step
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -118,6 +142,8 @@ def _train_step(model, batch, optimizer, scheduler, s: StepSettings, loss_sum: t
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
     optimizer.step()
     scheduler.step()
+    if s.ema is not None:
+        s.ema.update()
     loss = loss.detach()
     loss_sum.add_(loss.double() * labels.shape[0])
     correct.add_((logits.detach().argmax(1) == labels).sum())

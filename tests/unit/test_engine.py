@@ -164,3 +164,42 @@ def test_more_epochs_continue_the_cosine_over_the_new_total_and_more_workers_res
     # weight decay and momentum come from the new config too, the moments from the checkpoint
     assert resumed.optimizer.param_groups[0]["weight_decay"] == longer.optim.weight_decay
     assert resumed.optimizer.state_dict()["state"]  # momentum buffers carried over
+
+
+def test_weight_ema_is_validated_checkpointed_restored_and_exported(tmp_path):
+    from resnet_ray.checkpoint import export_model, load_model, save_training_state
+
+    cfg = tiny_cfg(**{"train.ema_decay": 0.5})
+    session = Session(cfg, META, torch.device("cpu"))
+    start = {k: v.clone() for k, v in session.module.state_dict().items()}
+    session.run_epoch(1, batches(16, 8, 0), batches(10, 5, 1))  # 2 steps: ema = 0.25 start + 0.25 w1 + 0.5 w2
+    assert session.eval_model is session.ema.module
+    raw, ema = session.module.state_dict(), session.ema.module.state_dict()
+    weight = "conv1.weight"
+    assert not torch.equal(ema[weight], raw[weight]) and not torch.equal(ema[weight], start[weight])
+    assert ema["bn1.num_batches_tracked"] == raw["bn1.num_batches_tracked"] == 2  # integer buffers copied
+
+    state = session.state()
+    assert torch.equal(state["ema"][weight], ema[weight])
+    again = Session(cfg, META, torch.device("cpu"))
+    again.restore(state, session.history)
+    assert torch.equal(again.ema.module.state_dict()[weight], ema[weight])
+    assert torch.equal(again.module.state_dict()[weight], raw[weight])
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_training_state(str(folder), state, session.checkpoint_meta())
+    exported = load_model(export_model(str(folder), str(tmp_path / "model")))
+    assert torch.equal(exported.model.state_dict()[weight], ema[weight])  # the average is what ships
+
+
+def test_weight_ema_matches_its_definition():
+    from resnet_ray.loop import WeightEMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, 0.9)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * model.weight)
