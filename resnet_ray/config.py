@@ -147,6 +147,7 @@ class TrainConfig:
     cutmix_alpha: float = 0.0  # 0 disables cutmix
     freeze_backbone_epochs: int = 0  # train only the new head for the first N epochs
     ema_decay: Optional[float] = None  # weight moving average (e.g. 0.999), validated and exported instead
+    refit_on_val: bool = False  # final refit: train on train+val, no validation; the last epoch is exported
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     storage_path: str = "~/resnet_ray_runs"  # local path or URI (s3://...)
     name: Optional[str] = None  # run name: the same name resumes the same run

@@ -50,16 +50,27 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
     return t.tolist()
 
 
-def global_metrics(tr: dict, ev: dict, val_rows: int, device: torch.device) -> dict:
-    """Epoch metrics over all ranks: sums all-reduced, times the slowest rank's; every val row counted once."""
+def global_metrics(tr: dict, ev: Optional[dict], val_rows: int, device: torch.device) -> dict:
+    """Epoch metrics over all ranks: sums all-reduced, times the slowest rank's; every val row counted once.
+    ``ev`` is None when there is no validation (a refit on train+val): the metrics then have no val_* keys."""
+    ev = ev or {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0}
     loss_sum, correct, count, v_loss, v_top1, v_top5, v_count = all_reduce(
         [tr["loss_sum"], tr["correct"], tr["count"], ev["loss_sum"], ev["top1"], ev["top5"], ev["count"]], device)
     seconds, data_wait = all_reduce([tr["seconds"], tr["data_wait_s"]], device, op="max")
     if int(v_count) != val_rows:
         raise RuntimeError(f"validation saw {int(v_count)} rows, the split has {val_rows}")
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "val_loss": v_loss / v_count,
-            "val_top1": v_top1 / v_count, "val_top5": v_top5 / v_count, "val_count": int(v_count),
-            "images_per_s": count / seconds, "epoch_s": seconds, "data_wait_s": data_wait}
+    metrics = {"train_loss": loss_sum / count, "train_acc": correct / count, "images_per_s": count / seconds,
+               "epoch_s": seconds, "data_wait_s": data_wait}
+    if val_rows:
+        metrics.update(val_loss=v_loss / v_count, val_top1=v_top1 / v_count, val_top5=v_top5 / v_count,
+                       val_count=int(v_count))
+    return metrics
+
+
+def training_rows(cfg: Config, meta: dict) -> int:
+    """Rows an epoch trains on: the train split, plus the validation split in a final refit."""
+    rows = split_rows(meta, "train", cfg.data.limit)
+    return rows + split_rows(meta, "val", cfg.data.limit) if cfg.train.refit_on_val else rows
 
 
 class Session:
@@ -87,8 +98,8 @@ class Session:
             # DDP's runtime statistics synchronize on CUDA events every 100th step: sample them (almost) never
             model._set_ddp_runtime_logging_sample_rate(2**31 - 1)
         self.model = model
-        self.steps = split_rows(meta, "train", cfg.data.limit) // world // cfg.train.batch_size
-        self.val_rows = split_rows(meta, "val", cfg.data.limit)
+        self.steps = training_rows(cfg, meta) // world // cfg.train.batch_size
+        self.val_rows = 0 if cfg.train.refit_on_val else split_rows(meta, "val", cfg.data.limit)
         self.optimizer = build_optimizer(model, cfg.optim, cfg.global_batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps, cfg.train.epochs)
         self.step_model = torch.compile(model) if cfg.model.compile else model
@@ -175,11 +186,12 @@ class Session:
 
     def run_epoch(self, epoch: int, train_batches: Iterable[dict], val_batches: Iterable[dict],
                   on_step: Optional[Callable[[int, float], None]] = None, log_every: int = 0) -> dict:
-        """Train one epoch on this rank's batches, validate on this rank's part of the validation rows, reduce
-        the metrics over all ranks (every validation row must be seen once), append them to the history."""
+        """Train one epoch on this rank's batches, validate on this rank's part of the validation rows (not in a
+        refit on train+val), reduce the metrics over all ranks (every validation row must be seen once), append
+        them to the history."""
         tr = self.train(epoch, train_batches, on_step, log_every)
         val_start = time.perf_counter()
-        ev = evaluate_epoch(self.eval_model, val_batches, self.settings)
+        ev = evaluate_epoch(self.eval_model, val_batches, self.settings) if self.val_rows else None
         metrics = {"epoch": epoch, **global_metrics(tr, ev, self.val_rows, self.device),
                    "lr": self.optimizer.param_groups[0]["lr"], "val_s": time.perf_counter() - val_start,
                    "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs}

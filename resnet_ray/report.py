@@ -565,11 +565,14 @@ def print_training_summary(result: Any, console: Any = None) -> None:
     for _, header, _ in columns:
         table.add_column(header, justify="right")
     for row in result.history:
-        table.add_row(*(pattern.format(row[key]) for key, _, pattern in columns),
+        table.add_row(*(pattern.format(row[key]) if key in row else "-" for key, _, pattern in columns),
                       style="bold green" if row["epoch"] == best_epoch else None)
     print_table(table, console)
-    console.print(f"best epoch {best_epoch}: val top-1 {result.best.get('val_top1', float('nan')):.4f}; "
-                  f"model exported to {result.model_dir}", soft_wrap=True)
+    if "val_top1" in result.best:
+        chosen = f"best epoch {best_epoch}: val top-1 {result.best['val_top1']:.4f}"
+    else:
+        chosen = f"refit on train+val (no validation): the last epoch, {best_epoch}, is exported"
+    console.print(f"{chosen}; model exported to {result.model_dir}", soft_wrap=True)
     if result.evaluation:
         print_summary(result.evaluation["report"], console)
         console.print(f"evaluation report: {result.evaluation['output']}", soft_wrap=True)

@@ -2,7 +2,7 @@
 
 Per epoch: every metric of the history row (train/, val/, time/ and lr scalars, x = epoch); sparsely per step:
 the training loss and learning rate at the logging points (x = global step); and the run's hyperparameters
-(``hparams/``, with its best and last validation top-1). On URI storage the events are written to a local
+(``hparams/``, with its best and last validation top-1, or its last training accuracy in a refit). On URI storage the events are written to a local
 folder and uploaded after every epoch. ``tensorboard --logdir <run or storage folder>`` shows them.
 """
 from __future__ import annotations
@@ -69,15 +69,17 @@ class TensorBoard:
         writer.add_scalar("step/lr", lr, step)
 
     def epoch(self, history: list) -> None:
-        """The last history row's metrics (x = epoch) and the hyperparameters with the best and last validation
-        top-1; then the epoch's files are closed (and uploaded on URI storage)."""
+        """The last history row's metrics (x = epoch) and the hyperparameters with their metrics; then the epoch's files are closed (and uploaded on URI storage)."""
         writer, hparams_writer = self._open()
         row = history[-1]
         for key, tag in EPOCH_TAGS.items():
             if isinstance(row.get(key), (int, float)):
                 writer.add_scalar(tag, row[key], row["epoch"])
-        metrics = {"hparams/best_val_top1": max(h["val_top1"] for h in history),
-                   "hparams/last_val_top1": row["val_top1"]}
+        if "val_top1" in row:
+            metrics = {"hparams/best_val_top1": max(h["val_top1"] for h in history),
+                       "hparams/last_val_top1": row["val_top1"]}
+        else:  # a refit on train+val has no validation
+            metrics = {"hparams/last_train_acc": row["train_acc"]}
         if not self.hparams_written:  # the HParams dashboard's session record, once per run
             from tensorboardX.summary import hparams
 

@@ -19,7 +19,7 @@ from resnet_ray.checkpoint import export_model, load_training_state, save_traini
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 from resnet_ray.data.load import load_split, quiet_data_progress, split_rows
 from resnet_ray.data.prepare import ensure_prepared
-from resnet_ray.engine import Session, epoch_seed, process_group_backend
+from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
 from resnet_ray.tracking import TensorBoard
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     session = Session(cfg, meta, ray.train.torch.get_device(), rank, world)
     _restore(session)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if session.val_rows else None
     pin = session.device.type == "cuda"  # pinned host batches: the non_blocking copies really overlap
     board = TensorBoard(cfg, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
 
@@ -95,8 +96,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
             if board:
                 board.step((epoch - 1) * session.steps + step, loss, session.optimizer.param_groups[0]["lr"])
 
-        metrics = session.run_epoch(epoch, batches, _val_batches(val_shard, cfg.eval.batch_size, rank, world),
-                                    on_step=on_step, log_every=max(1, session.steps // 4))
+        val = _val_batches(val_shard, cfg.eval.batch_size, rank, world) if val_shard else []
+        metrics = session.run_epoch(epoch, batches, val, on_step=on_step, log_every=max(1, session.steps // 4))
         metrics["config"] = config_file(cfg)  # which config this epoch ran under
         report_start = time.perf_counter()
         _report(session, dict(metrics))
@@ -179,7 +180,7 @@ def config_for_resume(run_dir: str, overrides=()) -> Config:
 
 
 def _check_batches(cfg: Config, meta: dict) -> None:
-    rows = split_rows(meta, "train", cfg.data.limit)
+    rows = training_rows(cfg, meta)
     if rows // cfg.scaling.num_workers < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} per worker is more than the "
                           f"{rows // cfg.scaling.num_workers} training rows each of the "
@@ -196,10 +197,11 @@ def write_history(run_dir: str, history: list) -> None:
     storage.write_text(storage.join(run_dir, "history.csv"), out.getvalue())
 
 
-def _export_best(result, run_dir: str) -> tuple[dict, str]:
-    """Export the best checkpoint by val_top1 to <run_dir>/model (local run folders)."""
-    best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max")
-    with best_ckpt.as_directory() as folder:
+def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
+    """Export the best checkpoint by val_top1 (the last one in a refit on train+val, which has no validation)
+    to <run_dir>/model; returns its epoch's metrics and the model folder."""
+    chosen = result.checkpoint if cfg.train.refit_on_val else result.get_best_checkpoint(metric=METRIC, mode="max")
+    with chosen.as_directory() as folder:
         _, meta = load_training_state(folder)
         if storage.is_uri(run_dir):
             with tempfile.TemporaryDirectory() as tmp:
@@ -213,8 +215,9 @@ def _export_best(result, run_dir: str) -> tuple[dict, str]:
 
 
 def training_datasets(cfg: Config, prepared: str) -> dict:
-    """train and val as Ray Data datasets; cached in the object store when cfg.data.cache (read once, not
-    every epoch), the training blocks in a new random order every epoch when cfg.data.shuffle."""
+    """train and val as Ray Data datasets (train+val as "train" alone in a refit); cached in the object store
+    when cfg.data.cache (read once, not every epoch), the training blocks in a new random order every epoch
+    when cfg.data.shuffle."""
     import ray.data
 
     datasets = {}
@@ -222,6 +225,8 @@ def training_datasets(cfg: Config, prepared: str) -> dict:
         ds = load_split(cfg.data, split, prepared)
         ds.context.execution_options.preserve_order = True  # block order set by the seed, not by timing
         datasets[split] = ds.materialize() if cfg.data.cache else ds
+    if cfg.train.refit_on_val:  # the final refit trains on both and validates on nothing
+        datasets = {"train": datasets["train"].union(datasets.pop("val"))}
     if cfg.data.shuffle:  # a new, seeded block order every epoch
         seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
         datasets["train"] = datasets["train"].randomize_block_order(seed=seed)
@@ -264,9 +269,9 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
                                                resources_per_worker=cfg.scaling.resources_per_worker),
         run_config=ray.train.RunConfig(
             name=cfg.train.name, storage_path=storage.normalize(cfg.train.storage_path), callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                         checkpoint_score_attribute=METRIC,
-                                                         checkpoint_score_order="max"),
+            checkpoint_config=ray.train.CheckpointConfig(  # the latest K in a refit (no validation metric)
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_order="max",
+                checkpoint_score_attribute=None if cfg.train.refit_on_val else METRIC),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options),
@@ -307,9 +312,10 @@ class EpochLog:
                 self.shown = row["epoch"]
                 per_epoch = row["epoch_s"] + row["val_s"] + row.get("report_s", 0.0)
                 eta = time.strftime("%H:%M:%S", time.gmtime(per_epoch * (self.epochs - row["epoch"])))
-                log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f top1 %.4f top5 %.4f | lr %.2e | "
-                         "%.0f img/s | ETA %s", row["epoch"], self.epochs, row["train_loss"], row["train_acc"],
-                         row["val_loss"], row["val_top1"], row["val_top5"], row["lr"], row["images_per_s"], eta)
+                val = (f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f}"
+                       if "val_top1" in row else "")
+                log.info("epoch %d/%d  train loss %.4f acc %.4f%s | lr %.2e | %.0f img/s | ETA %s", row["epoch"],
+                         self.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["images_per_s"], eta)
 
 
 def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -> FitResult:
@@ -326,7 +332,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
         result = build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks).fit()
     history = read_history(run_dir)
     report.write_history_plot(history, storage.join(run_dir, "history.png"))
-    best, model_dir = _export_best(result, run_dir)
+    best, model_dir = _export_best(result, cfg, run_dir)
     evaluation = None
     if cfg.train.evaluate_test:
         from resnet_ray.evaluate import evaluate

@@ -203,3 +203,10 @@ def test_weight_ema_matches_its_definition():
         model.weight.add_(1.0)
     ema.update()
     torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * model.weight)
+
+
+def test_a_refit_on_train_and_val_trains_on_both_and_validates_on_nothing():
+    session = Session(tiny_cfg(**{"train.refit_on_val": True}), META, torch.device("cpu"))
+    assert session.steps == (48 + 10) // 8 and session.val_rows == 0
+    metrics = session.run_epoch(1, batches(56, 8, 0), [])
+    assert "val_top1" not in metrics and metrics["train_acc"] >= 0 and session.history == [metrics]
