@@ -20,6 +20,7 @@ SOURCES = ("digits", "cifar10", "cifar100", "parquet", "imagefolder")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTS = ("crop", "rrc", "none")
+AUTO_AUGMENTS = ("none", "trivialaugment")
 SPLITS = ("train", "val", "test")
 SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint")
 
@@ -143,6 +144,8 @@ class TrainConfig:
     augment: str = "crop"  # crop (pad + random crop) | rrc (random resized crop) | none
     crop_padding: int = 4
     hflip: bool = True
+    auto_augment: str = "none"  # none | trivialaugment: one random operation per image, on the device
+    random_erasing: float = 0.0  # probability per image of erasing a random rectangle (0 disables)
     mixup_alpha: float = 0.0  # 0 disables mixup
     cutmix_alpha: float = 0.0  # 0 disables cutmix
     freeze_backbone_epochs: int = 0  # train only the new head for the first N epochs
@@ -163,6 +166,9 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _choice(self.augment, "train.augment", AUGMENTS)
+        _choice(self.auto_augment, "train.auto_augment", AUTO_AUGMENTS)
+        _check(0.0 <= self.random_erasing <= 1.0, "train.random_erasing",
+               f"must be a probability in [0, 1], got {self.random_erasing}")
         _positive(self.crop_padding, "train.crop_padding", allow_zero=True)
         _positive(self.mixup_alpha, "train.mixup_alpha", allow_zero=True)
         _positive(self.cutmix_alpha, "train.cutmix_alpha", allow_zero=True)

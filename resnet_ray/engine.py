@@ -106,7 +106,8 @@ class Session:
         mean, std = normalization(cfg.model, meta)
         self.settings = StepSettings(
             preprocess=Preprocess(cfg.model.image_size, mean, std, cfg.train.augment, cfg.train.crop_padding,
-                                  cfg.train.hflip, on_gpu and cfg.model.channels_last),
+                                  cfg.train.hflip, on_gpu and cfg.model.channels_last, cfg.train.auto_augment,
+                                  cfg.train.random_erasing),
             num_classes=num_classes, device=device, label_smoothing=cfg.optim.label_smoothing,
             grad_clip_norm=cfg.optim.grad_clip_norm, mixup_alpha=cfg.train.mixup_alpha,
             cutmix_alpha=cfg.train.cutmix_alpha, amp_dtype=torch.bfloat16 if on_gpu and cfg.train.amp else None)

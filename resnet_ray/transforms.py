@@ -14,10 +14,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from resnet_ray.augment import random_erasing, trivial_augment
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Device-side preprocessing. ``augment`` selects crop/flip; everything else is shared."""
+    """Device-side preprocessing. ``augment`` selects crop/flip, ``auto_augment`` / ``random_erasing`` add the
+    stronger per-image augmentations of resnet_ray.augment; the evaluation twin has none of them."""
 
     image_size: int  # model input resolution S
     mean: tuple
@@ -26,6 +29,8 @@ class Preprocess:
     crop_padding: int = 4
     hflip: bool = False
     channels_last: bool = False
+    auto_augment: str = "none"  # none | trivialaugment (per image, after crop and resize)
+    random_erasing: float = 0.0  # probability per image (after normalization)
     _constants: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def eval(self) -> "Preprocess":
@@ -51,8 +56,12 @@ class Preprocess:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         if self.hflip and self.augment != "none":
             x = random_hflip(x, generator)
+        if self.auto_augment == "trivialaugment":
+            x = trivial_augment(x, generator)
         mean, std = self.normalization(x.device, x.dtype)
         x = (x - mean) / std
+        if self.random_erasing > 0:
+            x = random_erasing(x, self.random_erasing, generator)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
 

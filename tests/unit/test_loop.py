@@ -220,7 +220,7 @@ def test_train_epoch_with_mixup_and_clipping_runs():
 def test_training_step_reads_no_tensor_value_on_the_host(monkeypatch):
     """Every Python-level read of a tensor's value (item, float, int, bool, tolist, cpu, numpy) would be a
     host-device synchronization on a GPU; inside the steps there must be none (SGD, crop, flip, rrc, label
-    smoothing, clipping, weight EMA). The GPU check proves the same with torch.cuda.set_sync_debug_mode("error")."""
+    smoothing, clipping, weight EMA, TrivialAugment, random erasing). The GPU check proves the same with torch.cuda.set_sync_debug_mode("error")."""
     model = resnet18()
     opt, sched = optimizer(model)
     reads = []
@@ -234,7 +234,8 @@ def test_training_step_reads_no_tensor_value_on_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, spy)
 
     for augment in ("crop", "rrc"):
-        s = settings(preprocess=Preprocess(32, MEAN, STD, augment, 4, True), grad_clip_norm=1.0,
+        s = settings(preprocess=Preprocess(32, MEAN, STD, augment, 4, True, auto_augment="trivialaugment",
+                                           random_erasing=0.5), grad_clip_norm=1.0,
                      label_smoothing=0.1, generator=torch.Generator().manual_seed(0), ema=WeightEMA(model, 0.99))
         for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy"):
             forbid(name)
