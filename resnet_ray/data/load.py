@@ -1,6 +1,7 @@
 """Prepared splits as Ray Data datasets of uint8 HWC images and int64 labels."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -36,13 +37,17 @@ def split_rows(meta: dict, split: str, limit: Optional[int]) -> int:
 
 
 def quiet_data_progress() -> None:
-    """No Ray Data progress bars or per-execution banners: the jobs report progress themselves."""
+    """No Ray Data progress bars, per-execution banners or INFO/WARNING lines on this process's console (they
+    stay in Ray Data's own log file, ray-data.log of the session): the jobs report progress themselves."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data configures its own, not propagating
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
