@@ -22,7 +22,9 @@ from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.loop import StepSettings, evaluate_epoch, train_epoch
 from resnet_ray.model import build_model, is_head, normalization
 from resnet_ray.optim import build_optimizer, build_scheduler
+from resnet_ray.resources import alive_nodes, check_training
 from resnet_ray.transforms import Preprocess
+from resnet_ray.watchdog import watch_fit
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +288,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None) -> FitResult:
     quiet_data_progress()
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)
+    check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
     run_dir = run_dir_of(cfg)
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
     ingest_options = ray.train.DataConfig.default_ingest_options()
@@ -304,7 +307,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None) -> FitResult:
         datasets=training_datasets(cfg, prepared),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options),
     )
-    result = trainer.fit()
+    result = watch_fit(trainer, cfg.train.stall_timeout_s)  # fails with a diagnosis instead of hanging
     with result.checkpoint.as_directory() as folder:
         _, last = load_training_state(folder)
     history = last["history"]
