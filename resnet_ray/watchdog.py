@@ -26,22 +26,24 @@ class StallError(RuntimeError):
     """A Ray stage made no progress within its stall timeout."""
 
 
-def _fmt(resources: dict) -> str:
-    keys = [k for k in ("CPU", "GPU", "memory", "object_store_memory") if k in resources]
-    return ", ".join(f"{resources[k] / 2 ** 30:.1f} GiB {k}" if "memory" in k else f"{resources[k]:g} {k}"
-                     for k in keys)
+def _free(free: dict, total: dict) -> str:
+    """'0/4 CPU, 12.8/15.0 GiB memory, ...': free of total, for the resources the cluster has."""
+    def one(key: str) -> str:
+        if "memory" in key:
+            return f"{free.get(key, 0) / 2 ** 30:.1f}/{total[key] / 2 ** 30:.1f} GiB {key}"
+        return f"{free.get(key, 0):g}/{total[key]:g} {key}"
+
+    return ", ".join(one(k) for k in ("CPU", "GPU", "memory", "object_store_memory") if k in total)
 
 
 def _pending() -> list[str]:
     """Pending placement groups, actors and tasks from Ray's State API (skipped quietly if unreachable)."""
     from ray.util.state import list_actors, list_placement_groups, list_tasks
 
-    timeout = STATE_API_TIMEOUT_S
-    pgs = list_placement_groups(filters=[("state", "=", "PENDING")], timeout=timeout, raise_on_missing_output=False)
-    actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], timeout=timeout,
-                         raise_on_missing_output=False)
-    tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], timeout=timeout,
-                       raise_on_missing_output=False)
+    options = {"timeout": STATE_API_TIMEOUT_S, "limit": 20, "detail": True, "raise_on_missing_output": False}
+    pgs = list_placement_groups(filters=[("state", "=", "PENDING")], **options)
+    actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], **options)
+    tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], **options)
     lines = [f"placement group waiting for {pg.bundles}" for pg in pgs[:5]]
     lines += [f"actor {a.class_name} waiting for {a.required_resources}" for a in actors[:5]]
     lines += [f"task {t.name} waiting for {t.required_resources}" for t in tasks[:5]]
@@ -52,7 +54,9 @@ def diagnose() -> str:
     """One line: free / total resources of the cluster and what waits to be scheduled."""
     import ray
 
-    text = f"free {_fmt(ray.available_resources())} of {_fmt(ray.cluster_resources())}"
+    if not ray.is_initialized():
+        return "Ray is not running in this process"
+    text = f"free {_free(ray.available_resources(), ray.cluster_resources())}"
     try:
         pending = _pending()
     except Exception as exc:  # the diagnosis must not hide the stall behind another error
@@ -67,29 +71,49 @@ def _stalled(what: str, timeout_s: float, setting: str, extra: str = "") -> Stal
 def watched(items: Iterable, timeout_s: float, what: str, setting: str) -> Iterator:
     """Yield items of a (blocking) iterable; raise StallError when the next one takes over timeout_s.
 
-    The iterable is consumed by a daemon thread a few items ahead; its errors are raised here.
+    The iterable is consumed by a daemon thread a few items ahead; its errors are raised here. After a
+    stall (or when the consumer stops early) that thread closes the iterable as soon as it gets control
+    back, which shuts a Ray Data execution down.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        """Hand item to the consumer; False once it has gone."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def produce():
+        it = iter(items)
         try:
-            for item in items:
-                q.put(item)
-            q.put(_END)
+            for item in it:
+                if not offer(item):
+                    return
+            offer(_END)
         except BaseException as exc:  # handed to the consumer
-            q.put(exc)
+            offer(exc)
+        finally:
+            getattr(it, "close", lambda: None)()
 
     threading.Thread(target=produce, name=f"watched {what}", daemon=True).start()
-    while True:
-        try:
-            item = q.get(timeout=timeout_s)
-        except queue.Empty:
-            raise _stalled(what, timeout_s, setting) from None
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            try:
+                item = q.get(timeout=timeout_s)
+            except queue.Empty:
+                raise _stalled(what, timeout_s, setting) from None
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _heartbeat_class():
