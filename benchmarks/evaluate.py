@@ -89,6 +89,8 @@ def main():
             job.append(result["images_per_s"])
             assert result["report"]["total_support"] == meta["counts"]["test"]
             plain.append(single_process(model_dir, prepared, args.batch_size, args.threads))
+            print(f"run {run + 1}: job {job[-1]:.1f} img/s, loop {plain[-1]:.1f} img/s, "
+                  f"ratio {job[-1] / plain[-1]:.2f}", flush=True)
     device = "GPU bf16" if args.gpu else (f"CPU ({pool.actors} actor(s) x {pool.threads} threads vs "
                                           f"{args.threads} threads)")
     print(f"ResNet-50 at {args.image_size}x{args.image_size}, batch {args.batch_size}, "

@@ -100,9 +100,9 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what
     from resnet_ray.predict import Predictor
 
     pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
-    rows = load_split(cfg.data, split, prepared)
-    if pool.actors > 1:  # blocks of one batch, so that every actor gets work even when the split is one file
-        rows = rows.repartition(target_num_rows_per_block=cfg.eval.batch_size)
+    # blocks of one batch: every actor gets work even when the split is one file, and predictions arrive
+    # batch by batch (an actor returns a task's small outputs as one block, at the end of the task)
+    rows = load_split(cfg.data, split, prepared).repartition(target_num_rows_per_block=cfg.eval.batch_size)
     predictions = rows.map_batches(
         Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
         batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
