@@ -1,11 +1,14 @@
 """Evaluation throughput: the evaluation job (Ray Data batch inference, CPU actors) vs a single-process loop.
 
-python benchmarks/evaluate.py [--runs 3] [--actors 2] [--batch-size 256]               # CPU, 32x32
+python benchmarks/evaluate.py [--runs 5] [--actors 1] [--batch-size 256]               # CPU, 32x32
 python benchmarks/evaluate.py --gpu --image-size 224 --actors 1 --batch-size 512      # GPU, bf16
 
 Both predict the shared CIFAR-10 test split (10,000 images) with the same ResNet-50 (random weights: speed does
 not depend on them) through the same Predictor (evaluation preprocessing). (a) is the whole inference stage of
-resnet_ray.evaluate.evaluate; (b) calls Predictor on in-memory batches in this process.
+resnet_ray.evaluate.evaluate (actor start-up and model load included), on a local Ray instance with this
+machine's cores; the job sizes its actor pool (one CPU stays free for Ray Data's reads) and the actors'
+threads itself, and the script prints what it chose. (b) calls Predictor on in-memory batches in this process
+with --threads threads (default: all cores).
 """
 import argparse
 import glob
@@ -40,11 +43,10 @@ def single_process(model_dir, prepared, batch_size, threads):
     from resnet_ray.data.load import table_to_batch
     from resnet_ray.predict import Predictor
 
-    torch.set_num_threads(threads)
     table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{prepared}/test/*.parquet")))
     data = {k: v.copy() for k, v in table_to_batch(table, 32).items()}  # writable arrays, as Ray Data hands out
-    predictor = Predictor(model_dir)
-    torch.set_num_threads(threads)
+    predictor = Predictor(model_dir, threads=threads)
+    assert torch.get_num_threads() == threads
     start = time.perf_counter()
     n = 0
     for i in range(0, len(data["label"]), batch_size):
@@ -55,17 +57,18 @@ def single_process(model_dir, prepared, batch_size, threads):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--actors", type=int, default=1, help="eval.num_actors asked for (the job may use fewer)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the single-process loop")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the single-process loop")
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
 
     from resnet_ray.config import replace
     from resnet_ray.data.prepare import ensure_prepared
     from resnet_ray.evaluate import evaluate
+    from resnet_ray.resources import alive_nodes, size_actor_pool
     from resnet_ray.runtime import init_ray
 
     base = shared_cifar10_config()
@@ -75,7 +78,8 @@ def main():
         cfg, model_dir = make_model(tmp, meta, args.image_size)
         cfg = replace(cfg, {"eval.num_actors": args.actors, "eval.batch_size": args.batch_size,
                             "eval.gpus_per_actor": 1.0 if args.gpu else 0.0,
-                            "eval.cpus_per_actor": 1.0 if args.gpu else 1.0})
+                            "eval.cpus_per_actor": 1.0})
+        pool = size_actor_pool(args.actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
         single_process(model_dir, prepared, args.batch_size, args.threads)  # warm-up
         job, job_wall, plain = [], [], []
         for run in range(args.runs):
@@ -85,7 +89,10 @@ def main():
             job.append(result["images_per_s"])
             assert result["report"]["total_support"] == meta["counts"]["test"]
             plain.append(single_process(model_dir, prepared, args.batch_size, args.threads))
-    device = "GPU bf16" if args.gpu else f"CPU ({args.actors} actors x 1 CPU vs {args.threads} threads)"
+            print(f"run {run + 1}: job {job[-1]:.1f} img/s, loop {plain[-1]:.1f} img/s, "
+                  f"ratio {job[-1] / plain[-1]:.2f}", flush=True)
+    device = "GPU bf16" if args.gpu else (f"CPU ({pool.actors} actor(s) x {pool.threads} threads vs "
+                                          f"{args.threads} threads)")
     print(f"ResNet-50 at {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{meta['counts']['test']} test images, {device}")
     a = summary("(a) evaluation job: batch inference stage", job)

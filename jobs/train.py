@@ -11,16 +11,18 @@ from resnet_ray import cli  # noqa: E402
 
 
 def main() -> int:
-    from resnet_ray.report import print_training_summary
-    from resnet_ray.runtime import init_ray
-    from resnet_ray.train import config_for_resume, fit
+    from resnet_ray.runtime import check_cluster, init_ray
 
     p = cli.parser(__doc__)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     args, overrides = cli.parse(p)
     cli.setup_logging()
+    check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
+    from resnet_ray.report import print_training_summary
+    from resnet_ray.train import config_for_resume, fit
+
     cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
-    init_ray(local=args.local)
+    init_ray(local=args.local, num_cpus=args.num_cpus)
     result = fit(cfg)
     print_training_summary(result)
     return 0

@@ -13,14 +13,16 @@ from resnet_ray import cli  # noqa: E402
 
 def main() -> int:
     from resnet_ray.config import load_config, replace
-    from resnet_ray.report import print_search_summary
-    from resnet_ray.runtime import init_ray
-    from resnet_ray.tune import search
+    from resnet_ray.runtime import check_cluster, init_ray
 
     p = cli.parser(__doc__)
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue the search saved in EXPERIMENT_DIR")
     args, overrides = cli.parse(p, local_config=cli.LOCAL_TUNE_CONFIG)
     cli.setup_logging()
+    check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
+    from resnet_ray.report import print_search_summary
+    from resnet_ray.tune import search
+
     if args.resume:
         location = os.path.abspath(os.path.expanduser(args.resume.rstrip("/")))
         cfg = load_config(os.path.join(location, "search_config.yaml"), overrides)
@@ -28,7 +30,7 @@ def main() -> int:
                            "tune.name": os.path.basename(location)})
     else:
         cfg = cli.config_from(args, overrides)
-    init_ray(local=args.local)
+    init_ray(local=args.local, num_cpus=args.num_cpus)
     result = search(cfg, resume=bool(args.resume))
     print_search_summary(result)
     return 0

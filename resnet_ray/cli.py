@@ -20,8 +20,17 @@ def user_errors() -> tuple:
     from resnet_ray.config import ConfigError
     from resnet_ray.data.sources import DataError
     from resnet_ray.model import ModelError
+    from resnet_ray.resources import ResourceError
 
-    return ConfigError, DataError, ModelError, CheckpointError
+    return ConfigError, DataError, ModelError, CheckpointError, ResourceError
+
+
+def ray_failures() -> tuple:
+    """Exceptions that mean the cluster cannot do the work (unreachable, stalled): one line, exit status 1."""
+    from resnet_ray.runtime import RayConnectError
+    from resnet_ray.watchdog import StallError
+
+    return RayConnectError, StallError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -32,12 +41,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--local", action="store_true",
                    help="single-node test mode: configs/local.yaml, a local Ray instance on this machine")
+    p.add_argument("--num-cpus", type=float, metavar="N",
+                   help="logical CPUs of the local Ray instance (default: $RESNET_RAY_NUM_CPUS or this "
+                        "machine's cores)")
     return p
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-          local_config: str = LOCAL_CONFIG) -> tuple[argparse.Namespace, list]:
-    """Known options and the remaining ``--section.field value`` overrides."""
+          local_config: str | None = LOCAL_CONFIG) -> tuple[argparse.Namespace, list]:
+    """Known options and the remaining ``--section.field value`` overrides.
+
+    ``--local`` without ``--config`` means ``local_config`` (None: the job finds its config elsewhere).
+    """
     args, overrides = p.parse_known_args(argv)
     if args.local and not args.config:
         args.config = local_config
@@ -58,9 +73,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a job's main; bad input ends with one clear line on stderr and exit status 2."""
+    """Run a job's main; bad input ends with one clear line on stderr and exit status 2, a cluster that
+    cannot do the work (unreachable, stalled) with one line and exit status 1."""
     try:
         sys.exit(main() or 0)
+    except ray_failures() as exc:  # first: its classes import no torch, so a dead cluster fails fast
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -161,6 +161,7 @@ class TrainConfig:
     fail_at_epoch: Optional[int] = None  # debug hook: kill one worker once after this epoch
     prefetch_batches: int = 2
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
+    stall_timeout_s: float = 3600.0  # no epoch report for this long (workers unscheduled, hung): fail
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -184,6 +185,7 @@ class TrainConfig:
             _check(1 <= self.fail_at_epoch < self.epochs, "train.fail_at_epoch",
                    f"must be in [1, train.epochs), got {self.fail_at_epoch}")
         _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
+        _positive(self.stall_timeout_s, "train.stall_timeout_s")
         if self.name is not None:
             _check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
 
@@ -253,6 +255,7 @@ class EvalConfig:
     cpus_per_actor: float = 1.0
     output: Optional[str] = None  # report folder; defaults to <run>/eval-<split> or <model>/eval-<split>
     ece_bins: int = 15
+    stall_timeout_s: float = 600.0  # no prediction batch for this long (actors or reads unscheduled): fail
 
     def __post_init__(self):
         _choice(self.split, "eval.split", SPLITS)
@@ -261,6 +264,7 @@ class EvalConfig:
         _positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)
         _positive(self.cpus_per_actor, "eval.cpus_per_actor", allow_zero=True)
         _check(self.ece_bins >= 1, "eval.ece_bins", f"must be >= 1, got {self.ece_bins}")
+        _positive(self.stall_timeout_s, "eval.stall_timeout_s")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from resnet_ray.checkpoint import CheckpointError, checkpoint_config, load_model
 from resnet_ray.config import Config, parse_overrides, replace, to_dict
 from resnet_ray.data.load import load_split, split_rows
 from resnet_ray.data.prepare import ensure_prepared
+from resnet_ray.resources import alive_nodes, size_actor_pool
+from resnet_ray.watchdog import watched
 
 log = logging.getLogger(__name__)
 
@@ -54,43 +56,60 @@ def batch_statistics(batch: dict, num_classes: int, ece_bins: int, fine_to_coars
     return stats
 
 
-def _sum_statistics(stats_ds) -> dict:
-    total: dict = {}
-    for batch in stats_ds.iter_batches(batch_size=64, batch_format="numpy"):
-        for key, value in batch.items():
-            total[key] = total.get(key, 0) + value.sum(0)
-    return total
+def _predictions_table(batch: dict) -> pa.Table:
+    columns = {k: v for k, v in batch.items() if k != "top5"}
+    columns["top5"] = pa.array(list(batch["top5"]), type=pa.list_(pa.int64()))
+    return pa.table(columns)
 
 
-def _write_predictions(predictions, path: str, expected_rows: int) -> None:
-    """predictions.parquet (row_id, label, pred, confidence, top5[, coarse_label]), written atomically.
+def _consume(batches, path: str, expected_rows: int, stats_kwargs: dict) -> dict:
+    """Sum each prediction batch's statistics and append it to predictions.parquet at path (local).
 
     Also checks that row ids cover 0..expected_rows-1 exactly once.
     """
     seen = np.zeros(expected_rows, dtype=bool)
+    total: dict = {}
     writer = None
-    fd, tmp = tempfile.mkstemp(suffix=".parquet")
-    os.close(fd)
     try:
-        for batch in predictions.iter_batches(batch_size=4096, batch_format="numpy"):
+        for batch in batches:
             ids = batch["row_id"]
             if ids.min(initial=0) < 0 or ids.max(initial=0) >= expected_rows or seen[ids].any() \
                     or len(np.unique(ids)) != len(ids):
                 raise EvaluationError("a row was predicted twice or a row id is outside the split")
             seen[ids] = True
-            columns = {k: v for k, v in batch.items() if k != "top5"}
-            columns["top5"] = pa.array(list(batch["top5"]), type=pa.list_(pa.int64()))
-            table = pa.table(columns)
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            for key, value in batch_statistics(batch, **stats_kwargs).items():
+                total[key] = total.get(key, 0) + value.sum(0)
+            table = _predictions_table(batch)
+            writer = writer or pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
+    finally:
         if writer:
             writer.close()
-        if not seen.all():
-            raise EvaluationError(f"{int((~seen).sum())} of {expected_rows} rows were never predicted")
-        with open(tmp, "rb") as f:
-            storage.write_bytes(path, f.read())
-    finally:
-        os.unlink(tmp)
+    if not seen.all():
+        raise EvaluationError(f"{int((~seen).sum())} of {expected_rows} rows were never predicted")
+    return total
+
+
+def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what: str):
+    """Prediction batches of a split from a Ray Data actor pool sized to fit the cluster, as they arrive.
+
+    Raises StallError when no batch arrives for eval.stall_timeout_s (actors or reads that cannot start).
+    """
+    import ray.data
+
+    from resnet_ray.predict import Predictor
+
+    pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
+    # blocks of one batch: every actor gets work even when the split is one file, and predictions arrive
+    # batch by batch (an actor returns a task's small outputs as one block, at the end of the task)
+    rows = load_split(cfg.data, split, prepared).repartition(target_num_rows_per_block=cfg.eval.batch_size)
+    predictions = rows.map_batches(
+        Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
+        batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=cfg.eval.gpus_per_actor, num_cpus=cfg.eval.cpus_per_actor)
+    log.info("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
+    return watched(predictions.iter_batches(batch_size=None, batch_format="numpy"), cfg.eval.stall_timeout_s,
+                   what, "eval.stall_timeout_s")
 
 
 def model_config(model_path: str, overrides=()) -> Config:
@@ -113,28 +132,33 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     output = output or cfg.eval.output or default_output(model_path, split)
     classes = list(meta["classes"])
 
-    from resnet_ray.predict import Predictor
+    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins,
+                    "fine_to_coarse": meta.get("fine_to_coarse")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = True  # the progress of inference is worth showing
+        start = time.perf_counter()
+        try:
+            stream = predict_stream(cfg, model_path, split, prepared, f"evaluation of {split}")
+            stats = _consume(stream, os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs)
+        finally:
+            ctx.enable_progress_bars = False
+        seconds = time.perf_counter() - start
+        if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
+            raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")
+        result = _report(stats, info, meta, cfg, model_path, split, expected, seconds)
+        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=stats.get("coarse_cm"),
+                             calibration=stats["calibration"])
+        storage.upload_dir(tmp, output)
+    log.info("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],
+             split, result["accuracy"], expected, seconds, output)
+    return {"report": result, "output": output, "seconds": seconds, "images_per_s": expected / seconds}
 
-    start = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True  # the progress of inference is worth showing
-    # small blocks (streaming), so that every actor of the pool gets work even when the split is one file
-    rows = load_split(cfg.data, split, prepared).repartition(target_num_rows_per_block=cfg.eval.batch_size)
-    predictions = rows.map_batches(
-        Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path)},
-        batch_size=cfg.eval.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
-        num_gpus=cfg.eval.gpus_per_actor, num_cpus=cfg.eval.cpus_per_actor,
-    ).materialize()
-    seconds = time.perf_counter() - start
-    stats = _sum_statistics(predictions.map_batches(
-        batch_statistics, batch_format="numpy", batch_size=cfg.eval.batch_size,
-        fn_kwargs={"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins,
-                   "fine_to_coarse": meta.get("fine_to_coarse")}))
-    ctx.enable_progress_bars = False
-    if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
-        raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")
 
+def _report(stats: dict, info: dict, meta: dict, cfg: Config, model_path: str, split: str, expected: int,
+            seconds: float) -> dict:
+    """The report dict: per-class and averaged metrics, top-5, ECE, confused pairs (and superclass tables)."""
+    classes = list(meta["classes"])
     result = metrics.classification_report(stats["cm"], classes, zero_division=0.0)
     result.update({
         "model": storage.normalize(model_path),
@@ -146,17 +170,8 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
         "confused_pairs": metrics.most_confused_pairs(stats["cm"], classes, k=10),
         "images_per_s": expected / seconds, "config": to_dict(cfg),
     })
-    coarse_cm = None
     if "coarse_cm" in stats:
-        coarse_cm = stats["coarse_cm"]
-        coarse = metrics.classification_report(coarse_cm, meta["coarse_classes"], zero_division=0.0)
-        coarse["confused_pairs"] = metrics.most_confused_pairs(coarse_cm, meta["coarse_classes"], k=10)
+        coarse = metrics.classification_report(stats["coarse_cm"], meta["coarse_classes"], zero_division=0.0)
+        coarse["confused_pairs"] = metrics.most_confused_pairs(stats["coarse_cm"], meta["coarse_classes"], k=10)
         result["coarse"] = coarse
-
-    with tempfile.TemporaryDirectory() as tmp:
-        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=coarse_cm, calibration=stats["calibration"])
-        storage.upload_dir(tmp, output)
-    _write_predictions(predictions, storage.join(output, "predictions.parquet"), expected)
-    log.info("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],
-             split, result["accuracy"], expected, seconds, output)
-    return {"report": result, "output": output, "seconds": seconds, "images_per_s": expected / seconds}
+    return result

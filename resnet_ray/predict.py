@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,11 +18,14 @@ TOPK = 5
 class Predictor:
     """Loads the model once per actor (GPU when the actor has one) and predicts uint8 image batches.
 
+    ``threads``: torch intra-op threads of this actor (default: $OMP_NUM_THREADS, which Ray sets to the
+    actor's CPUs, else 1).
+
     Output columns per row: row_id, label, pred, confidence (top-1 softmax probability) and
     top5 (the k most probable classes, k = min(5, C)), plus coarse_label when the input has it.
     """
 
-    def __init__(self, model_path: str, amp: bool = True):
+    def __init__(self, model_path: str, amp: bool = True, threads: Optional[int] = None):
         loaded = load_model(storage.local_folder(model_path))
         info = loaded.info
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,7 +38,7 @@ class Predictor:
                                      channels_last=on_gpu)
         self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
         self.k = min(TOPK, info["num_classes"])
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

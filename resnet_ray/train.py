@@ -20,7 +20,9 @@ from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_di
 from resnet_ray.data.load import load_split, quiet_data_progress, split_rows
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
+from resnet_ray.resources import alive_nodes, check_training
 from resnet_ray.tracking import TensorBoard
+from resnet_ray.watchdog import watch_fit
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +328,13 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     quiet_data_progress()
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)
+    check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
     run_dir = run_dir_of(cfg)
     write_config(run_dir, cfg)
     with EpochLog(run_dir, cfg.train.epochs) if epoch_log else contextlib.nullcontext():
-        result = build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks).fit()
+        # fails with a diagnosis instead of hanging
+        result = watch_fit(build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks),
+                           cfg.train.stall_timeout_s)
     history = read_history(run_dir)
     report.write_history_plot(history, storage.join(run_dir, "history.png"))
     best, model_dir = _export_best(result, cfg, run_dir)

@@ -17,6 +17,7 @@ from typing import Optional
 from resnet_ray import storage
 from resnet_ray.checkpoint import META, export_model
 from resnet_ray.config import Config, ConfigError, from_dict, replace, to_dict, to_yaml
+from resnet_ray.resources import TRIAL_DRIVER_CPUS, alive_nodes, release_train_reservations, trial_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def _tuner(cfg: Config, exp_dir: str, restore: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), exp_dir=exp_dir), {"CPU": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), exp_dir=exp_dir),
+                                {"CPU": TRIAL_DRIVER_CPUS})
     if restore:
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     parent, name = exp_dir.rstrip("/").rsplit("/", 1)
@@ -165,12 +167,16 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     if storage.is_uri(cfg.tune.storage_path or cfg.train.storage_path):
         raise ConfigError("tune.storage_path: the search keeps its trials on a shared local/NFS path; "
                           "URIs are not supported yet")
+    cfg = replace(cfg, {"tune.max_concurrent_trials": trial_concurrency(
+        cfg.tune.max_concurrent_trials, cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(),
+        not cfg.data.cache)})  # what the cluster holds at once (fewer, with a warning)
     exp_dir = experiment_dir(cfg)
     ensure_prepared(cfg.data)  # once, before trials start in parallel
     if resume and not os.path.isdir(exp_dir):
         raise ConfigError(f"--resume {exp_dir}: no such experiment folder")
     storage.write_text(storage.join(exp_dir, "search_config.yaml"), to_yaml(cfg))
     grid = _tuner(cfg, exp_dir, restore=resume).fit()
+    release_train_reservations()  # stopped trials' Ray Data reservations would starve the final evaluation
 
     rows = _trial_rows(grid, cfg)
     _write_trials_csv(storage.join(exp_dir, "trials.csv"), rows, cfg.tune.metric)

@@ -1,9 +1,11 @@
 """The real `ray job submit` command line against a real single-node Ray cluster started on loopback."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import uuid
@@ -19,7 +21,8 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 def cluster_env(token):
     """Token authentication on (as Ray 2.60 does by default), with this test's own token."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return env
 
@@ -34,14 +37,28 @@ def free_ports(n):
     return ports
 
 
+def default_marker():
+    """What Ray's default marker file (/tmp/ray/ray_current_cluster) holds now, or None."""
+    from resnet_ray.runtime import marker_file
+
+    path = marker_file()
+    return open(path).read() if os.path.exists(path) else None
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """`ray start --head --block` with the dashboard on 127.0.0.1; terminating it stops only this cluster."""
+    """`ray start --head --block` with the dashboard on 127.0.0.1; terminating it stops only this cluster.
+
+    Its own --temp-dir (short: Ray's socket paths must fit 107 bytes) keeps its `ray_current_cluster`
+    marker out of /tmp/ray, where a later plain ``ray.init()`` would dial the dead cluster.
+    """
     gcs, dash, agent, agent_grpc, metrics, runtime_env = free_ports(6)
     log = open(tmp_path_factory.mktemp("cluster") / "ray-start.log", "w")
     env = cluster_env(uuid.uuid4().hex)
+    temp_dir = tempfile.mkdtemp(prefix="rr-")
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+        [RAY, "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={gcs}",
+         "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", "--num-cpus=6", "--disable-usage-stats"],
@@ -67,6 +84,8 @@ def cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert f":{gcs}" not in (default_marker() or ""), "the test cluster left its address in /tmp/ray"
 
 
 def submit(cluster, *args, timeout=900):

@@ -1,0 +1,212 @@
+"""Progress watchdogs: a Ray Data stream or a Ray Train run that stops making progress fails with a diagnosis.
+
+Without them a job whose actors, workers or read tasks can never be scheduled waits forever. Progress is a
+prediction batch arriving (``watched``) or a ``ray.train.report`` reaching the Train controller
+(``watch_fit``); after ``timeout_s`` without any, StallError says what is pending and what is free.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import tempfile
+import threading
+import time
+from typing import Iterable, Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+STATE_API_TIMEOUT_S = 5
+_END = object()
+
+
+class StallError(RuntimeError):
+    """A Ray stage made no progress within its stall timeout."""
+
+
+def _free(free: dict, total: dict) -> str:
+    """'0/4 CPU, 12.8/15.0 GiB memory, ...': free of total, for the resources the cluster has."""
+    def one(key: str) -> str:
+        if "memory" in key:
+            return f"{free.get(key, 0) / 2 ** 30:.1f}/{total[key] / 2 ** 30:.1f} GiB {key}"
+        return f"{free.get(key, 0):g}/{total[key]:g} {key}"
+
+    return ", ".join(one(k) for k in ("CPU", "GPU", "memory", "object_store_memory") if k in total)
+
+
+def _pending() -> list[str]:
+    """Pending placement groups, actors and tasks from Ray's State API (skipped quietly if unreachable)."""
+    from ray.util.state import list_actors, list_placement_groups, list_tasks
+
+    options = {"timeout": STATE_API_TIMEOUT_S, "limit": 20, "detail": True, "raise_on_missing_output": False}
+    pgs = list_placement_groups(filters=[("state", "=", "PENDING")], **options)
+    actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], **options)
+    tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], **options)
+    lines = [f"placement group waiting for {pg.bundles}" for pg in pgs[:5]]
+    lines += [f"actor {a.class_name} waiting for {a.required_resources}" for a in actors[:5]]
+    lines += [f"task {t.name} waiting for {t.required_resources}" for t in tasks[:5]]
+    return lines
+
+
+def diagnose() -> str:
+    """One line: free / total resources of the cluster and what waits to be scheduled."""
+    import ray
+
+    if not ray.is_initialized():
+        return "Ray is not running in this process"
+    text = f"free {_free(ray.available_resources(), ray.cluster_resources())}"
+    try:
+        pending = _pending()
+    except Exception as exc:  # the diagnosis must not hide the stall behind another error
+        return f"{text}; pending work unknown (State API: {type(exc).__name__}: {exc})"
+    return f"{text}; pending: {'; '.join(pending) if pending else 'nothing'}"
+
+
+def _stalled(what: str, timeout_s: float, setting: str, extra: str = "") -> StallError:
+    return StallError(f"{what} made no progress for {timeout_s:g} s ({setting}){extra}; {diagnose()}")
+
+
+def watched(items: Iterable, timeout_s: float, what: str, setting: str) -> Iterator:
+    """Yield items of a (blocking) iterable; raise StallError when the next one takes over timeout_s.
+
+    The iterable is consumed by a daemon thread a few items ahead; its errors are raised here. After a
+    stall (or when the consumer stops early) that thread closes the iterable as soon as it gets control
+    back, which shuts a Ray Data execution down.
+    """
+    q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        """Hand item to the consumer; False once it has gone."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        it = iter(items)
+        try:
+            for item in it:
+                if not offer(item):
+                    return
+            offer(_END)
+        except BaseException as exc:  # handed to the consumer
+            offer(exc)
+        finally:
+            getattr(it, "close", lambda: None)()
+
+    threading.Thread(target=produce, name=f"watched {what}", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=timeout_s)
+            except queue.Empty:
+                raise _stalled(what, timeout_s, setting) from None
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _heartbeat_class():
+    # Ray Train V2's internal controller-side hooks (Ray is pinned): the public UserCallback has no hook for
+    # "controller started", which is where a stall while scheduling the workers has to be measured from.
+    from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
+
+    class Heartbeat(ControllerCallback, ReportCallback):
+        """Runs in the Train controller (on the driver's node): records its pid, state and last report."""
+
+        def __init__(self, path: str):
+            self.path = path
+            self.state = {"pid": None, "reports": 0, "controller": "not started"}
+
+        def _write(self, **values):
+            self.state.update(values, t=time.time())
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.state, f)
+            os.replace(tmp, self.path)
+
+        def after_controller_start(self, train_run_context):
+            self._write(pid=os.getpid(), controller="started")
+
+        def after_controller_state_update(self, previous_state, current_state):
+            self.state["controller"] = type(current_state).__name__  # not progress: keeps the time of the last
+
+        def after_report(self, training_report, metrics):
+            self._write(reports=self.state["reports"] + 1)
+
+    return Heartbeat
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def watch_fit(trainer, timeout_s: float, setting: str = "train.stall_timeout_s"):
+    """``trainer.fit()``, failing with StallError when no report reaches the controller for timeout_s.
+
+    A stalled run's controller is killed (its workers and, through Ray Train's cleaner, its placement group
+    go with it), so that fit() returns and the error names what was pending.
+    """
+    folder = tempfile.mkdtemp(prefix="resnet-ray-heartbeat-")
+    path = os.path.join(folder, "heartbeat.json")
+    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _heartbeat_class()(path)]
+    done, stall = threading.Event(), []
+    fit_in_main = threading.current_thread() is threading.main_thread()
+
+    def watch():
+        start = time.time()
+        while not done.wait(min(5.0, timeout_s / 4)):
+            beat = _read(path)
+            if time.time() - beat.get("t", start) > timeout_s:
+                stall.append(_stalled("training", timeout_s, setting,
+                                      f" after {beat.get('reports', 0)} reports, controller "
+                                      f"{beat.get('controller', 'not started')}"))
+                log.error("%s; stopping the run", stall[0])
+                _stop(beat.get("pid"), fit_in_main)
+                return
+
+    watcher = threading.Thread(target=watch, name="training watchdog", daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if stall:
+            raise stall[0] from None
+        raise
+    finally:
+        done.set()
+        watcher.join()
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+    if stall:
+        raise stall[0]
+    return result
+
+
+def _stop(pid: Optional[int], fit_in_main: bool) -> None:
+    """Kill the Train controller (same node as this driver); interrupt fit() if no controller started."""
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+    if fit_in_main:
+        import _thread
+
+        _thread.interrupt_main()

@@ -1,0 +1,112 @@
+"""The jobs as a user runs them (subprocesses): a dead cluster address, a 2-CPU Ray, a Parquet-trained run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def job_env(**values):
+    """This worktree's package, no inherited cluster address, wide log lines (rich wraps at COLUMNS)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(PYTHONPATH=ROOT, COLUMNS="250", **values)
+    return env
+
+
+def job(script, *args, **env):
+    return subprocess.Popen([sys.executable, os.path.join("jobs", script), *args], cwd=ROOT, env=job_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout):
+    """(exit status, output) of a job started by job(); killed (and the test failed) after timeout s."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args} still ran after {timeout} s")
+    return proc.returncode, out
+
+
+def test_a_job_pointed_at_a_dead_cluster_exits_within_60_s_naming_the_address(tmp_path):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    # a `ray start` marker left behind by a crashed cluster, in a temp dir that Ray reads instead of /tmp/ray
+    marker = tmp_path / "ray" / "ray_current_cluster"
+    marker.parent.mkdir()
+    marker.write_text(dead)
+    start = time.monotonic()
+    by_env = job("train.py", "--train.epochs", "1", RAY_ADDRESS=dead)
+    by_marker = job("evaluate.py", "--model", str(tmp_path), "--config", os.path.join(ROOT, "configs", "local.yaml"),
+                    RAY_TMPDIR=str(tmp_path))
+    (rc_env, out_env), (rc_marker, out_marker) = finish(by_env, 90), finish(by_marker, 90)
+    assert time.monotonic() - start < 60
+    assert rc_env == 1 and f"error: cannot reach the Ray cluster at {dead} (from RAY_ADDRESS)" in out_env, out_env
+    assert rc_marker == 1, out_marker
+    assert f"at {dead} (from the `ray start` marker file {marker})" in out_marker
+    assert "ray stop" in out_marker and "--local" in out_marker
+
+
+def test_ray_address_local_evaluates_on_two_cpus_with_fewer_actors(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    out_dir = tmp_path / "eval"
+    rc, out = finish(job("evaluate.py", "--model", result.run_dir, "--eval.num_actors", "2", "--output", str(out_dir),
+                         RAY_ADDRESS="local", RESNET_RAY_NUM_CPUS="2"), 600)
+    assert rc == 0, out[-3000:]
+    assert "'CPU': 2.0" in out  # a plain 2-CPU Ray instance
+    assert "eval.num_actors: 2 actors" in out and "using 1" in out  # resized, with a warning
+    report = json.load(open(out_dir / "report.json"))
+    assert report["total_support"] == 240 and report["dataset"] == "digits"
+
+
+def write_parquet_source(folder, n_train=300, n_test=100):
+    """A Parquet source (PNG bytes + labels, own class names) made from the embedded digits."""
+    import io
+
+    from PIL import Image
+
+    from resnet_ray.config import DataConfig
+    from resnet_ray.data.sources import read_digits
+
+    digits = read_digits(DataConfig()).splits["train"]
+    folder.mkdir()
+    for name, rows in (("train", slice(0, n_train)), ("test", slice(n_train, n_train + n_test))):
+        blobs = []
+        for image in digits.images[rows]:
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            blobs.append(buf.getvalue())
+        pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()),
+                                 "label": pa.array(np.asarray(digits.labels[rows]), pa.int64())}),
+                       folder / f"{name}.parquet")
+    (folder / "classes.json").write_text(json.dumps([f"digit-{i}" for i in range(10)]))
+
+
+def test_a_parquet_trained_run_is_evaluated_again_with_local_and_model(ray_session, tmp_path):
+    from resnet_ray.train import fit
+
+    write_parquet_source(tmp_path / "source")
+    cfg = tiny_config(str(tmp_path / "datasets"), str(tmp_path / "runs"), **{
+        "data.source": "parquet", "data.path": str(tmp_path / "source"), "data.name": "digitspq",
+        "train.epochs": 1, "train.name": "pq"})
+    run = fit(cfg)
+    rc, out = finish(job("evaluate.py", "--local", "--model", run.run_dir), 600)  # the README's command
+    assert rc == 0, out[-3000:]
+    report = json.load(open(os.path.join(run.run_dir, "eval-test", "report.json")))
+    assert report["dataset"] == "digitspq" and report["total_support"] == 100
+    assert report["config"]["data"]["root"] == str(tmp_path / "datasets")  # the model's config, not local.yaml
+    assert [c["class"] for c in report["per_class"]][:2] == ["digit-0", "digit-1"]

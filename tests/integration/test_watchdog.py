@@ -1,0 +1,54 @@
+"""Stalled Ray work fails with a diagnosis in bounded time: evaluation actors and Train workers that cannot start."""
+import contextlib
+import time
+
+import pytest
+
+from conftest import tiny_config
+from resnet_ray.config import replace
+from resnet_ray.evaluate import evaluate
+from resnet_ray.train import fit
+from resnet_ray.watchdog import StallError
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def cpus_taken(ray, cpus):
+    """Another workload holds `cpus` CPUs of the session's instance (a placement group) meanwhile."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"CPU": cpus}])
+    ray.get(group.ready(), timeout=60)
+    try:
+        yield
+    finally:
+        remove_placement_group(group)
+        deadline = time.monotonic() + 60  # the next tests need the CPUs back
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def test_an_evaluation_whose_actors_cannot_start_fails_with_a_diagnosis(ray_session, tiny_run, tmp_path):
+    cfg, result = tiny_run
+    cfg = replace(cfg, {"eval.stall_timeout_s": 10, "eval.num_actors": 1})
+    start = time.monotonic()
+    with cpus_taken(ray_session, ray_session.cluster_resources()["CPU"]):
+        with pytest.raises(StallError) as err:
+            evaluate(cfg, result.model_dir, output=str(tmp_path / "eval"))
+    assert time.monotonic() - start < 120
+    message = str(err.value)
+    assert "evaluation of test made no progress for 10 s (eval.stall_timeout_s)" in message
+    assert "free 0/4 CPU" in message and "waiting for" in message  # what is pending, what is free
+
+
+def test_training_whose_workers_cannot_start_fails_with_a_diagnosis(ray_session, data_root, tmp_path):
+    cfg = tiny_config(data_root, str(tmp_path), **{"train.epochs": 1, "train.stall_timeout_s": 15})
+    start = time.monotonic()
+    with cpus_taken(ray_session, ray_session.cluster_resources()["CPU"] - 1):  # reads fit, 2 workers do not
+        with pytest.raises(StallError) as err:
+            fit(cfg)
+    assert time.monotonic() - start < 180
+    message = str(err.value)
+    assert "training made no progress for 15 s (train.stall_timeout_s) after 0 reports" in message
+    assert "placement group waiting for" in message

@@ -1,0 +1,59 @@
+"""Resource checks on fake clusters: what fits, what is resized with a warning, what stops with the numbers."""
+import logging
+
+import pytest
+
+from resnet_ray.resources import ResourceError, check_training, size_actor_pool, trial_concurrency
+
+ONE_2CPU = [{"CPU": 2.0, "memory": 8e9}]
+GPU_NODES = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+
+
+def test_training_workers_must_fit_on_nodes_that_have_their_resources():
+    check_training(2, {"CPU": 1.0}, ONE_2CPU, streaming_reads=False)
+    check_training(2, {"CPU": 1.0, "GPU": 1.0}, GPU_NODES, streaming_reads=False)
+    with pytest.raises(ResourceError, match=r"3 workers x \{CPU: 1\} do not fit; at most 2 fit .*1 node: 2 CPU"):
+        check_training(3, {"CPU": 1.0}, ONE_2CPU, streaming_reads=False)
+    # 2 GPUs in the cluster, but a 2-GPU worker fits on no single node
+    with pytest.raises(ResourceError, match=r"at most 0 fit .*2 nodes: 8 CPU \+ 1 GPU, 8 CPU \+ 1 GPU"):
+        check_training(1, {"CPU": 1.0, "GPU": 2.0}, GPU_NODES, streaming_reads=False)
+
+
+def test_streaming_training_reads_need_a_cpu_beside_the_workers():
+    with pytest.raises(ResourceError, match="data.cache false"):
+        check_training(2, {"CPU": 1.0}, ONE_2CPU, streaming_reads=True)
+    check_training(2, {"CPU": 0.5}, ONE_2CPU, streaming_reads=True)
+
+
+def test_actor_pool_never_takes_every_cpu_of_the_only_node(caplog):
+    with caplog.at_level(logging.WARNING, logger="resnet_ray.resources"):
+        pool = size_actor_pool(2, 1.0, 0.0, ONE_2CPU)
+    assert pool.actors == 1  # 2 actors x 1 CPU would leave Ray Data's read task waiting forever
+    assert "eval.num_actors: 2 actors" in caplog.text and "using 1" in caplog.text
+    assert pool.threads == 2  # the one actor uses both cores once the reads are done
+
+
+def test_actor_pool_that_fits_is_kept_and_gpu_actors_follow_the_gpus(caplog):
+    with caplog.at_level(logging.WARNING, logger="resnet_ray.resources"):
+        assert size_actor_pool(2, 1.0, 0.0, [{"CPU": 4.0}]).actors == 2
+        assert size_actor_pool(2, 1.0, 1.0, GPU_NODES) == size_actor_pool(2, 1.0, 1.0, GPU_NODES)
+        assert size_actor_pool(2, 1.0, 1.0, GPU_NODES).threads == 1
+    assert caplog.text == ""
+    assert size_actor_pool(4, 1.0, 1.0, GPU_NODES).actors == 2
+
+
+def test_actor_pool_that_cannot_start_at_all_fails_with_the_numbers():
+    with pytest.raises(ResourceError, match=r"eval: one actor needs \{CPU: 2\} and Ray Data's reads 1 CPU"):
+        size_actor_pool(1, 2.0, 0.0, ONE_2CPU)
+    with pytest.raises(ResourceError, match="GPU: 1"):
+        size_actor_pool(1, 1.0, 1.0, [{"CPU": 16.0}])
+
+
+def test_trial_concurrency_counts_each_trials_driver_and_workers(caplog):
+    assert trial_concurrency(2, 1, {"CPU": 1.0}, [{"CPU": 4.0}], streaming_reads=False) == 2
+    with caplog.at_level(logging.WARNING, logger="resnet_ray.resources"):
+        assert trial_concurrency(2, 1, {"CPU": 1.0}, ONE_2CPU, streaming_reads=False) == 1
+    assert "tune.max_concurrent_trials: 2 trials x 2 CPU" in caplog.text and "running 1 at a time" in caplog.text
+    assert trial_concurrency(8, 1, {"CPU": 1.0, "GPU": 1.0}, GPU_NODES, streaming_reads=False) == 2
+    with pytest.raises(ResourceError, match=r"one trial needs 3 CPU \(1 for its driver \+ 2 workers"):
+        trial_concurrency(1, 2, {"CPU": 1.0}, [{"CPU": 2.5}], streaming_reads=False)

@@ -1,0 +1,73 @@
+"""Finding and probing the cluster address, without starting Ray."""
+import os
+import socket
+import time
+
+import pytest
+
+from resnet_ray.resources import ResourceError
+from resnet_ray.runtime import RayConnectError, cluster_address, local_cpus, marker_file, probe
+
+
+def dead_address():
+    """host:port where nothing listens (a port just released by the OS)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def no_cluster(monkeypatch, tmp_path):
+    """No RAY_ADDRESS, and Ray's marker file looked up in an empty temp dir instead of /tmp/ray."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+def test_address_comes_from_ray_address_first_then_the_marker_file(no_cluster, monkeypatch):
+    assert cluster_address() == (None, "")
+    marker = marker_file()
+    assert marker == str(no_cluster / "ray" / "ray_current_cluster")
+    os.makedirs(os.path.dirname(marker))
+    with open(marker, "w") as f:
+        f.write("10.0.0.7:6379\n")
+    assert cluster_address() == ("10.0.0.7:6379", f"the `ray start` marker file {marker}")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # auto = what the marker says
+    assert cluster_address()[0] == "10.0.0.7:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster_address() == ("local", "RAY_ADDRESS")
+
+
+def test_a_dead_address_fails_fast_naming_it_its_source_and_the_remedy(no_cluster):
+    address = dead_address()
+    start = time.monotonic()
+    with pytest.raises(RayConnectError) as err:
+        probe(address, "RAY_ADDRESS", timeout_s=30.0)
+    assert time.monotonic() - start < 1  # refused: nothing listens there, no point in retrying
+    assert f"cannot reach the Ray cluster at {address} (from RAY_ADDRESS)" in str(err.value)
+    assert "--local" in str(err.value)
+    with pytest.raises(RayConnectError, match=r"ray stop.*ray_current_cluster"):
+        probe(address, "the `ray start` marker file", timeout_s=0.5)
+    with pytest.raises(RayConnectError, match="is not host:port"):
+        probe("somewhere", "RAY_ADDRESS", timeout_s=0.5)
+
+
+def test_a_live_address_passes_the_probe():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        probe(f"127.0.0.1:{server.getsockname()[1]}", "RAY_ADDRESS", timeout_s=1.0)
+
+
+def test_local_cpus_default_to_the_machines_cores(monkeypatch):
+    monkeypatch.delenv("RESNET_RAY_NUM_CPUS", raising=False)
+    assert local_cpus() == os.cpu_count()
+    assert local_cpus(6) == 6
+    monkeypatch.setenv("RESNET_RAY_NUM_CPUS", "3")
+    assert local_cpus() == 3
+    monkeypatch.setenv("RESNET_RAY_NUM_CPUS", "many")
+    with pytest.raises(ResourceError, match="RESNET_RAY_NUM_CPUS='many' is not a number"):
+        local_cpus()
+    with pytest.raises(ResourceError, match="at least 1 CPU"):
+        local_cpus(0.5)
+
