@@ -66,8 +66,13 @@ def config_from(args: argparse.Namespace, overrides: Sequence[str]) -> Config:
 def setup_logging(level: int = logging.INFO) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    if sys.stderr.isatty():
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:  # a log file or a pipe: one plain line per record, never wrapped
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

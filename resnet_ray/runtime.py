@@ -13,6 +13,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 15.0  # how long a cluster address may take to answer before the job gives up
 NUM_CPUS_ENV = "RESNET_RAY_NUM_CPUS"  # logical CPUs of the local instance (default: the machine's cores)
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients (also inside workers) look
+# Ray's own INFO lines and its workers' output stay in the session's log files (logs/ under the Ray session
+# folder, e.g. /tmp/ray/session_latest/logs) instead of the job's output; the driver reports progress itself
+QUIET = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
 
 
 class RayConnectError(RuntimeError):
@@ -112,8 +115,10 @@ def start_local(num_cpus: Optional[float] = None) -> None:
     cpus = local_cpus(num_cpus)
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # token authentication, as Ray 2.60 turns on by default, said explicitly: Ray then does not warn about it
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, configure_logging=True, logging_level=logging.WARNING)
+             dashboard_port=port, **QUIET)
 
 
 def check_cluster(local: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> Optional[str]:
@@ -145,5 +150,5 @@ def init_ray(local: bool = False, num_cpus: Optional[float] = None,
     if address is None:
         start_local(num_cpus)
     else:
-        ray.init(address=address)
-    log.info("Ray resources: %s", ray.cluster_resources())
+        ray.init(address=address, **QUIET)
+    log.debug("Ray resources: %s", ray.cluster_resources())

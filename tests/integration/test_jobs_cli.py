@@ -67,8 +67,8 @@ def test_ray_address_local_evaluates_on_two_cpus_with_fewer_actors(tiny_run, tmp
     rc, out = finish(job("evaluate.py", "--model", result.run_dir, "--eval.num_actors", "2", "--output", str(out_dir),
                          RAY_ADDRESS="local", RESNET_RAY_NUM_CPUS="2"), 600)
     assert rc == 0, out[-3000:]
-    assert "'CPU': 2.0" in out  # a plain 2-CPU Ray instance
-    assert "eval.num_actors: 2 actors" in out and "using 1" in out  # resized, with a warning
+    # a plain 2-CPU Ray instance: the pool is resized, with a warning
+    assert "eval.num_actors: 2 actors" in out and "do not fit on 1 node: 2 CPU; using 1" in out
     report = json.load(open(out_dir / "report.json"))
     assert report["total_support"] == 240 and report["dataset"] == "digits"
 
@@ -110,3 +110,17 @@ def test_a_parquet_trained_run_is_evaluated_again_with_local_and_model(ray_sessi
     assert report["dataset"] == "digitspq" and report["total_support"] == 100
     assert report["config"]["data"]["root"] == str(tmp_path / "datasets")  # the model's config, not local.yaml
     assert [c["class"] for c in report["per_class"]][:2] == ["digit-0", "digit-1"]
+
+
+def test_local_mode_prints_one_line_per_epoch_then_the_summary(tmp_path):
+    """The README's local mode, shrunk: no Ray noise (its INFO lines, workers' output, 'Reporting training
+    result'), one log line per epoch, then the summary tables."""
+    rc, out = finish(job("train.py", "--local", "--model.arch", "resnet18", "--data.limit", "240",
+                         "--data.root", str(tmp_path / "data"), "--train.epochs", "2",
+                         "--train.storage_path", str(tmp_path / "runs"), "--train.name", "quiet"), 900)
+    assert rc == 0, out[-3000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    summary = next(i for i, line in enumerate(lines) if "Training run" in line)
+    assert [line.split(" epoch ")[1].split()[0] for line in lines[:summary]] == ["1/2", "2/2"], lines[:summary]
+    assert "Reporting training result" not in out and "Traceback" not in out and "Warning" not in out
+    assert "accuracy" in out and "total support 240" in out  # the evaluation summary follows

@@ -11,6 +11,8 @@ from resnet_ray import engine
 from resnet_ray.config import load_config
 from resnet_ray.engine import GPU_BACKEND, Session, all_reduce, global_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to an oversubscribed machine
+
 META = {"name": "fake", "classes": ["a", "b", "c"], "counts": {"train": 48, "val": 10, "test": 10},
         "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
