@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from resnet_ray import storage
-from resnet_ray.checkpoint import export_model, load_training_state, save_training_state, unwrap_state_dict
+from resnet_ray.checkpoint import export_checkpoint, load_training_state, save_training_state, unwrap_state_dict
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 from resnet_ray.data.load import load_split, quiet_data_progress, split_rows
 from resnet_ray.data.prepare import ensure_prepared
@@ -216,12 +216,9 @@ def config_for_resume(run_dir: str, overrides=()) -> Config:
     path = storage.join(run_dir, "config.yaml")
     if not storage.exists(path):
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
-    with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as f:
-        f.write(storage.read_bytes(path))
-        f.flush()
-        cfg = load_config(f.name, overrides)
-    location = storage.normalize(run_dir).rstrip("/")
-    parent, name = location.rsplit("/", 1) if storage.is_uri(location) else os.path.split(location)
+    with storage.local_file(path, suffix=".yaml") as local:
+        cfg = load_config(local, overrides)
+    parent, name = storage.split(run_dir)
     tree = to_dict(cfg)
     tree["train"].update(storage_path=parent, name=name)
     return from_dict(tree)
@@ -246,19 +243,10 @@ def write_history(run_dir: str, history: list) -> None:
 
 
 def _export_best(result, run_dir: str) -> tuple[dict, str]:
-    """Export the best checkpoint by val_top1 to <run_dir>/model (local run folders)."""
-    best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max")
-    with best_ckpt.as_directory() as folder:
-        _, meta = load_training_state(folder)
-        if storage.is_uri(run_dir):
-            with tempfile.TemporaryDirectory() as tmp:
-                local = export_model(folder, os.path.join(tmp, "model"))
-                for name in os.listdir(local):
-                    with open(os.path.join(local, name), "rb") as f:
-                        storage.write_bytes(storage.join(run_dir, "model", name), f.read())
-        else:
-            export_model(folder, os.path.join(run_dir, "model"))
-    return meta["metrics"], storage.join(run_dir, "model")
+    """Export the best checkpoint by val_top1 to <run_dir>/model (local path or URI)."""
+    model_dir = storage.join(run_dir, "model")
+    meta = export_checkpoint(result.get_best_checkpoint(metric=METRIC, mode="max"), model_dir)
+    return meta["metrics"], model_dir
 
 
 def training_datasets(cfg: Config, prepared: str) -> dict:
