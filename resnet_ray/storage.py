@@ -166,16 +166,18 @@ def lock(path: str, wait_s: float = 1800.0, ttl_s: float = LOCK_TTL_S) -> Iterat
         yield
 
 
+def _who(holder: Optional[dict]) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
+
+
 def _log_wait(path: str, holder: Optional[dict], deadline: float, wait_s: float) -> None:
     """Say once (on the first poll) who holds the lock and for how long we wait."""
     if deadline - time.monotonic() >= wait_s - LOCK_POLL_S:
-        who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
-        log.info("%s: held by %s; waiting up to %.0f s", path, who, wait_s)
+        log.info("%s: held by %s; waiting up to %.0f s", path, _who(holder), wait_s)
 
 
 def _timeout(path: str, holder: Optional[dict], wait_s: float) -> LockTimeout:
-    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
-    return LockTimeout(f"{path}: still locked by {who} after {wait_s:.0f} s; if that process is gone, "
+    return LockTimeout(f"{path}: still locked by {_who(holder)} after {wait_s:.0f} s; if that process is gone, "
                        f"delete {path} and retry")
 
 
@@ -216,7 +218,7 @@ def _try_take(path: str, token: str, ttl_s: float) -> tuple[bool, Optional[dict]
     if holder and holder.get("expires", 0) > time.time():
         return False, holder
     if holder:
-        log.warning("%s: taking over the expired lock of pid %s on %s", path, holder.get("pid"), holder.get("host"))
+        log.warning("%s: taking over the expired lock of %s", path, _who(holder))
     write_text(path, json.dumps(_owner(token, ttl_s)))
     time.sleep(LOCK_SETTLE_S)
     holder = _read_owner(path)

@@ -100,3 +100,18 @@ def test_split_and_local_file(tmp_path):
     with storage.local_file(str(tmp_path / "c.yaml")) as local:
         assert local == str(tmp_path / "c.yaml")
     assert storage.list_names(f"file://{tmp_path}") == ["c.yaml"] and storage.list_names(str(tmp_path / "no")) == []
+
+
+def test_search_and_run_resume_from_a_uri(tmp_path):
+    from resnet_ray import train, tune
+    from resnet_ray.config import Config, ConfigError, to_yaml
+
+    storage.write_text(str(tmp_path / "exp" / tune.SEARCH_CONFIG), to_yaml(Config()))
+    cfg = tune.config_for_resume(f"file://{tmp_path}/exp/", ["--tune.num_samples", "3"])
+    assert (cfg.tune.storage_path, cfg.tune.name, cfg.tune.num_samples) == (f"file://{tmp_path}", "exp", 3)
+    assert tune.experiment_dir(cfg) == f"file://{tmp_path}/exp"
+    storage.write_text(str(tmp_path / "run" / "config.yaml"), to_yaml(Config()))
+    run = train.config_for_resume(f"file://{tmp_path}/run")
+    assert train.run_dir_of(run) == f"file://{tmp_path}/run"
+    with pytest.raises(ConfigError, match="no search_config.yaml there"):
+        tune.config_for_resume(f"file://{tmp_path}/run")
