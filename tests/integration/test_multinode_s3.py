@@ -120,8 +120,7 @@ class Cluster:
     def __init__(self, tmp, env):
         self.tmp, self.env, self.nodes, self.killed = tmp, env, [], ()
         self.sessions = tempfile.mkdtemp(prefix="rr-")  # short: Ray's socket paths must fit in 107 bytes
-        self.gcs, self.dash = free_ports(2)
-        self.address = f"http://127.0.0.1:{self.dash}"
+        self.gcs = self.address = None
 
     def start(self, head: bool, cpus: int) -> subprocess.Popen:
         index = len(self.nodes)
@@ -137,7 +136,9 @@ class Cluster:
                 f"--max-worker-port={workers + WORKER_PORTS - 1}",
                 "--object-store-memory=200000000", "--disable-usage-stats"]
         if head:
-            args += ["--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}"]
+            self.gcs, dash = free_ports(2)
+            self.address = f"http://127.0.0.1:{dash}"
+            args += ["--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
         else:
             args += [f"--address=127.0.0.1:{self.gcs}"]
         env = {**self.env, "RESNET_RAY_CACHE": str(folder / "cache")}
@@ -178,19 +179,26 @@ class Cluster:
         self.killed = (*self.killed, index)
         return raylet
 
-    def replace(self, index: int, attempts: int = 3) -> None:
-        """Kill node ``index``'s raylet and start a 3-CPU node in its place (as an autoscaler would), retrying a
-        replacement that fails to start (on a loaded machine its dashboard agent can miss Ray's start timeout)."""
-        self.kill_raylet(index)
+    def add(self, head: bool, cpus: int, expect: list, attempts: int = 3) -> int:
+        """Start a node and wait for the cluster's nodes to have ``expect`` CPUs; returns the node's index.
+
+        Ray gives a new raylet 30 s to register, which a loaded 2-core machine can miss: a node that dies
+        starting is started again.
+        """
         for attempt in range(attempts):
-            self.start(head=False, cpus=3)
+            self.start(head, cpus)
             try:
-                self.wait_for([0, 3, 3])
-                return
+                self.wait_for(expect)
+                return len(self.nodes) - 1
             except RuntimeError:
                 if self.nodes[-1].poll() is None or attempt == attempts - 1:
                     raise
                 self.killed = (*self.killed, len(self.nodes) - 1)
+
+    def replace(self, index: int) -> int:
+        """Kill node ``index``'s raylet and start a 3-CPU node in its place, as an autoscaler would."""
+        self.kill_raylet(index)
+        return self.add(head=False, cpus=3, expect=[0, 3, 3])
 
     def stop(self) -> None:
         for proc in reversed(self.nodes):
@@ -216,11 +224,8 @@ def cluster(s3, tmp_path_factory):
                RAY_DATA_USE_DATASOURCE_V2="0")
     nodes = Cluster(tmp_path_factory.mktemp("multinode"), env)
     try:
-        nodes.start(head=True, cpus=0)
-        nodes.wait_for([0])
-        nodes.start(head=False, cpus=3)
-        nodes.start(head=False, cpus=3)
-        nodes.wait_for([0, 3, 3])
+        nodes.head = nodes.add(head=True, cpus=0, expect=[0])
+        nodes.workers = [nodes.add(head=False, cpus=3, expect=[0, 3]), nodes.add(head=False, cpus=3, expect=[0, 3, 3])]
         yield nodes
     finally:
         nodes.stop()
@@ -301,7 +306,7 @@ def trained(search, cluster, workdir, s3):
     def kill_a_node_after_epoch_1(proc):
         wait_for_object(s3, "runs/best/checkpoint_manager_snapshot.json", proc)
         seen["finished_before_kill"] = "history.jsonl" in s3.names("runs/best")
-        cluster.replace(2)
+        cluster.replace(cluster.workers[1])
 
     returncode, output = run_job(cluster, workdir, "jobs/train.py", "--config", "best_config.yaml",
                                  "--train.name", "best", "--scaling.num_workers", "2", "--scaling.cpus_per_worker", "2",
@@ -338,7 +343,7 @@ def test_s3_multinode_train_survives_a_killed_worker_node(trained, s3, cluster):
     returncode, output, finished_before_kill = trained
     assert returncode == 0 and "succeeded" in output, output[-4000:]
     assert not finished_before_kill  # the node died mid-run
-    assert cluster.nodes[2].poll() is not None  # and stayed dead
+    assert cluster.nodes[cluster.workers[1]].poll() is not None  # and stayed dead
     history = [json.loads(line) for line in s3.read("runs/best/history.jsonl").decode().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]  # every epoch reported exactly once
     assert all(h["val_count"] == 144 for h in history)  # the whole validation split, each row once
@@ -353,7 +358,7 @@ def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cl
     assert {"predictions.parquet", "report.md", "confusion_matrix.png"} <= set(s3.names("runs/best/eval-test"))
     sha = json.loads(s3.read("runs/best/model/model.json"))["sha256"]
     caches = [cluster.tmp / f"node{i}" / "cache" / "models" for i in range(len(cluster.nodes))]
-    assert not caches[0].exists()  # the driver on the head read model.json only
+    assert not caches[cluster.head].exists()  # the driver on the head read model.json only
     entries = [c / name for c in caches if c.exists() for name in os.listdir(c)]
     assert [e for e in entries if e.name == sha], "no worker node cached the model"
     assert all(len(e.name) == 64 for e in entries), entries  # no temporary copies left
