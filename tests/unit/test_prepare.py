@@ -153,3 +153,35 @@ def test_digits_source_is_real_32px_rgb(tmp_path):
     assert split.images.shape == (1797, 32, 32, 3) and split.images.dtype == np.uint8
     assert (split.images[..., 0] == split.images[..., 2]).all() and split.images.max() == 255
     assert np.bincount(split.labels).min() >= 170
+
+
+def test_fingerprint_covers_source_files_seed_and_fractions(tmp_path):
+    source = tmp_path / "src"
+    (source / "train").mkdir(parents=True)
+    part = source / "train" / "part-0.parquet"
+    part.write_bytes(b"x" * 10)
+    cfg = DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root"))
+    first = prep.request_fingerprint(cfg)
+    assert prep.request_fingerprint(cfg) == first  # the same files and settings: the same dataset
+    assert prep.dataset_dir(cfg) == os.path.join(tmp_path, "root", "parquet", first)
+    for changed in ({"seed": 1}, {"val_fraction": 0.2}, {"test_fraction": 0.3}):
+        assert prep.request_fingerprint(DataConfig(**{**cfg.__dict__, **changed})) != first, changed
+    part.write_bytes(b"y" * 11)  # new content
+    second = prep.request_fingerprint(cfg)
+    assert second != first
+    os.utime(part, ns=(1, 1))  # same size, other modification time
+    assert prep.request_fingerprint(cfg) not in (first, second)
+    (source / "train" / "part-1.parquet").write_bytes(b"")  # one more file
+    assert len({first, second, prep.request_fingerprint(cfg)}) == 3
+
+
+def test_leftovers_of_a_killed_prepare_are_deleted_by_the_next(tmp_path, fake):
+    cfg = DataConfig(source="digits", root=str(tmp_path))
+    final = prep.dataset_dir(cfg)
+    os.makedirs(f"{final}.tmp-deadbeef/train")
+    os.makedirs(final)  # an object-store commit that stopped before metadata.json
+    open(os.path.join(final, "stale.parquet"), "w").close()
+    prepared = prep.prepare(cfg)
+    assert prepared == final and not os.path.exists(os.path.join(final, "stale.parquet"))
+    name = os.path.basename(final)
+    assert sorted(os.listdir(tmp_path / "digits")) == [name, f"{name}.lock"]
