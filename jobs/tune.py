@@ -1,7 +1,7 @@
 """Search fine-tuning hyperparameters with Ray Tune (ASHA) over Ray Train runs.
 
 python jobs/tune.py --config configs/tune-cifar10.yaml      --local: configs/tune-local.yaml on this machine
-python jobs/tune.py --resume EXPERIMENT_DIR                 continue an interrupted search
+python jobs/tune.py --resume EXPERIMENT_DIR                 continue an interrupted search (path or URI)
 """
 import os
 import sys
@@ -12,7 +12,6 @@ from resnet_ray import cli  # noqa: E402
 
 
 def main() -> int:
-    from resnet_ray.config import load_config, replace
     from resnet_ray.runtime import check_cluster, init_ray
 
     p = cli.parser(__doc__)
@@ -21,15 +20,9 @@ def main() -> int:
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.report import print_search_summary
-    from resnet_ray.tune import search
+    from resnet_ray.tune import config_for_resume, search
 
-    if args.resume:
-        location = os.path.abspath(os.path.expanduser(args.resume.rstrip("/")))
-        cfg = load_config(os.path.join(location, "search_config.yaml"), overrides)
-        cfg = replace(cfg, {"tune.storage_path": os.path.dirname(location),
-                           "tune.name": os.path.basename(location)})
-    else:
-        cfg = cli.config_from(args, overrides)
+    cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     result = search(cfg, resume=bool(args.resume))
     print_search_summary(result)

@@ -4,19 +4,29 @@ A training checkpoint folder holds ``state.pt`` (model, optimizer, epoch) and ``
 (resolved config, class names, normalization, metrics history). An exported model folder holds
 ``model.pt`` (a plain state_dict) and ``model.json`` (everything needed to use it, with the
 SHA-256 of model.pt, checked before loading). Everything loads with ``weights_only=True``.
+
+Models on remote storage (URIs) are fetched file by file: an exported model's ``model.pt`` and ``model.json``
+only, verified once per node and cached under ``<cache>/models/<sha256>/`` (``RESNET_RAY_CACHE``, default
+``~/.cache/resnet_ray``); a training checkpoint's two files into a temporary folder that is deleted after use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
+from resnet_ray import storage
 from resnet_ray.config import ModelConfig, from_dict
+
+log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 META = "meta.json"
@@ -89,48 +99,130 @@ def export_model(checkpoint_folder: str, out_dir: str) -> str:
     return out_dir
 
 
+def export_checkpoint(checkpoint, out_dir: str) -> dict:
+    """Export a ``ray.train.Checkpoint`` (local or on remote storage) to ``out_dir`` (local path or URI).
+
+    Returns the checkpoint's metadata. On remote storage model.pt is uploaded before model.json, whose SHA-256
+    makes a reader refuse a half-replaced pair.
+    """
+    with checkpoint.as_directory() as folder:
+        _, meta = load_training_state(folder)
+        if not storage.is_uri(out_dir):
+            export_model(folder, out_dir)
+            return meta
+        with tempfile.TemporaryDirectory() as tmp:
+            local = export_model(folder, os.path.join(tmp, "model"))
+            for name in (MODEL, MODEL_INFO):
+                with open(os.path.join(local, name), "rb") as f:
+                    storage.write_bytes(storage.join(out_dir, name), f.read())
+    return meta
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
     info: dict  # model.json contents (or the equivalent from a training checkpoint)
-    source: str  # the folder it came from
+    source: str  # the folder it came from (a URI for remote models)
 
 
-def _resolve_model_folder(path: str) -> str:
-    """An exported model folder, a training checkpoint folder, or a run folder (-> its model/)."""
-    if not os.path.isdir(path):
+def _locate(path: str) -> tuple[str, str]:
+    """(folder, its metadata file: MODEL_INFO or META) of an exported model, a training checkpoint or a run
+    folder (-> its model/); local or URI."""
+    path = storage.normalize(path).rstrip("/")
+    for candidate in (path, storage.join(path, "model")):
+        for name in (MODEL_INFO, STATE):
+            if storage.exists(storage.join(candidate, name)):
+                return candidate, MODEL_INFO if name == MODEL_INFO else META
+    if not storage.exists(path):
         raise CheckpointError(f"{path}: no such model folder, checkpoint or run folder")
-    for candidate in (path, os.path.join(path, "model")):
-        if os.path.isfile(os.path.join(candidate, MODEL_INFO)) or os.path.isfile(os.path.join(candidate, STATE)):
-            return candidate
     raise CheckpointError(f"{path}: neither an exported model ({MODEL_INFO}), a training checkpoint ({STATE}) "
                           f"nor a run folder with model/")
 
 
-def read_info(path: str) -> tuple[str, dict]:
-    """(folder, metadata) of an exported model, checkpoint or run folder, without loading any weights."""
-    folder = _resolve_model_folder(path)
-    name = MODEL_INFO if os.path.isfile(os.path.join(folder, MODEL_INFO)) else META
+def _read_json(folder: str, name: str) -> dict:
     try:
-        with open(os.path.join(folder, name)) as f:
-            return folder, json.load(f)
+        return storage.read_json(storage.join(folder, name))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}/{name}: missing or corrupt ({exc})") from None
 
 
-def load_model(path: str) -> LoadedModel:
-    """Rebuild the model from an exported folder, checkpoint folder or run folder, on the CPU, in eval mode."""
-    from resnet_ray.model import build_model
+def read_info(path: str) -> tuple[str, dict]:
+    """(folder, metadata) of an exported model, checkpoint or run folder (local or URI), without any weights."""
+    folder, name = _locate(path)
+    return folder, _read_json(folder, name)
 
-    folder, info = read_info(path)
-    if os.path.isfile(os.path.join(folder, MODEL_INFO)):
+
+def model_cache() -> str:
+    return os.path.join(os.path.expanduser(os.environ.get("RESNET_RAY_CACHE", "~/.cache/resnet_ray")), "models")
+
+
+def fetch_model(folder: str, info: dict) -> str:
+    """Local folder with the exported model ``folder`` (a URI): this node's cached copy, fetched if missing.
+
+    Only model.pt and model.json are downloaded, into a temporary folder beside the cache entry; model.pt's
+    SHA-256 is checked against model.json, then the folder is renamed to ``<cache>/models/<sha256>``. A
+    complete entry is never fetched or hashed again; of two processes fetching at once, one rename wins.
+    """
+    sha = str(info.get("sha256") or "")
+    if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+        raise CheckpointError(f"{folder}/{MODEL_INFO}: no valid sha256 ({sha!r}); export the model again")
+    target = os.path.join(model_cache(), sha)
+    if os.path.isfile(os.path.join(target, MODEL_INFO)):
+        return target
+    os.makedirs(model_cache(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=model_cache())
+    try:
+        if storage.download(storage.join(folder, MODEL), os.path.join(tmp, MODEL)) != sha:
+            raise CheckpointError(f"{folder}/{MODEL}: its SHA-256 differs from {MODEL_INFO}: refusing to load")
+        with open(os.path.join(tmp, MODEL_INFO), "w") as f:
+            json.dump(info, f, indent=2)
+        try:
+            os.rename(tmp, target)
+            log.info("fetched %s into %s", folder, target)
+        except OSError:  # another process of this node was faster
+            if not os.path.isfile(os.path.join(target, MODEL_INFO)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def _local_checkpoint(folder: str) -> Iterator[str]:
+    """A training checkpoint folder on this machine: itself, or its two files in a temporary folder."""
+    if not storage.is_uri(folder):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="resnet_ray-") as tmp:
+        for name in (STATE, META):
+            storage.download(storage.join(folder, name), os.path.join(tmp, name))
+        yield tmp
+
+
+def _exported_weights(folder: str, info: dict) -> dict:
+    """An exported model's state_dict: SHA-256 checked here, or taken from this node's verified cache."""
+    if storage.is_uri(folder):
+        model_path = os.path.join(fetch_model(folder, info), MODEL)
+    else:
         model_path = os.path.join(folder, MODEL)
         if not os.path.isfile(model_path) or _sha256(model_path) != info.get("sha256"):
             raise CheckpointError(f"{model_path}: missing or its SHA-256 differs from {MODEL_INFO}: refusing to load")
-        weights = torch.load(model_path, map_location="cpu", weights_only=True)
-    else:
-        state, _ = load_training_state(folder)
-        weights = model_weights(state)
+    return torch.load(model_path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_weights(folder: str) -> dict:
+    with _local_checkpoint(folder) as local:
+        state, _ = load_training_state(local)
+    return model_weights(state)
+
+
+def load_model(path: str) -> LoadedModel:
+    """Rebuild the model from an exported, checkpoint or run folder (local or URI) on the CPU, in eval mode."""
+    from resnet_ray.model import build_model
+
+    folder, name = _locate(path)
+    info = _read_json(folder, name)
+    weights = _exported_weights(folder, info) if name == MODEL_INFO else _checkpoint_weights(folder)
     missing = [key for key in ("arch", "num_classes", "image_size", "mean", "std", "config") if key not in info]
     if missing:
         raise CheckpointError(f"{folder}: model metadata lacks {', '.join(missing)}")
@@ -145,5 +237,5 @@ def load_model(path: str) -> LoadedModel:
 
 
 def checkpoint_config(path: str):
-    """The resolved Config stored with a model, checkpoint or run folder."""
+    """The resolved Config stored with a model, checkpoint or run folder (local or URI)."""
     return from_dict(read_info(path)[1]["config"])

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_ray import metrics, report, storage
-from resnet_ray.checkpoint import CheckpointError, checkpoint_config, load_model
+from resnet_ray.checkpoint import CheckpointError, checkpoint_config, read_info
 from resnet_ray.config import Config, parse_overrides, replace, to_dict
 from resnet_ray.data.load import load_split, split_rows
 from resnet_ray.data.prepare import ensure_prepared
@@ -114,7 +114,7 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what
 
 def model_config(model_path: str, overrides=()) -> Config:
     """The resolved config saved with a model (exported, checkpoint or run folder), with CLI overrides."""
-    return replace(checkpoint_config(storage.local_folder(model_path)), parse_overrides(overrides))
+    return replace(checkpoint_config(model_path), parse_overrides(overrides))
 
 
 def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: Optional[str] = None) -> dict:
@@ -125,7 +125,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     import ray.data
 
     split = split or cfg.eval.split
-    info = load_model(storage.local_folder(model_path)).info
+    info = read_info(model_path)[1]  # model.json only: the actors fetch the weights
     prepared, meta = ensure_prepared(cfg.data)
     check_model_fits(info, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)

@@ -7,7 +7,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resnet_ray import storage
 from resnet_ray.checkpoint import load_model
 from resnet_ray.loop import autocast
 from resnet_ray.transforms import Preprocess
@@ -26,7 +25,7 @@ class Predictor:
     """
 
     def __init__(self, model_path: str, amp: bool = True, threads: Optional[int] = None):
-        loaded = load_model(storage.local_folder(model_path))
+        loaded = load_model(model_path)  # a URI: fetched once per node into the model cache
         info = loaded.info
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = self.device.type == "cuda"

@@ -1,14 +1,27 @@
-"""Local paths and URIs (s3://, gs://, file://) through pyarrow filesystems, with atomic writes."""
+"""Local paths and URIs (s3://, gs://, file://) through pyarrow filesystems, with atomic writes and locks.
+
+S3-compatible stores other than AWS are reached through the standard ``AWS_ENDPOINT_URL`` variable (read by
+pyarrow >= 15, in every process that opens a filesystem, Ray workers included).
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import posixpath
+import socket
 import tempfile
+import threading
+import time
 import uuid
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 
 def is_uri(path: str) -> bool:
@@ -68,19 +81,50 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def local_folder(path: str) -> str:
-    """``path`` itself when local, else a copy of the remote folder in a new temporary local folder."""
+def split(path: str) -> tuple[str, str]:
+    """(parent, last name) of a local path or URI, trailing slashes ignored."""
+    location = normalize(path).rstrip("/")
+    return tuple(location.rsplit("/", 1)) if is_uri(location) else os.path.split(location)
+
+
+def delete_dir(path: str) -> None:
+    """Delete a folder (local or URI) and everything in it; a missing folder is fine."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def list_names(path: str) -> list[str]:
+    """Names of the entries directly in a folder (local or URI); [] when it does not exist."""
+    fs, p = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def download(path: str, target: str) -> str:
+    """Stream the file ``path`` (local or URI) to the local file ``target``; returns its SHA-256."""
+    fs, p = resolve(path)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(p) as src, open(target, "wb") as out:
+        for chunk in iter(lambda: src.read(1 << 22), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def local_file(path: str, suffix: str = "") -> Iterator[str]:
+    """A local path holding the file ``path``: itself when local, else a temporary copy deleted afterwards."""
     if not is_uri(path):
-        return path
-    local = tempfile.mkdtemp(prefix="resnet_ray-")
-    fs, src = resolve(path)
-    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-        if info.type == pafs.FileType.File:
-            target = os.path.join(local, os.path.relpath(info.path, src))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with fs.open_input_stream(info.path) as f, open(target, "wb") as out:
-                out.write(f.read())
-    return local
+        yield normalize(path)
+        return
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="resnet_ray-")
+    os.close(fd)
+    try:
+        download(path, tmp)
+        yield tmp
+    finally:
+        os.unlink(tmp)
 
 
 def upload_dir(local: str, path: str) -> None:
@@ -90,3 +134,125 @@ def upload_dir(local: str, path: str) -> None:
             source = os.path.join(root, name)
             with open(source, "rb") as f:
                 write_bytes(join(path, *os.path.relpath(source, local).split(os.sep)), f.read())
+
+
+# ---------------------------------------------------------------------------
+# locks
+
+LOCK_TTL_S = 60.0  # an object lock not renewed for this long belongs to a dead process
+LOCK_POLL_S = 1.0
+LOCK_SETTLE_S = 0.5  # an object lock is read back after this long: of two simultaneous writers the last one wins
+
+
+class LockTimeout(TimeoutError):
+    """Another process held a lock for longer than the caller was willing to wait."""
+
+
+def _owner(token: str, ttl_s: float) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "expires": time.time() + ttl_s}
+
+
+@contextlib.contextmanager
+def lock(path: str, wait_s: float = 1800.0, ttl_s: float = LOCK_TTL_S) -> Iterator[None]:
+    """Hold the exclusive lock named ``path`` (local path or URI) while the block runs.
+
+    Local paths: an ``flock`` on the file ``path``, which the kernel releases when the holder dies.
+    URIs: object stores offer no exclusive create through pyarrow, so the lock is an object holding an owner
+    token and an expiry that a heartbeat thread renews every ttl/3; an expired lock belonged to a dead process
+    and is taken over. Waits at most ``wait_s`` seconds, then raises :class:`LockTimeout` naming the holder.
+    """
+    manager = _object_lock(path, wait_s, ttl_s) if is_uri(path) else _file_lock(normalize(path), wait_s)
+    with manager:
+        yield
+
+
+def _who(holder: Optional[dict]) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
+
+
+def _log_wait(path: str, holder: Optional[dict], deadline: float, wait_s: float) -> None:
+    """Say once (on the first poll) who holds the lock and for how long we wait."""
+    if deadline - time.monotonic() >= wait_s - LOCK_POLL_S:
+        log.info("%s: held by %s; waiting up to %.0f s", path, _who(holder), wait_s)
+
+
+def _timeout(path: str, holder: Optional[dict], wait_s: float) -> LockTimeout:
+    return LockTimeout(f"{path}: still locked by {_who(holder)} after {wait_s:.0f} s; if that process is gone, "
+                       f"delete {path} and retry")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, wait_s: float) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _timeout(path, _read_owner(path), wait_s) from None
+                _log_wait(path, _read_owner(path), deadline, wait_s)
+                time.sleep(LOCK_POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_owner(uuid.uuid4().hex, 0)).encode(), 0)  # for the timeout message of others
+        yield
+    finally:
+        os.close(fd)  # releases the flock; the file stays (deleting it would race with waiters)
+
+
+def _read_owner(path: str) -> Optional[dict]:
+    """The lock's owner record, or None when there is none (or it is unreadable, which counts as expired)."""
+    try:
+        owner = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _try_take(path: str, token: str, ttl_s: float) -> tuple[bool, Optional[dict]]:
+    """(taken, current holder): write our owner record unless a live one is there, then check we won."""
+    holder = _read_owner(path)
+    if holder and holder.get("expires", 0) > time.time():
+        return False, holder
+    if holder:
+        log.warning("%s: taking over the expired lock of %s", path, _who(holder))
+    write_text(path, json.dumps(_owner(token, ttl_s)))
+    time.sleep(LOCK_SETTLE_S)
+    holder = _read_owner(path)
+    return bool(holder and holder.get("token") == token), holder
+
+
+def _renew(path: str, token: str, ttl_s: float, stop: threading.Event) -> None:
+    while not stop.wait(ttl_s / 3):
+        if (_read_owner(path) or {}).get("token") != token:
+            log.error("%s: lost the lock to another process", path)
+            return
+        write_text(path, json.dumps(_owner(token, ttl_s)))
+
+
+@contextlib.contextmanager
+def _object_lock(path: str, wait_s: float, ttl_s: float) -> Iterator[None]:
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_s
+    while True:
+        taken, holder = _try_take(path, token, ttl_s)
+        if taken:
+            break
+        if time.monotonic() > deadline:
+            raise _timeout(path, holder, wait_s)
+        _log_wait(path, holder, deadline, wait_s)
+        time.sleep(LOCK_POLL_S)
+    stop = threading.Event()
+    heartbeat = threading.Thread(target=_renew, args=(path, token, ttl_s, stop), daemon=True)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heartbeat.join()
+        if (_read_owner(path) or {}).get("token") == token:
+            fs, p = resolve(path)
+            fs.delete_file(p)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from resnet_ray import report, storage
-from resnet_ray.checkpoint import export_model, load_training_state, save_training_state
+from resnet_ray.checkpoint import export_checkpoint, load_training_state, save_training_state
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
-from resnet_ray.data.load import load_split, quiet_data_progress, split_rows
+from resnet_ray.data.load import load_split, quiet_data_progress
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
 from resnet_ray.resources import alive_nodes, check_training
@@ -164,20 +164,16 @@ def config_for_resume(run_dir: str, overrides=()) -> Config:
     path = storage.join(run_dir, "config.yaml")
     if not storage.exists(path):
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
-    with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as f:
-        f.write(storage.read_bytes(path))
-        f.flush()
-        saved = load_config(f.name)
-        cfg = load_config(f.name, overrides)
+    with storage.local_file(path, suffix=".yaml") as local:
+        saved = load_config(local)
+        cfg = load_config(local, overrides)
     old, new = to_dict(saved), to_dict(cfg)
     for key in RESUME_FIXED:
         section, name = key.split(".")
         if old[section][name] != new[section][name]:
             raise ConfigError(f"{key}: a resumed run keeps {old[section][name]!r} (it was trained with it); "
                               f"start a new run to change it")
-    location = storage.normalize(run_dir).rstrip("/")
-    parent, name = location.rsplit("/", 1) if storage.is_uri(location) else os.path.split(location)
-    new["train"].update(storage_path=parent, name=name)
+    new["train"].update(zip(("storage_path", "name"), storage.split(run_dir)))
     return from_dict(new)
 
 
@@ -201,19 +197,10 @@ def write_history(run_dir: str, history: list) -> None:
 
 def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
     """Export the best checkpoint by val_top1 (the last one in a refit on train+val, which has no validation)
-    to <run_dir>/model; returns its epoch's metrics and the model folder."""
+    to <run_dir>/model (local path or URI); returns its epoch's metrics and the model folder."""
+    model_dir = storage.join(run_dir, "model")
     chosen = result.checkpoint if cfg.train.refit_on_val else result.get_best_checkpoint(metric=METRIC, mode="max")
-    with chosen.as_directory() as folder:
-        _, meta = load_training_state(folder)
-        if storage.is_uri(run_dir):
-            with tempfile.TemporaryDirectory() as tmp:
-                local = export_model(folder, os.path.join(tmp, "model"))
-                for name in os.listdir(local):
-                    with open(os.path.join(local, name), "rb") as f:
-                        storage.write_bytes(storage.join(run_dir, "model", name), f.read())
-        else:
-            export_model(folder, os.path.join(run_dir, "model"))
-    return meta["metrics"], storage.join(run_dir, "model")
+    return export_checkpoint(chosen, model_dir)["metrics"], model_dir
 
 
 def training_datasets(cfg: Config, prepared: str) -> dict:

@@ -1,13 +1,15 @@
 """Hyperparameter search: Ray Tune (ASHA + a TPE searcher) over Ray Train runs (Train V2 pattern).
 
 Each trial is a function trainable that launches a TorchTrainer through ``train.fit`` with Tune's
-``TuneReportCallback``, so the trial's metrics reach ASHA and its checkpoints stay in the trial's run folder.
+``TuneReportCallback``, so the trial's metrics reach ASHA and its checkpoints stay in the trial's run folder,
+``<experiment>/trials/<trial id>``. The experiment folder may be a local/NFS path or a URI (s3://, gs://):
+everything is written through pyarrow filesystems, and the best checkpoint is found through Ray Train's own
+record of the trial's run (``ray.train.Result.from_path``), never by listing folders.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import time
@@ -15,13 +17,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from resnet_ray import storage
-from resnet_ray.checkpoint import META, export_model
-from resnet_ray.config import Config, ConfigError, from_dict, replace, to_dict, to_yaml
+from resnet_ray.checkpoint import export_checkpoint
+from resnet_ray.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_yaml
 from resnet_ray.resources import TRIAL_DRIVER_CPUS, alive_nodes, release_train_reservations, trial_concurrency
 
 log = logging.getLogger(__name__)
 
 TRIALS_FOLDER = "trials"
+SEARCH_CONFIG = "search_config.yaml"
 
 
 def _domain(spec: dict):
@@ -52,6 +55,17 @@ def validate_search_space(cfg: Config) -> None:
 
 def experiment_dir(cfg: Config) -> str:
     return storage.join(cfg.tune.storage_path or cfg.train.storage_path, cfg.tune.name)
+
+
+def config_for_resume(exp_dir: str, overrides=()) -> Config:
+    """The config saved in an experiment folder (local path or URI), pointed back at that folder."""
+    path = storage.join(exp_dir, SEARCH_CONFIG)
+    if not storage.exists(path):
+        raise ConfigError(f"--resume {exp_dir}: no {SEARCH_CONFIG} there; is it an experiment folder?")
+    with storage.local_file(path, suffix=".yaml") as local:
+        cfg = load_config(local, overrides)
+    parent, name = storage.split(exp_dir)
+    return replace(cfg, {"tune.storage_path": parent, "tune.name": name})
 
 
 def trial_config(base: Config, params: dict, trial_id: str, exp_dir: str) -> Config:
@@ -102,7 +116,7 @@ def _tuner(cfg: Config, exp_dir: str, restore: bool):
                                 {"CPU": TRIAL_DRIVER_CPUS})
     if restore:
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-    parent, name = exp_dir.rstrip("/").rsplit("/", 1)
+    parent, name = storage.split(exp_dir)
     return tune.Tuner(
         trainable,
         param_space={key: _domain(spec) for key, spec in cfg.tune.search_space.items()},
@@ -132,18 +146,21 @@ def _trial_rows(grid, cfg: Config) -> list:
     return rows
 
 
-def best_checkpoint(run_dir: str, metric: str, mode: str) -> str:
-    """The checkpoint folder of a run with the best metric (read from each checkpoint's meta.json)."""
-    candidates = []
-    for name in sorted(os.listdir(run_dir)):
-        meta_path = os.path.join(run_dir, name, META)
-        if name.startswith("checkpoint_") and os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                candidates.append((json.load(f)["metrics"][metric], name))
-    if not candidates:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint")
-    value, name = (max if mode == "max" else min)(candidates)
-    return os.path.join(run_dir, name)
+def best_checkpoint(run_dir: str, metric: str, mode: str):
+    """The ``ray.train.Checkpoint`` of a trial's run (local path or URI) with the best ``metric``.
+
+    Read from Ray Train's record of the run (its checkpoint manager snapshot), which knows every kept
+    checkpoint and its metrics wherever the run was stored.
+    """
+    import ray.train
+
+    try:
+        checkpoint = ray.train.Result.from_path(storage.normalize(run_dir)).get_best_checkpoint(metric, mode)
+    except RuntimeError as exc:  # no such run folder, or no snapshot in it
+        raise FileNotFoundError(f"{run_dir}: no Ray Train run with checkpoints ({exc})") from None
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint reported {metric}")
+    return checkpoint
 
 
 def _write_trials_csv(path: str, rows: list, metric: str) -> None:
@@ -164,17 +181,14 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     if not cfg.tune.name:
         cfg = replace(cfg, {"tune.name": f"tune-{cfg.data.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
     validate_search_space(cfg)
-    if storage.is_uri(cfg.tune.storage_path or cfg.train.storage_path):
-        raise ConfigError("tune.storage_path: the search keeps its trials on a shared local/NFS path; "
-                          "URIs are not supported yet")
     cfg = replace(cfg, {"tune.max_concurrent_trials": trial_concurrency(
         cfg.tune.max_concurrent_trials, cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(),
         not cfg.data.cache)})  # what the cluster holds at once (fewer, with a warning)
     exp_dir = experiment_dir(cfg)
     ensure_prepared(cfg.data)  # once, before trials start in parallel
-    if resume and not os.path.isdir(exp_dir):
+    if resume and not storage.exists(exp_dir):
         raise ConfigError(f"--resume {exp_dir}: no such experiment folder")
-    storage.write_text(storage.join(exp_dir, "search_config.yaml"), to_yaml(cfg))
+    storage.write_text(storage.join(exp_dir, SEARCH_CONFIG), to_yaml(cfg))
     grid = _tuner(cfg, exp_dir, restore=resume).fit()
     release_train_reservations()  # stopped trials' Ray Data reservations would starve the final evaluation
 
@@ -191,8 +205,8 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     best_config_path = storage.join(exp_dir, "best_config.yaml")
     storage.write_text(best_config_path, "# best trial " + best["trial_id"] + f": {cfg.tune.metric} "
                        f"{best[cfg.tune.metric]:.4f}\n" + to_yaml(best_cfg))
-    model_dir = export_model(best_checkpoint(best_run, cfg.tune.metric, cfg.tune.mode),
-                             storage.join(exp_dir, "best_model"))
+    model_dir = storage.join(exp_dir, "best_model")
+    export_checkpoint(best_checkpoint(best_run, cfg.tune.metric, cfg.tune.mode), model_dir)
     from resnet_ray.evaluate import evaluate
 
     evaluation = evaluate(best_cfg, model_dir, split="test", output=storage.join(exp_dir, "best_model_eval-test"))

@@ -1,13 +1,17 @@
 """Turn any source into the canonical prepared dataset.
 
-Layout under ``<data.root>/<dataset name>/``::
+Layout under ``<data.root>/<dataset name>/<fingerprint>/``::
 
     metadata.json                   # written last: its presence marks a complete dataset
     train/part-00000.parquet ...    # row_id int64, image fixed_size_binary(H*W*3) HWC uint8, label, [coarse_label]
     val/...  test/...
 
-Writing goes to a temporary folder that is moved into place at the end, so a failed prepare leaves
-nothing behind; a second prepare of the same request does nothing.
+The fingerprint covers the request (source, split seed and fractions, image size, ...) and the source's
+content (names, sizes and modification times of its files), so a prepared folder is written once and never
+rewritten: other settings or changed source files make a new folder beside it, and runs trained on the old
+one keep reading the same rows. Writing goes to ``<fingerprint>.tmp-*`` under a lock
+(``<fingerprint>.lock``, see :func:`resnet_ray.storage.lock`); a second prepare of the same request waits
+for the first and reuses its result, and whoever holds the lock next deletes what a killed prepare left.
 """
 from __future__ import annotations
 
@@ -35,14 +39,29 @@ METADATA = "metadata.json"
 
 
 def dataset_dir(cfg: DataConfig) -> str:
-    return storage.join(cfg.root, cfg.dataset_name)
+    """The prepared folder of this request: ``<root>/<name>/<fingerprint>``."""
+    return storage.join(cfg.root, cfg.dataset_name, request_fingerprint(cfg))
+
+
+def source_files(path: str) -> list:
+    """[relative name, size, mtime in ns] of every file of a source (one file or a folder; local or URI).
+
+    [] when the path does not exist (the source reader then reports it).
+    """
+    fs, base = storage.resolve(path)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted([i.path[len(base):], i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
 
 
 def request_fingerprint(cfg: DataConfig) -> str:
-    """Identity of a prepare request: same source and carving settings -> same prepared data."""
+    """Identity of a prepare request: same source content and carving settings -> same prepared data."""
     path = storage.normalize(cfg.path) if cfg.path else None
     request = {
         "format": FORMAT_VERSION, "source": cfg.source, "path": path, "md5": cfg.md5,
+        "files": source_files(path) if path else None,
         "image_column": cfg.image_column, "label_column": cfg.label_column,
         "coarse_label_column": cfg.coarse_label_column, "classes": list(cfg.classes),
         "image_size": cfg.image_size, "val_fraction": cfg.val_fraction,
@@ -126,33 +145,33 @@ def _write_split(fs: pafs.FileSystem, folder: str, split: RawSplit) -> None:
 
 def _commit(fs: pafs.FileSystem, tmp: str, final: str) -> None:
     """Move the finished temporary folder into place; metadata.json last on object stores."""
-    old = None
-    if fs.get_file_info(final).type != pafs.FileType.NotFound:
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        fs.move(final, old) if isinstance(fs, pafs.LocalFileSystem) else fs.delete_dir(final)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.move(tmp, final)
-    else:  # object stores have no directory rename: move files, the commit marker last
-        files = [i.path for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True)) if i.type == pafs.FileType.File]
-        for path in sorted(files, key=lambda p: p.endswith(METADATA)):
-            fs.move(path, final + path[len(tmp):])
-        fs.delete_dir(tmp)
-    if old:
-        fs.delete_dir(old)
+        return
+    # object stores have no directory rename: move files, the commit marker last
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True)) if i.type == pafs.FileType.File]
+    for path in sorted(files, key=lambda p: p.endswith(METADATA)):
+        fs.move(path, final + path[len(tmp):])
+    fs.delete_dir(tmp)
 
 
-def prepare(cfg: DataConfig) -> str:
-    """Prepare cfg's source into the canonical layout; returns the prepared folder. Idempotent."""
-    final = dataset_dir(cfg)
-    fingerprint = request_fingerprint(cfg)
-    if storage.exists(storage.join(final, METADATA)):
-        meta = read_metadata(final)
-        if meta.get("fingerprint") == fingerprint:
-            log.info("%s is already prepared at %s: nothing to do", cfg.dataset_name, final)
-            return final
-        log.warning("%s at %s was prepared from other settings: preparing it again", cfg.dataset_name, final)
+def _clean_leftovers(final: str) -> None:
+    """Delete what killed prepares of this request left: temporary folders and a half-moved final folder.
 
-    start = time.perf_counter()
+    Called with the lock held, so none of it belongs to a live prepare.
+    """
+    parent, name = storage.split(final)
+    for entry in storage.list_names(parent):
+        if entry.startswith(f"{name}.tmp-"):
+            log.warning("deleting %s, left by a prepare that did not finish", storage.join(parent, entry))
+            storage.delete_dir(storage.join(parent, entry))
+    if storage.exists(final):  # no metadata.json (checked by the caller): a commit interrupted on an object store
+        log.warning("deleting %s: an interrupted prepare left it without %s", final, METADATA)
+        storage.delete_dir(final)
+
+
+def _write(cfg: DataConfig, final: str, fingerprint: str) -> dict:
+    """Read, carve and write the dataset into a temporary folder, then move it to ``final``."""
     raw = read_source(cfg)
     splits = carve_splits(raw, cfg)
     mean, std = _channel_stats(splits["train"].images)
@@ -166,8 +185,8 @@ def prepare(cfg: DataConfig) -> str:
             "fingerprint": fingerprint, "source_checksum": raw.checksum, "image_size": cfg.image_size,
             "classes": list(raw.classes), "coarse_classes": raw.coarse_classes,
             "fine_to_coarse": raw.fine_to_coarse, "counts": {n: int(len(s.labels)) for n, s in splits.items()},
-            "mean": mean, "std": std, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mean": mean, "std": std, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
+            "seed": cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with fs.open_output_stream(f"{tmp}/{METADATA}") as f:
             f.write(json.dumps(meta, indent=2).encode())
@@ -176,6 +195,28 @@ def prepare(cfg: DataConfig) -> str:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_dir(tmp)
         raise
+    return meta
+
+
+def prepare(cfg: DataConfig, wait_s: float = 1800.0) -> str:
+    """Prepare cfg's source into the canonical layout once; returns the prepared folder.
+
+    A prepare of the same request that is already running is waited for (at most ``wait_s`` seconds) and
+    its result reused.
+    """
+    final = dataset_dir(cfg)
+    fingerprint = storage.split(final)[1]
+    done = storage.join(final, METADATA)
+    if storage.exists(done):
+        log.info("%s is already prepared at %s: nothing to do", cfg.dataset_name, final)
+        return final
+    with storage.lock(f"{final}.lock", wait_s=wait_s):
+        if storage.exists(done):
+            log.info("%s was prepared at %s by another job meanwhile: reusing it", cfg.dataset_name, final)
+            return final
+        _clean_leftovers(final)
+        start = time.perf_counter()
+        meta = _write(cfg, final, fingerprint)
     log.info("prepared %s at %s in %.1f s: %s", cfg.dataset_name, final, time.perf_counter() - start, meta["counts"])
     return final
 

@@ -205,3 +205,48 @@ def test_corrupt_model_json_raises_checkpoint_error(checkpoint, tmp_path):
         raise AssertionError(f"expected CheckpointError, got {type(exc).__name__}") from exc
     else:
         raise AssertionError("no error raised")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("RESNET_RAY_CACHE", str(folder))
+    return folder / "models"
+
+
+def test_remote_model_is_fetched_once_per_node_and_cached_by_its_hash(checkpoint, tmp_path, trained, cache,
+                                                                       monkeypatch):
+    run = tmp_path / "run"
+    export_model(checkpoint, str(run / "model"))
+    (run / "checkpoint_000002").mkdir()  # a run folder holds more than the model: none of it is fetched
+    (run / "checkpoint_000002" / "state.pt").write_bytes(b"x" * 1000)
+    sha = json.load(open(run / "model" / ckpt.MODEL_INFO))["sha256"]
+    loaded = load_model(f"file://{run}")  # a run folder URI resolves to its model/
+    assert loaded.source == f"file://{run}/model"
+    assert os.listdir(cache) == [sha] and sorted(os.listdir(cache / sha)) == [ckpt.MODEL_INFO, ckpt.MODEL]
+    for k, v in trained[1].items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+
+    def no_download(*args):
+        raise AssertionError("a cached model was downloaded again")
+
+    monkeypatch.setattr(ckpt.storage, "download", no_download)
+    monkeypatch.setattr(ckpt, "_sha256", no_download)
+    assert load_model(f"file://{run}/model").info["sha256"] == sha  # from the cache, not hashed again
+
+
+def test_remote_model_with_a_wrong_hash_is_refused_and_leaves_no_cache(checkpoint, tmp_path, cache):
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    with open(os.path.join(out, ckpt.MODEL), "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_model(f"file://{out}")
+    assert os.listdir(cache) == []  # neither an entry nor a temporary folder
+
+
+def test_remote_training_checkpoint_loads_without_leaving_copies(checkpoint, trained, monkeypatch, tmp_path):
+    monkeypatch.setattr(ckpt.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    loaded = load_model(f"file://{checkpoint}")
+    assert loaded.info["epoch"] == 2 and os.listdir(tmp_path / "tmp") == []
+    assert checkpoint_config(f"file://{checkpoint}") == Config()

@@ -40,6 +40,12 @@ def read_split(prepared, split):
     return table_to_batch(pa.concat_tables([pq.read_table(f) for f in files]), 32)
 
 
+def data_files(root):
+    """Every file below root except the lock files that prepare keeps beside its datasets."""
+    return [p for p in glob.glob(os.path.join(root, "**"), recursive=True)
+            if os.path.isfile(p) and not p.endswith(".lock")]
+
+
 def rows_by_content(images):
     return sorted(img.tobytes() for img in images)
 
@@ -76,11 +82,14 @@ def test_second_prepare_does_nothing_and_says_so(tmp_path, fake, caplog):
     assert os.path.getmtime(os.path.join(prepared, "metadata.json")) == stamp
 
 
-def test_changed_settings_prepare_again(tmp_path, fake):
-    prep.prepare(DataConfig(source="digits", root=str(tmp_path), val_fraction=0.25))
+def test_changed_settings_prepare_beside_and_never_rewrite(tmp_path, fake):
+    first = prep.prepare(DataConfig(source="digits", root=str(tmp_path), val_fraction=0.25))
+    before = {p: os.path.getmtime(p) for p in data_files(first)}
     prepared = prep.prepare(DataConfig(source="digits", root=str(tmp_path), val_fraction=0.1))
-    assert prep.read_metadata(prepared)["val_fraction"] == 0.1
-    assert sorted(os.listdir(tmp_path)) == ["digits"]  # no temporary or old folders left
+    assert prepared != first and prep.read_metadata(prepared)["val_fraction"] == 0.1
+    assert {p: os.path.getmtime(p) for p in data_files(first)} == before  # the first one is untouched
+    folders = sorted(e for e in os.listdir(tmp_path / "digits") if not e.endswith(".lock"))
+    assert folders == sorted([os.path.basename(first), os.path.basename(prepared)])  # no temporary folders
 
 
 def test_test_split_is_carved_only_when_missing(tmp_path, monkeypatch):
@@ -102,9 +111,9 @@ def test_failed_prepare_leaves_nothing_behind(tmp_path, fake, monkeypatch):
     monkeypatch.setattr(prep.pq, "write_table", failing)
     with pytest.raises(OSError, match="disk full"):
         prep.prepare(DataConfig(source="digits", root=str(tmp_path)))
-    assert os.listdir(tmp_path) == []
+    assert data_files(tmp_path) == []
     with pytest.raises(DataError, match="not a prepared dataset"):
-        prep.read_metadata(os.path.join(tmp_path, "digits"))
+        prep.read_metadata(prep.dataset_dir(DataConfig(source="digits", root=str(tmp_path))))
 
 
 def test_bad_labels_stop_before_writing(tmp_path, monkeypatch):
@@ -113,7 +122,7 @@ def test_bad_labels_stop_before_writing(tmp_path, monkeypatch):
     monkeypatch.setitem(sources.READERS, "digits", lambda cfg: raw)
     with pytest.raises(DataError, match="row 7 has label 9, outside"):
         prep.prepare(DataConfig(source="digits", root=str(tmp_path)))
-    assert os.listdir(tmp_path) == []
+    assert data_files(tmp_path) == []
 
 
 def test_wrong_image_size_is_an_error(tmp_path, monkeypatch):
@@ -126,8 +135,9 @@ def test_wrong_image_size_is_an_error(tmp_path, monkeypatch):
 
 def test_file_uri_root_goes_through_the_same_code(tmp_path, fake):
     prepared = prep.prepare(DataConfig(source="digits", root=f"file://{tmp_path}/uri"))
-    assert prepared.startswith("file://")
-    assert json.load(open(tmp_path / "uri" / "digits" / "metadata.json"))["counts"]["train"] == 72
+    assert prepared.startswith(f"file://{tmp_path}/uri/digits/")
+    local = prepared[len("file://"):]
+    assert json.load(open(os.path.join(local, "metadata.json")))["counts"]["train"] == 72
 
 
 def test_split_rows_names_missing_split():
@@ -143,3 +153,35 @@ def test_digits_source_is_real_32px_rgb(tmp_path):
     assert split.images.shape == (1797, 32, 32, 3) and split.images.dtype == np.uint8
     assert (split.images[..., 0] == split.images[..., 2]).all() and split.images.max() == 255
     assert np.bincount(split.labels).min() >= 170
+
+
+def test_fingerprint_covers_source_files_seed_and_fractions(tmp_path):
+    source = tmp_path / "src"
+    (source / "train").mkdir(parents=True)
+    part = source / "train" / "part-0.parquet"
+    part.write_bytes(b"x" * 10)
+    cfg = DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root"))
+    first = prep.request_fingerprint(cfg)
+    assert prep.request_fingerprint(cfg) == first  # the same files and settings: the same dataset
+    assert prep.dataset_dir(cfg) == os.path.join(tmp_path, "root", "parquet", first)
+    for changed in ({"seed": 1}, {"val_fraction": 0.2}, {"test_fraction": 0.3}):
+        assert prep.request_fingerprint(DataConfig(**{**cfg.__dict__, **changed})) != first, changed
+    part.write_bytes(b"y" * 11)  # new content
+    second = prep.request_fingerprint(cfg)
+    assert second != first
+    os.utime(part, ns=(1, 1))  # same size, other modification time
+    assert prep.request_fingerprint(cfg) not in (first, second)
+    (source / "train" / "part-1.parquet").write_bytes(b"")  # one more file
+    assert len({first, second, prep.request_fingerprint(cfg)}) == 3
+
+
+def test_leftovers_of_a_killed_prepare_are_deleted_by_the_next(tmp_path, fake):
+    cfg = DataConfig(source="digits", root=str(tmp_path))
+    final = prep.dataset_dir(cfg)
+    os.makedirs(f"{final}.tmp-deadbeef/train")
+    os.makedirs(final)  # an object-store commit that stopped before metadata.json
+    open(os.path.join(final, "stale.parquet"), "w").close()
+    prepared = prep.prepare(cfg)
+    assert prepared == final and not os.path.exists(os.path.join(final, "stale.parquet"))
+    name = os.path.basename(final)
+    assert sorted(os.listdir(tmp_path / "digits")) == [name, f"{name}.lock"]

@@ -1,0 +1,365 @@
+"""Every job on a real multi-node Ray cluster whose only shared state is an S3 server, all on loopback.
+
+One module-scoped moto S3 server and one module-scoped cluster: a head node with 0 CPUs (as in cluster.yaml)
+and two 3-CPU worker nodes, each its own `ray start` with its own temp dir and ports. The jobs are submitted
+with `ray job submit` in the order a user runs them (prepare, tune, train with the best config, evaluate),
+each once, and every output is read back from the S3 server. Nothing is shared through the local disk: the
+runs, the search, the datasets and the reports all live in the bucket, and the model cache of each node sits
+in that node's own folder.
+"""
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from test_job_submit import cluster_env, free_ports
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+BUCKET = "resnet-ray-multinode"
+STORE = f"s3://{BUCKET}"
+KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+TINY = ["--model.arch", "resnet18", "--data.limit", "240", "--data.root", f"{STORE}/datasets",
+        "--train.storage_path", f"{STORE}/runs"]
+JOB_TIMEOUT = 900  # a bound, not the expected time: each job takes 1-7 min on a loaded 2-core machine
+WORKER_PORTS = 150  # per node: every Ray worker process (task runner or actor) binds one
+
+
+@dataclass
+class S3:
+    env: dict  # what every process of the cluster needs to reach the server (the standard AWS variables)
+    fs: pafs.S3FileSystem  # this test's own client, to read the outputs back
+
+    def read(self, key: str) -> bytes:
+        with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
+            return f.read()
+
+    def names(self, key: str) -> list:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{key}", allow_not_found=True))
+        return sorted(os.path.basename(i.path) for i in infos)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on a free loopback port, with one empty bucket."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        port = server.get_host_and_port()[1]
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                               access_key="testing", secret_key="testing", allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+        yield S3({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true", **KEYS}, fs)
+    finally:
+        server.stop()
+
+
+def free_range(n):
+    """First port of n consecutive free ones: nodes on one host must not hand out the same worker ports."""
+    for _ in range(100):
+        base = random.randrange(20000, 30000 - n)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports in 20000-30000")
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list:
+    """Every process below ``pid`` (from /proc: Linux only, like the rest of this test)."""
+    children: dict = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Cluster:
+    """`ray start --block` processes on 127.0.0.1; stopping one stops only that node."""
+
+    def __init__(self, tmp, env):
+        self.tmp, self.env, self.nodes, self.killed = tmp, env, [], ()
+        self.sessions = tempfile.mkdtemp(prefix="rr-")  # short: Ray's socket paths must fit in 107 bytes
+        self.gcs = self.address = None
+
+    def start(self, head: bool, cpus: int) -> subprocess.Popen:
+        index = len(self.nodes)
+        agent, agent_grpc, metrics, runtime_env, manager, objects = free_ports(6)
+        workers = free_range(WORKER_PORTS)
+        folder = self.tmp / f"node{index}"
+        folder.mkdir()
+        args = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+                f"--temp-dir={self.sessions}/{index}", f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={manager}",
+                f"--object-manager-port={objects}", f"--min-worker-port={workers}",
+                f"--max-worker-port={workers + WORKER_PORTS - 1}",
+                "--object-store-memory=200000000", "--disable-usage-stats"]
+        if head:
+            self.gcs, dash = free_ports(2)
+            self.address = f"http://127.0.0.1:{dash}"
+            args += ["--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+        else:
+            args += [f"--address=127.0.0.1:{self.gcs}"]
+        env = {**self.env, "RESNET_RAY_CACHE": str(folder / "cache")}
+        log = open(folder / "ray-start.log", "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        log.close()
+        self.nodes.append(proc)
+        return proc
+
+    def _get(self, path: str):
+        request = urllib.request.Request(f"{self.address}{path}",
+                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+    def alive_cpus(self) -> list:
+        """CPU counts of the alive nodes (0 for the head), sorted."""
+        nodes = self._get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+        return sorted(int(n["resources_total"].get("CPU", 0)) for n in nodes if n["state"] == "ALIVE")
+
+    def wait_for(self, cpus: list, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if self.alive_cpus() == cpus:
+                    return
+            except (OSError, KeyError, ValueError):
+                pass  # not up yet
+            dead = [i for i, p in enumerate(self.nodes) if p.poll() is not None and i not in self.killed]
+            if dead or time.time() > deadline:
+                raise RuntimeError(f"cluster never reached nodes with CPUs {cpus}; see {self.tmp}/node*/ray-start.log")
+            time.sleep(2)
+
+    def kill_raylet(self, index: int) -> int:
+        """SIGKILL the raylet of node ``index`` (its `ray start --block` then stops that node's other processes)."""
+        raylet = next(pid for pid in descendants(self.nodes[index].pid) if process_name(pid) == "raylet")
+        os.kill(raylet, signal.SIGKILL)
+        self.killed = (*self.killed, index)
+        return raylet
+
+    def add(self, head: bool, cpus: int, expect: list, attempts: int = 3) -> int:
+        """Start a node and wait for the cluster's nodes to have ``expect`` CPUs; returns the node's index.
+
+        Ray gives a new raylet 30 s to register, which a loaded 2-core machine can miss: a node that dies
+        starting is started again.
+        """
+        for attempt in range(attempts):
+            self.start(head, cpus)
+            try:
+                self.wait_for(expect)
+                return len(self.nodes) - 1
+            except RuntimeError:
+                if self.nodes[-1].poll() is None or attempt == attempts - 1:
+                    raise
+                self.killed = (*self.killed, len(self.nodes) - 1)
+
+    def replace(self, index: int) -> int:
+        """Kill node ``index``'s raylet and start a 3-CPU node in its place, as an autoscaler would."""
+        self.kill_raylet(index)
+        return self.add(head=False, cpus=3, expect=[0, 3, 3])
+
+    def stop(self) -> None:
+        for proc in reversed(self.nodes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.nodes:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        shutil.rmtree(self.sessions, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    """Head with 0 CPUs plus two 3-CPU worker nodes; token authentication on, S3 variables in every process."""
+    env = {k: v for k, v in cluster_env(uuid.uuid4().hex).items() if not k.startswith("AWS_")}
+    env.update(s3.env, RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               # Ray Data 2.60's new Parquet reader lists files in a task that starts 32 footer-reading actors per
+               # read: 33 Python processes per split on a 2-core machine. The classic reader reads the same files
+               # through the same pyarrow S3 filesystem with none of them.
+               RAY_DATA_USE_DATASOURCE_V2="0")
+    nodes = Cluster(tmp_path_factory.mktemp("multinode"), env)
+    try:
+        nodes.head = nodes.add(head=True, cpus=0, expect=[0])
+        nodes.workers = [nodes.add(head=False, cpus=3, expect=[0, 3]), nodes.add(head=False, cpus=3, expect=[0, 3, 3])]
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """What `ray job submit --working-dir` uploads: the package, the jobs and the configs (and files we add)."""
+    folder = tmp_path_factory.mktemp("workdir")
+    for name in ("resnet_ray", "jobs", "configs"):
+        shutil.copytree(os.path.join(ROOT, name), folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def submit_args(cluster, workdir, *args):
+    return [RAY, "job", "submit", "--address", cluster.address, "--working-dir", str(workdir), "--", "python", *args]
+
+
+def run_job(cluster, workdir, *args, during=None) -> tuple[int, str]:
+    """Submit a job and follow it to its end (at most JOB_TIMEOUT s); its log goes to a file beside the nodes'.
+
+    ``during(proc)`` runs while the job runs. Returns the exit status of `ray job submit` and the log.
+    """
+    log_path = cluster.tmp / f"job-{os.path.basename(args[0])}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(submit_args(cluster, workdir, *args), stdout=log, stderr=subprocess.STDOUT,
+                                text=True, env=cluster.env)
+        try:
+            if during:
+                during(proc)
+            proc.wait(timeout=JOB_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, log_path.read_text()
+
+
+def submit(cluster, workdir, *args):
+    returncode, output = run_job(cluster, workdir, *args)
+    assert returncode == 0 and "succeeded" in output, output[-4000:]
+    return output
+
+
+def wait_for_object(s3, key, proc, timeout=JOB_TIMEOUT):
+    deadline = time.time() + timeout
+    while s3.fs.get_file_info(f"{BUCKET}/{key}").type == pafs.FileType.NotFound:
+        assert proc.poll() is None, "the job ended before " + key + " appeared"
+        assert time.time() < deadline, f"{key} never appeared"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def prepared(cluster, workdir, s3):
+    output = submit(cluster, workdir, "jobs/prepare.py", "--local", *TINY)
+    fingerprints = [n for n in s3.names("datasets/digits") if not n.endswith(".lock")]
+    return output, fingerprints
+
+
+@pytest.fixture(scope="module")
+def search(prepared, cluster, workdir, s3):
+    start = time.time()
+    output = submit(cluster, workdir, "jobs/tune.py", "--local", *TINY, "--tune.storage_path", f"{STORE}/tune",
+                    "--tune.name", "search", "--tune.num_samples", "2", "--tune.max_epochs", "2",
+                    "--eval.num_actors", "2")
+    return output, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def trained(search, cluster, workdir, s3):
+    """jobs/train.py --config best_config.yaml on 2 workers on different nodes; one node's raylet is killed
+    once epoch 1's checkpoint is registered, and a replacement node joins (as the autoscaler would do)."""
+    (workdir / "best_config.yaml").write_bytes(s3.read("tune/search/best_config.yaml"))
+    seen = {}
+
+    def kill_a_node_after_epoch_1(proc):
+        wait_for_object(s3, "runs/best/checkpoint_manager_snapshot.json", proc)
+        seen["finished_before_kill"] = "history.jsonl" in s3.names("runs/best")
+        cluster.replace(cluster.workers[1])
+
+    returncode, output = run_job(cluster, workdir, "jobs/train.py", "--config", "best_config.yaml",
+                                 "--train.name", "best", "--scaling.num_workers", "2", "--scaling.cpus_per_worker", "2",
+                                 "--train.max_failures", "1", "--train.evaluate_test", "false",
+                                 during=kill_a_node_after_epoch_1)
+    return returncode, output, seen.get("finished_before_kill")
+
+
+def test_s3_multinode_prepare_writes_one_fingerprinted_dataset(prepared, s3):
+    output, fingerprints = prepared
+    assert len(fingerprints) == 1, fingerprints
+    meta = json.loads(s3.read(f"datasets/digits/{fingerprints[0]}/metadata.json"))
+    assert meta["fingerprint"] == fingerprints[0] and sum(meta["counts"].values()) == 1797
+    assert f"{STORE}/datasets/digits/{fingerprints[0]}" in output
+    assert s3.names(f"datasets/digits/{fingerprints[0]}") == ["metadata.json", "test", "train", "val"]
+
+
+def test_s3_multinode_search_writes_trials_best_config_and_model_to_the_bucket(search, s3):
+    output, seconds = search
+    names = s3.names("tune/search")
+    assert {"trials.csv", "best_config.yaml", "best_model", "best_model_eval-test", "trials"} <= set(names), names
+    trials = s3.names("tune/search/trials")
+    assert len(trials) == 2, trials
+    best = yaml.safe_load(s3.read("tune/search/best_config.yaml"))
+    assert best["train"]["storage_path"] == f"{STORE}/runs" and best["train"]["epochs"] == 2
+    info = json.loads(s3.read("tune/search/best_model/model.json"))
+    assert info["arch"] == "resnet18" and len(info["sha256"]) == 64
+    report = json.loads(s3.read("tune/search/best_model_eval-test/report.json"))
+    assert report["total_support"] == 240
+    print(f"search: {seconds:.0f} s")
+
+
+def test_s3_multinode_train_survives_a_killed_worker_node(trained, s3, cluster):
+    returncode, output, finished_before_kill = trained
+    assert returncode == 0 and "succeeded" in output, output[-4000:]
+    assert not finished_before_kill  # the node died mid-run
+    assert cluster.nodes[cluster.workers[1]].poll() is not None  # and stayed dead
+    history = [json.loads(line) for line in s3.read("runs/best/history.jsonl").decode().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]  # every epoch reported exactly once
+    assert all(h["val_count"] == 144 for h in history)  # the whole validation split, each row once
+    assert {"model.json", "model.pt"} <= set(s3.names("runs/best/model"))
+
+
+def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cluster, workdir, s3):
+    submit(cluster, workdir, "jobs/evaluate.py", "--model", f"{STORE}/runs/best", "--split", "test",
+           "--eval.num_actors", "2")
+    report = json.loads(s3.read("runs/best/eval-test/report.json"))
+    assert report["total_support"] == 240 and report["split"] == "test"
+    assert {"predictions.parquet", "report.md", "confusion_matrix.png"} <= set(s3.names("runs/best/eval-test"))
+    sha = json.loads(s3.read("runs/best/model/model.json"))["sha256"]
+    caches = [cluster.tmp / f"node{i}" / "cache" / "models" for i in range(len(cluster.nodes))]
+    assert not caches[cluster.head].exists()  # the driver on the head read model.json only
+    entries = [c / name for c in caches if c.exists() for name in os.listdir(c)]
+    assert [e for e in entries if e.name == sha], "no worker node cached the model"
+    assert all(len(e.name) == 64 for e in entries), entries  # no temporary copies left
+    assert all(sorted(os.listdir(e)) == ["model.json", "model.pt"] for e in entries)  # only what inference needs
