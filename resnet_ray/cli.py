@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from resnet_ray.config import Config, load_config
+from resnet_ray.config import Config, ConfigError, load_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 LOCAL_CONFIG = os.path.join(CONFIGS, "local.yaml")
@@ -60,7 +60,15 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
 
 
 def config_from(args: argparse.Namespace, overrides: Sequence[str]) -> Config:
-    return load_config(args.config, overrides)
+    """--config (a local path or a URI such as a search's s3://.../best_config.yaml) <- the dotted overrides."""
+    from resnet_ray import storage
+
+    if not args.config or not storage.is_uri(args.config):
+        return load_config(args.config, overrides)
+    if not storage.exists(args.config):
+        raise ConfigError(f"config file {args.config}: not found")
+    with storage.local_file(args.config, suffix=".yaml") as local:
+        return load_config(local, overrides)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

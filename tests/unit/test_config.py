@@ -104,3 +104,14 @@ def test_checkpoint_cadence_about_ten_per_run_and_always_the_last_epoch():
     assert [e for e in range(1, 6) if TrainConfig(epochs=5, checkpoint_every=2).checkpoint_due(e)] == [2, 4, 5]
     with pytest.raises(ConfigError, match="train.checkpoint_every: must be >= 1"):
         load_config(None, {"train.checkpoint_every": 0})
+
+
+def test_jobs_read_a_config_from_a_uri(tmp_path):
+    from resnet_ray import cli
+
+    (tmp_path / "best_config.yaml").write_text("optim:\n  lr: 0.123\n")
+    args = cli.parse(cli.parser("x"), ["--config", f"file://{tmp_path}/best_config.yaml", "--train.epochs", "3"])
+    cfg = cli.config_from(*args)
+    assert cfg.optim.lr == 0.123 and cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="missing.yaml: not found"):
+        cli.config_from(*cli.parse(cli.parser("x"), ["--config", f"file://{tmp_path}/missing.yaml"]))
