@@ -115,10 +115,16 @@ def start_local(num_cpus: Optional[float] = None) -> None:
     cpus = local_cpus(num_cpus)
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    # token authentication, as Ray 2.60 turns on by default, said explicitly: Ray then does not warn about it
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, **QUIET)
+    # Ray 2.60 turns token authentication on for a new local instance and says so on every start: keep it on,
+    # without the line (setting RAY_AUTH_MODE here would come too late for the RayConfig Ray has already read)
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **QUIET)
+    finally:
+        notice.setLevel(level)
 
 
 def check_cluster(local: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> Optional[str]:

@@ -64,7 +64,8 @@ def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
     fs, path = storage.resolve(storage.join(prepared, split))
     size = meta["image_size"]
     ds = ray.data.read_parquet(path, filesystem=fs)
-    if cfg.limit:
+    if cfg.limit:  # the first rows in file order (prepare wrote them in a seeded random order), every time
+        ds.context.execution_options.preserve_order = True
         ds = ds.limit(cfg.limit)
     return ds.map_batches(table_to_batch, batch_format="pyarrow", fn_kwargs={"image_size": size},
                           zero_copy_batch=True, batch_size=None)

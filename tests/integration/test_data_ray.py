@@ -34,6 +34,18 @@ def test_limit_caps_rows(ray_session, digits_prepared):
     assert load_split(limited, "train", prepared).count() == 37
 
 
+def test_limit_takes_the_first_rows_of_a_split_in_several_files(ray_session, tmp_path, monkeypatch):
+    """A limited split read from several Parquet files: always the same rows (row ids 0..limit-1), so that
+    an evaluation of a run trained with data.limit covers exactly that run's rows."""
+    import resnet_ray.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "ROWS_PER_SHARD", 300)  # the 1,293 training rows in 5 files
+    cfg = DataConfig(source="digits", root=str(tmp_path), limit=250)
+    prepared, _ = ensure_prepared(cfg)
+    ids = np.concatenate([b["row_id"] for b in load_split(cfg, "train", prepared).iter_batches(batch_size=64)])
+    assert sorted(ids.tolist()) == list(range(250))
+
+
 def test_shared_cifar10_subset_prepares_and_loads(ray_session, shared_cifar10, tmp_path):
     """1,000 shuffled real CIFAR-10 training images (+200 test) through the parquet source and Ray Data."""
     rng = np.random.default_rng(0)
