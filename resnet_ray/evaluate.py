@@ -107,7 +107,7 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what
         Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
         batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_gpus=cfg.eval.gpus_per_actor, num_cpus=cfg.eval.cpus_per_actor)
-    log.info("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
+    log.debug("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
     return watched(predictions.iter_batches(batch_size=None, batch_format="numpy"), cfg.eval.stall_timeout_s,
                    what, "eval.stall_timeout_s")
 
@@ -150,7 +150,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
         report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=stats.get("coarse_cm"),
                              calibration=stats["calibration"])
         storage.upload_dir(tmp, output)
-    log.info("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],
+    log.debug("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],
              split, result["accuracy"], expected, seconds, output)
     return {"report": result, "output": output, "seconds": seconds, "images_per_s": expected / seconds}
 

@@ -208,7 +208,7 @@ def prepare(cfg: DataConfig, wait_s: float = 1800.0) -> str:
     fingerprint = storage.split(final)[1]
     done = storage.join(final, METADATA)
     if storage.exists(done):
-        log.info("%s is already prepared at %s: nothing to do", cfg.dataset_name, final)
+        log.debug("%s is already prepared at %s: nothing to do", cfg.dataset_name, final)
         return final
     with storage.lock(f"{final}.lock", wait_s=wait_s):
         if storage.exists(done):

@@ -112,15 +112,18 @@ def test_a_parquet_trained_run_is_evaluated_again_with_local_and_model(ray_sessi
     assert [c["class"] for c in report["per_class"]][:2] == ["digit-0", "digit-1"]
 
 
-def test_local_mode_prints_one_line_per_epoch_then_the_summary(tmp_path):
-    """The README's local mode, shrunk: no Ray noise (its INFO lines, workers' output, 'Reporting training
-    result'), one log line per epoch, then the summary tables."""
+def test_local_mode_prints_one_line_per_epoch_then_the_summary(digits_prepared, tmp_path):
+    """The README's local mode on prepared data, shrunk: no Ray noise (its INFO lines, its workers' output,
+    'Reporting training result'), one log line per epoch, then the summary tables. (A first run also says once
+    that it prepared the data.)"""
+    data_cfg, _, _ = digits_prepared
     rc, out = finish(job("train.py", "--local", "--model.arch", "resnet18", "--data.limit", "240",
-                         "--data.root", str(tmp_path / "data"), "--train.epochs", "2",
+                         "--data.root", data_cfg.root, "--train.epochs", "2",
                          "--train.storage_path", str(tmp_path / "runs"), "--train.name", "quiet"), 900)
     assert rc == 0, out[-3000:]
     lines = [line for line in out.splitlines() if line.strip()]
     summary = next(i for i, line in enumerate(lines) if "Training run" in line)
-    assert [line.split(" epoch ")[1].split()[0] for line in lines[:summary]] == ["1/2", "2/2"], lines[:summary]
+    assert len(lines[:summary]) == 2 and all(" epoch " in line for line in lines[:summary]), lines[:summary]
+    assert [line.split(" epoch ")[1].split()[0] for line in lines[:summary]] == ["1/2", "2/2"]
     assert "Reporting training result" not in out and "Traceback" not in out and "Warning" not in out
     assert "accuracy" in out and "total support 240" in out  # the evaluation summary follows
