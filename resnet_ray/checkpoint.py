@@ -199,15 +199,29 @@ def _local_checkpoint(folder: str) -> Iterator[str]:
         yield tmp
 
 
+def _verified_model_file(folder: str, info: dict) -> str:
+    """Local path of an exported model's model.pt, its SHA-256 checked here or by this node's cache."""
+    if storage.is_uri(folder):
+        return os.path.join(fetch_model(folder, info), MODEL)
+    model_path = os.path.join(folder, MODEL)
+    if not os.path.isfile(model_path) or _sha256(model_path) != info.get("sha256"):
+        raise CheckpointError(f"{model_path}: missing or its SHA-256 differs from {MODEL_INFO}: refusing to load")
+    return model_path
+
+
+def verify_model(path: str) -> tuple[str, dict]:
+    """(folder, metadata) like read_info, after checking that an exported model's weights are there and intact
+    (remote ones fetched into this node's cache): bad weights fail here, before any inference starts."""
+    folder, name = _locate(path)
+    info = _read_json(folder, name)
+    if name == MODEL_INFO:
+        _verified_model_file(folder, info)
+    return folder, info
+
+
 def _exported_weights(folder: str, info: dict) -> dict:
     """An exported model's state_dict: SHA-256 checked here, or taken from this node's verified cache."""
-    if storage.is_uri(folder):
-        model_path = os.path.join(fetch_model(folder, info), MODEL)
-    else:
-        model_path = os.path.join(folder, MODEL)
-        if not os.path.isfile(model_path) or _sha256(model_path) != info.get("sha256"):
-            raise CheckpointError(f"{model_path}: missing or its SHA-256 differs from {MODEL_INFO}: refusing to load")
-    return torch.load(model_path, map_location="cpu", weights_only=True)
+    return torch.load(_verified_model_file(folder, info), map_location="cpu", weights_only=True)
 
 
 def _checkpoint_weights(folder: str) -> dict:

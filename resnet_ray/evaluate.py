@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_ray import metrics, report, storage
-from resnet_ray.checkpoint import CheckpointError, checkpoint_config, read_info
+from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
 from resnet_ray.config import Config, parse_overrides, replace, to_dict
 from resnet_ray.data.load import load_split, split_rows
 from resnet_ray.data.prepare import ensure_prepared
@@ -125,7 +125,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     import ray.data
 
     split = split or cfg.eval.split
-    info = read_info(model_path)[1]  # model.json only: the actors fetch the weights
+    info = verify_model(model_path)[1]  # weights checked (and cached on this node) before the actors load them
     prepared, meta = ensure_prepared(cfg.data)
     check_model_fits(info, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)
