@@ -305,7 +305,8 @@ def trained(search, cluster, workdir, s3):
 
     def kill_a_node_after_epoch_1(proc):
         wait_for_object(s3, "runs/best/checkpoint_manager_snapshot.json", proc)
-        seen["finished_before_kill"] = "history.jsonl" in s3.names("runs/best")
+        # rank 0 writes history.jsonl after every epoch; the exported model/ comes only at the end of the run
+        seen["finished_before_kill"] = "model" in s3.names("runs/best")
         cluster.replace(cluster.workers[1])
 
     returncode, output = run_job(cluster, workdir, "jobs/train.py", "--config", "best_config.yaml",
