@@ -210,11 +210,12 @@ def _verified_model_file(folder: str, info: dict) -> str:
 
 
 def verify_model(path: str) -> tuple[str, dict]:
-    """(folder, metadata) like read_info, after checking that an exported model's weights are there and intact
-    (remote ones fetched into this node's cache): bad weights fail here, before any inference starts."""
+    """(folder, metadata) like read_info, after checking that a local exported model's weights are there and
+    intact: bad weights fail here, before any inference starts. A remote model is verified where it is used
+    (fetch_model, once per node), so that the driver's node downloads nothing."""
     folder, name = _locate(path)
     info = _read_json(folder, name)
-    if name == MODEL_INFO:
+    if name == MODEL_INFO and not storage.is_uri(folder):
         _verified_model_file(folder, info)
     return folder, info
 

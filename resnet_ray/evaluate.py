@@ -125,7 +125,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     import ray.data
 
     split = split or cfg.eval.split
-    info = verify_model(model_path)[1]  # weights checked (and cached on this node) before the actors load them
+    info = verify_model(model_path)[1]  # local weights checked before the actors load them
     prepared, meta = ensure_prepared(cfg.data)
     check_model_fits(info, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)
