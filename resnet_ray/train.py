@@ -87,6 +87,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if session.val_rows else None
     pin = session.device.type == "cuda"  # pinned host batches: the non_blocking copies really overlap
     board = TensorBoard(cfg, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
+    config_name = config_file(cfg)  # which config the epochs of this attempt run under
 
     for epoch in range(session.epoch + 1, cfg.train.epochs + 1):
         batches = train_shard.iter_torch_batches(
@@ -100,7 +101,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
         val = _val_batches(val_shard, cfg.eval.batch_size, rank, world) if val_shard else []
         metrics = session.run_epoch(epoch, batches, val, on_step=on_step, log_every=max(1, session.steps // 4))
-        metrics["config"] = config_file(cfg)  # which config this epoch ran under
+        metrics["config"] = config_name
         report_start = time.perf_counter()
         _report(session, dict(metrics))
         metrics["report_s"] = time.perf_counter() - report_start  # in the history from now on
