@@ -226,6 +226,9 @@ class TuneConfig:
     num_samples: int = 8
     max_concurrent_trials: int = 2
     max_epochs: int = 10  # train.epochs of every trial
+    # Train workers of every trial (default scaling.num_workers). train.epochs and scaling.num_workers stay the
+    # full-length run's: best_config.yaml keeps them, with the best trial's sampled values on top.
+    trial_workers: Optional[int] = None
     grace_period: int = 1
     reduction_factor: int = 2
     metric: str = "val_top1"
@@ -237,6 +240,8 @@ class TuneConfig:
     def __post_init__(self):
         for name in ("num_samples", "max_concurrent_trials", "max_epochs", "grace_period"):
             _check(getattr(self, name) >= 1, f"tune.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.trial_workers is None or self.trial_workers >= 1, "tune.trial_workers",
+               f"must be >= 1, got {self.trial_workers}")
         _check(self.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
         _check(self.grace_period <= self.max_epochs, "tune.grace_period", "must be <= tune.max_epochs")
         _choice(self.mode, "tune.mode", ("max", "min"))
@@ -396,20 +401,38 @@ def parse_overrides(args: Sequence[str]) -> dict:
     return out
 
 
+def _read_yaml(path: str, including: tuple = ()) -> dict:
+    """A YAML config as a nested dict. ``base: FILE`` (relative to this file) is read first and this file's
+    sections are merged over it, field by field: a search YAML builds on the recipe it searches."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path}: not found" + (f" (the base of {including[-1]})" if including else ""))
+    with open(path) as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be a file name, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base)))
+    if base_path in including:
+        raise ConfigError(f"config file {path}: base {base} includes itself")
+    tree = _read_yaml(base_path, (*including, os.path.normpath(path)))
+    for section, values in loaded.items():
+        if isinstance(values, dict) and isinstance(tree.get(section), dict):
+            tree[section] = {**tree[section], **values}
+        else:
+            tree[section] = values
+    return tree
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError naming the field."""
-    tree: dict = {}
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path}: not found")
-        with open(path) as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        tree = loaded
+    """Defaults <- YAML file (and its base) <- dotted overrides, validated. Raises ConfigError naming the field."""
+    tree = _read_yaml(path) if path else {}
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
     for key, value in overrides.items():

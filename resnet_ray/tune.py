@@ -69,8 +69,10 @@ def config_for_resume(exp_dir: str, overrides=()) -> Config:
 
 
 def trial_config(base: Config, params: dict, trial_id: str, exp_dir: str) -> Config:
-    """The trial's full config: base <- sampled params, epochs from tune.max_epochs, its own run folder."""
-    return replace(base, {**params, "train.epochs": base.tune.max_epochs, "train.name": trial_id,
+    """The trial's full config: base <- sampled params, tune.max_epochs and tune.trial_workers, its own folder."""
+    return replace(base, {**params, "train.epochs": base.tune.max_epochs,
+                          "scaling.num_workers": base.tune.trial_workers or base.scaling.num_workers,
+                          "train.name": trial_id,
                           "train.storage_path": storage.join(exp_dir, TRIALS_FOLDER),
                           "train.evaluate_test": False, "train.fail_at_epoch": None})
 
@@ -182,7 +184,8 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
         cfg = replace(cfg, {"tune.name": f"tune-{cfg.data.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
     validate_search_space(cfg)
     cfg = replace(cfg, {"tune.max_concurrent_trials": trial_concurrency(
-        cfg.tune.max_concurrent_trials, cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(),
+        cfg.tune.max_concurrent_trials, cfg.tune.trial_workers or cfg.scaling.num_workers,
+        cfg.scaling.resources_per_worker, alive_nodes(),
         not cfg.data.cache)})  # what the cluster holds at once (fewer, with a warning)
     exp_dir = experiment_dir(cfg)
     ensure_prepared(cfg.data)  # once, before trials start in parallel
@@ -199,9 +202,10 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
         raise RuntimeError(f"no trial reported {cfg.tune.metric}; see {exp_dir}")
     best = (max if cfg.tune.mode == "max" else min)(scored, key=lambda r: r[cfg.tune.metric])
     best_run = storage.join(exp_dir, TRIALS_FOLDER, best["trial_id"])
-    best_cfg = replace(trial_config(cfg, best["params"], best["trial_id"], exp_dir),
-                       {"train.name": None, "train.storage_path": cfg.train.storage_path,
-                        "train.evaluate_test": True})
+    # the full-length run: the search config's train.epochs and scaling.num_workers (not the trials'), the best
+    # trial's sampled values on top; the learning rate follows the global batch (optim.reference_batch_size)
+    best_cfg = replace(cfg, {**best["params"], "train.name": None, "train.evaluate_test": True,
+                             "train.fail_at_epoch": None})
     best_config_path = storage.join(exp_dir, "best_config.yaml")
     storage.write_text(best_config_path, "# best trial " + best["trial_id"] + f": {cfg.tune.metric} "
                        f"{best[cfg.tune.metric]:.4f}\n" + to_yaml(best_cfg))

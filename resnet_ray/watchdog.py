@@ -136,7 +136,9 @@ def _heartbeat_class():
             os.replace(tmp, self.path)
 
         def after_controller_start(self, train_run_context):
-            self._write(pid=os.getpid(), controller="started")
+            import ray
+
+            self._write(pid=os.getpid(), actor_id=ray.get_runtime_context().get_actor_id(), controller="started")
 
         def after_controller_state_update(self, previous_state, current_state):
             self.state["controller"] = type(current_state).__name__  # not progress: keeps the time of the last
@@ -158,8 +160,9 @@ def _read(path: str) -> dict:
 def watch_fit(trainer, timeout_s: float, setting: str = "train.stall_timeout_s"):
     """``trainer.fit()``, failing with StallError when no report reaches the controller for timeout_s.
 
-    A stalled run's controller is killed (its workers and, through Ray Train's cleaner, its placement group
-    go with it), so that fit() returns and the error names what was pending.
+    A stalled run's controller is killed, so that fit() returns and the error names what was pending. Its
+    workers go with it; so do its placement groups (``_remove_placement_groups``): Ray Train's cleaner only
+    knows a group once its workers have started, and Ray keeps a dead actor's group until its job ends.
     """
     folder = tempfile.mkdtemp(prefix="resnet-ray-heartbeat-")
     path = os.path.join(folder, "heartbeat.json")
@@ -177,6 +180,7 @@ def watch_fit(trainer, timeout_s: float, setting: str = "train.stall_timeout_s")
                                       f"{beat.get('controller', 'not started')}"))
                 log.error("%s; stopping the run", stall[0])
                 _stop(beat.get("pid"), fit_in_main)
+                _remove_placement_groups(beat.get("actor_id"))
                 return
 
     watcher = threading.Thread(target=watch, name="training watchdog", daemon=True)
@@ -196,6 +200,27 @@ def watch_fit(trainer, timeout_s: float, setting: str = "train.stall_timeout_s")
     if stall:
         raise stall[0]
     return result
+
+
+def _remove_placement_groups(actor_id: Optional[str]) -> None:
+    """Remove the placement groups that the (killed) actor created and Ray has not removed yet.
+
+    A group still waiting for resources when its creator died would otherwise be created later and hold
+    them, unused, for as long as the job runs: a Tune search's later trials or this driver's evaluation
+    would wait for CPUs that never come free. Reads Ray's GCS table (Ray is pinned): the public State API
+    does not say which actor created a group."""
+    if not actor_id:
+        return
+    import ray
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+    from ray.util.placement_group import PlacementGroup
+
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = PlacementGroupTableData.FromString(raw)
+        if pg.creator_actor_id.hex() == actor_id and pg.state != PlacementGroupTableData.REMOVED:
+            log.info("removing placement group %s of the stopped run", pg.placement_group_id.hex())
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
 
 
 def _stop(pid: Optional[int], fit_in_main: bool) -> None:

@@ -27,8 +27,6 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from test_job_submit import cluster_env, free_ports
-
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +38,32 @@ TINY = ["--model.arch", "resnet18", "--data.limit", "240", "--data.root", f"{STO
         "--train.storage_path", f"{STORE}/runs"]
 JOB_TIMEOUT = 900  # a bound, not the expected time: each job takes 1-7 min on a loaded 2-core machine
 WORKER_PORTS = 150  # per node: every Ray worker process (task runner or actor) binds one
+
+
+def cluster_env(token):
+    """Token authentication on (as Ray 2.60 does by default), with this test's own token."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return env
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def default_marker():
+    """What Ray's default marker file (/tmp/ray/ray_current_cluster) holds now, or None."""
+    from resnet_ray.runtime import marker_file
+
+    path = marker_file()
+    return open(path).read() if os.path.exists(path) else None
 
 
 @dataclass
@@ -229,6 +253,9 @@ def cluster(s3, tmp_path_factory):
         yield nodes
     finally:
         nodes.stop()
+    # each node's own --temp-dir keeps its `ray_current_cluster` marker out of /tmp/ray, where a later plain
+    # ``ray.init()`` would dial the dead cluster
+    assert f":{nodes.gcs}" not in (default_marker() or ""), "the test cluster left its address in /tmp/ray"
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +319,7 @@ def search(prepared, cluster, workdir, s3):
     start = time.time()
     output = submit(cluster, workdir, "jobs/tune.py", "--local", *TINY, "--tune.storage_path", f"{STORE}/tune",
                     "--tune.name", "search", "--tune.num_samples", "2", "--tune.max_epochs", "2",
+                    "--train.epochs", "2",  # the full-length run of best_config.yaml
                     "--eval.num_actors", "2")
     return output, time.time() - start
 
@@ -314,6 +342,17 @@ def trained(search, cluster, workdir, s3):
                                  "--train.max_failures", "1", "--train.evaluate_test", "false",
                                  during=kill_a_node_after_epoch_1)
     return returncode, output, seen.get("finished_before_kill")
+
+
+def test_the_job_api_refuses_requests_without_the_token(cluster):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+
+
+def test_a_bad_config_fails_the_submitted_job_with_a_clear_message(cluster, workdir):
+    returncode, output = run_job(cluster, workdir, "jobs/train.py", "--local", "--optim.lr", "-1")
+    assert returncode != 0 and "error: optim.lr: must be > 0" in output, output[-4000:]
 
 
 def test_s3_multinode_prepare_writes_one_fingerprinted_dataset(prepared, s3):

@@ -52,3 +52,7 @@ def test_training_whose_workers_cannot_start_fails_with_a_diagnosis(ray_session,
     message = str(err.value)
     assert "training made no progress for 15 s (train.stall_timeout_s) after 0 reports" in message
     assert "placement group waiting for" in message
+    # the killed controller's placement group, still waiting for CPUs, is gone too: it would otherwise be
+    # created now and hold 2 CPUs for the rest of this driver's life (deadlocking the next evaluation)
+    groups = ray_session.util.placement_group_table().values()
+    assert [g["state"] for g in groups if g["state"] != "REMOVED"] == []

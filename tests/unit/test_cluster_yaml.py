@@ -65,9 +65,9 @@ def test_node_types_can_hold_every_shipped_config(cluster, path):
     cfg = load_config(path)
     s = cfg.scaling
     gpus = s.gpus_per_worker if s.use_gpu else 0
-    workers_per_run = s.num_workers
-    concurrent = cfg.tune.max_concurrent_trials if cfg.tune.search_space else 1
-    assert _slots(cluster, s.cpus_per_worker, gpus) >= workers_per_run * concurrent, path
+    # a search's trials at once, and the full-length run (best_config.yaml) on its own
+    trials = (cfg.tune.trial_workers or s.num_workers) * cfg.tune.max_concurrent_trials if cfg.tune.search_space else 0
+    assert _slots(cluster, s.cpus_per_worker, gpus) >= max(s.num_workers, trials), path
     # at least one node type fits a single worker, and the resource keys are integers as Ray requires
     assert any(n["resources"].get("CPU", 0) >= s.cpus_per_worker and n["resources"].get("GPU", 0) >= gpus
                for n in _worker_types(cluster))

@@ -68,6 +68,28 @@ def test_unknown_yaml_key_and_bad_yaml(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_a_config_builds_on_its_base_field_by_field(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "recipe.yaml").write_text("optim:\n  lr: 0.5\n  name: adamw\ntrain:\n  epochs: 15\n")
+    path = write(tmp_path, "base: recipes/recipe.yaml\noptim:\n  lr: 0.1\ntune:\n  max_epochs: 3\n")
+    cfg = load_config(path, ["--train.batch_size", "16"])
+    assert (cfg.optim.lr, cfg.optim.name) == (0.1, "adamw")  # this file's field over its base's, per field
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.tune.max_epochs) == (15, 16, 3)
+    assert "base" not in to_dict(cfg)  # saved configs are whole: a run folder's config.yaml needs no other file
+    with pytest.raises(ConfigError, match=r"missing.yaml: not found \(the base of .*c.yaml\)"):
+        load_config(write(tmp_path, "base: missing.yaml\n"))
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(write(tmp_path, "base: c.yaml\n"))
+
+
+def test_shipped_searches_build_on_their_recipes_and_keep_its_length():
+    for name in ("cifar10", "cifar100"):
+        recipe = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+        search = load_config(os.path.join(ROOT, "configs", f"tune-{name}.yaml"))
+        assert from_dict({**to_dict(search), "tune": to_dict(recipe)["tune"]}) == recipe  # only the search differs
+        assert search.tune.trial_workers == 1 and search.tune.max_epochs < recipe.train.epochs
+
+
 def test_search_space_is_validated():
     bad = {"tune.search_space": {"optim.nope": {"type": "uniform", "low": 0, "high": 1}}}
     with pytest.raises(ConfigError, match="tune.search_space.optim.nope: unknown field"):
