@@ -1,13 +1,13 @@
 """Readers for user data: Parquet folders (local or any pyarrow filesystem URI) and image folders.
 
-Both decode every image with Pillow, insist on RGB ``image_size x image_size`` (nothing is converted or
-resized silently) and raise :class:`DataError` naming the file and row of the first bad record.
+Both decode every image with :mod:`resnet_ray.data.images` (any size and mode -> ``data.image_size`` RGB by the
+``data.resize`` policy). A bad record raises :class:`DataError` naming the file and row; an undecodable image
+does so under ``data.on_bad_image: error`` and is left out, listed in ``RawDataset.bad_images``, under ``skip``.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import os
@@ -18,17 +18,17 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from resnet_ray.config import DataConfig
+from resnet_ray.data.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec, decode
 from resnet_ray.data.sources import DataError, RawDataset, RawSplit
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 CLASSES_FILE = "classes.json"
 # 32x32 decodes are dominated by Python overhead and get slower with threads (GIL contention);
-# bigger images spend their time in C with the GIL released, so threads pay off there.
+# bigger images (stored or encoded) spend their time in C with the GIL released, so threads pay off there.
 _THREADED_MIN_SIZE = 96
+_THREADED_MIN_BYTES = 16384  # mean encoded size from which photos are decoded on threads
 _CHUNK = 256
 
 
@@ -36,45 +36,51 @@ _CHUNK = 256
 # decoding
 
 
-def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str]) -> None:
-    from PIL import Image
-
-    size = out.shape[1]
+def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str], spec: ResizeSpec,
+                 skip: bool) -> list[tuple[int, str]]:
+    """Decode blobs into out[start:...]; returns [(index, reason)] of the bad ones (raises unless skip)."""
+    bad = []
     for offset, blob in enumerate(blobs):
         i = start + offset
         try:
-            im = Image.open(io.BytesIO(blob), formats=PIL_FORMATS)
-        except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-            raise DataError(f"{where(i)}: cannot decode image ({type(exc).__name__}: {exc})") from None
-        with im:
-            if im.size != (size, size) or im.mode != "RGB":
-                raise DataError(f"{where(i)}: image is {im.size[0]}x{im.size[1]} {im.mode}, "
-                                f"expected {size}x{size} RGB (data.image_size={size})")
-            try:
-                im.load()
-                out[i] = np.asarray(im)
-            except DataError:
-                raise
-            except Exception as exc:
-                raise DataError(f"{where(i)}: cannot decode image ({type(exc).__name__}: {exc})") from None
+            out[i] = decode(blob, spec)
+        except BadImage as exc:
+            if not skip:
+                raise DataError(f"{where(i)}: {exc}") from None
+            bad.append((i, str(exc)))
+    return bad
 
 
-def decode_images(blobs: Sequence, image_size: int, where: Callable[[int], str]) -> np.ndarray:
-    """Decode encoded images into (N, S, S, 3) uint8; ``where(i)`` names item i in error messages.
+def decode_images(blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str], on_bad_image: str = "error"
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode encoded images into (N', S, S, 3) uint8; ``where(i)`` names item i in messages.
 
-    Chunks run on a thread pool for large images; the first bad item (in order) is reported.
+    Returns (images of the good items in order, indices of those items, [{"file": where(i), "reason": ...}] of
+    the bad ones). ``on_bad_image="error"`` raises DataError at the first bad item (in order) instead.
+    Chunks run on a thread pool for large images.
     """
-    out = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
-    workers = min(8, os.cpu_count() or 1) if image_size >= _THREADED_MIN_SIZE else 1
-    starts = list(range(0, len(blobs), _CHUNK))
+    n = len(blobs)
+    out = np.empty((n, spec.size, spec.size, 3), dtype=np.uint8)
+    sample = blobs[:64]
+    large = spec.size >= _THREADED_MIN_SIZE or (
+        len(sample) and sum(len(b) for b in sample) / len(sample) >= _THREADED_MIN_BYTES)
+    workers = min(8, os.cpu_count() or 1) if large else 1
+    starts = list(range(0, n, _CHUNK))
+    skip = on_bad_image == "skip"
     if workers <= 1 or len(starts) <= 1:
-        _decode_into(out, 0, blobs, where)
-        return out
-    with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_decode_into, out, s, blobs[s:s + _CHUNK], where) for s in starts]
-        for future in futures:  # in order, so the earliest bad chunk's error wins
-            future.result()
-    return out
+        bad = _decode_into(out, 0, blobs, where, spec, skip)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(_decode_into, out, s, blobs[s:s + _CHUNK], where, spec, skip) for s in starts]
+            bad = [item for future in futures for item in future.result()]  # in order: the earliest error wins
+    if not bad:
+        return out, np.arange(n), []
+    keep = np.setdiff1d(np.arange(n), [i for i, _ in bad])
+    return out[keep], keep, [{"file": where(i), "reason": reason} for i, reason in bad]
+
+
+def resize_spec(cfg: DataConfig) -> ResizeSpec:
+    return ResizeSpec(cfg.image_size, cfg.resize)
 
 
 # ---------------------------------------------------------------------------
@@ -202,15 +208,16 @@ def _int_labels(table, column: str, file: str, kind: str) -> np.ndarray:
 
 
 def _check_range(labels: np.ndarray, n: int, owners: Sequence[tuple], kind: str, what: str) -> None:
-    """Label range check that names the file and row; owners = [(file, rows), ...] in order."""
+    """Label range check that names the file and row; owners = [(file, the file's row numbers kept), ...] in
+    order (rows of skipped images are not among them)."""
     bad = np.flatnonzero(labels >= n)
     if not len(bad):
         return
     row = int(bad[0])
     for file, rows in owners:
-        if row < rows:
-            raise DataError(f"{file}: row {row}: {kind} {labels[bad[0]]} is outside [0, {n}) ({what})")
-        row -= rows
+        if row < len(rows):
+            raise DataError(f"{file}: row {rows[row]}: {kind} {labels[bad[0]]} is outside [0, {n}) ({what})")
+        row -= len(rows)
 
 
 def _find_classes_file(fs, base: str, files: Sequence[str]) -> Optional[str]:
@@ -276,7 +283,8 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
         contents[path] = _read_bytes(fs, path)
         digest.update(contents[path])
 
-    splits, owners = {}, {}
+    spec = resize_spec(cfg)
+    splits, owners, bad_images = {}, {}, []
     for split, files in by_split.items():
         images, labels, coarse, owners[split] = [], [], [], []
         for path in files:
@@ -293,13 +301,17 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
                 table = pf.read(columns=columns)
             except Exception as exc:
                 raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-            labels.append(_int_labels(table, cfg.label_column, path, "label"))
-            if coarse_col:
-                coarse.append(_int_labels(table, coarse_col, path, "coarse label"))
+            file_labels = _int_labels(table, cfg.label_column, path, "label")
+            file_coarse = _int_labels(table, coarse_col, path, "coarse label") if coarse_col else None
             blobs = _image_blobs(table, cfg.image_column, path)
             del table
-            images.append(decode_images(blobs, cfg.image_size, lambda i, p=path: f"{p}: row {i}"))
-            owners[split].append((path, len(blobs)))
+            decoded, kept, bad = decode_images(blobs, spec, lambda i, p=path: f"{p}: row {i}", cfg.on_bad_image)
+            images.append(decoded)
+            labels.append(file_labels[kept])
+            if coarse_col:
+                coarse.append(file_coarse[kept])
+            owners[split].append((path, kept))
+            bad_images += [{"split": split, **b} for b in bad]
             del blobs
         splits[split] = RawSplit(
             images=np.concatenate(images) if len(images) > 1 else images[0],
@@ -338,7 +350,7 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
                                             np.concatenate([s.coarse_labels for s in splits.values()]),
                                             len(classes), f"parquet source {cfg.path}")
     return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest(), coarse_classes=coarse_classes,
-                      fine_to_coarse=fine_to_coarse)
+                      fine_to_coarse=fine_to_coarse, bad_images=bad_images)
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +404,7 @@ def read_imagefolder(cfg: DataConfig) -> RawDataset:
             class_dir = os.path.join(folder, name)
             found = _image_files(class_dir)
             if not found:
-                raise DataError(f"image folder {class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
+                raise DataError(f"image folder {class_dir}: empty class folder (no image files)")
             files += found
             labels += [label] * len(found)
         listing[split] = (files, np.asarray(labels, dtype=np.int64))
@@ -411,8 +423,10 @@ def read_imagefolder(cfg: DataConfig) -> RawDataset:
         digest.update(len(name).to_bytes(8, "little") + name)
         digest.update(len(contents[path]).to_bytes(8, "little") + contents[path])
 
-    splits = {}
+    splits, bad_images = {}, []
     for split, (files, labels) in listing.items():
-        images = decode_images([contents[p] for p in files], cfg.image_size, lambda i, fs=files: fs[i])
-        splits[split] = RawSplit(images=images, labels=labels)
-    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest())
+        images, kept, bad = decode_images([contents.pop(p) for p in files], resize_spec(cfg),
+                                          lambda i, fs=files: fs[i], cfg.on_bad_image)
+        splits[split] = RawSplit(images=images, labels=labels[kept])
+        bad_images += [{"split": split, **b} for b in bad]
+    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest(), bad_images=bad_images)

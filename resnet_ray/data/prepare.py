@@ -67,6 +67,11 @@ def request_fingerprint(cfg: DataConfig) -> str:
         "image_size": cfg.image_size, "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction, "seed": cfg.seed,
     }
+    # settings added later enter only when they differ from their default, which is what every dataset
+    # prepared before them did: those keep their fingerprint (and folder)
+    for key, default in (("resize", "center_crop"), ("on_bad_image", "error")):
+        if getattr(cfg, key) != default:
+            request[key] = getattr(cfg, key)
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,9 +175,20 @@ def _clean_leftovers(final: str) -> None:
         storage.delete_dir(final)
 
 
+def _bad_image_record(cfg: DataConfig, bad: list) -> dict:
+    """metadata.json's account of the images left out (data.on_bad_image=skip), also said in the log."""
+    if bad:
+        log.warning("%s: left out %d image(s) that cannot be read (data.on_bad_image=skip), e.g. %s: %s; "
+                    "all listed in metadata.json", cfg.dataset_name, len(bad), bad[0]["file"], bad[0]["reason"])
+    return {"policy": cfg.on_bad_image, "count": len(bad), "files": bad}
+
+
 def _write(cfg: DataConfig, final: str, fingerprint: str) -> dict:
     """Read, carve and write the dataset into a temporary folder, then move it to ``final``."""
+    from resnet_ray.data.images import ResizeSpec
+
     raw = read_source(cfg)
+    bad_images = _bad_image_record(cfg, raw.bad_images)
     splits = carve_splits(raw, cfg)
     mean, std = _channel_stats(splits["train"].images)
     fs, final_path = storage.resolve(final)
@@ -183,6 +199,7 @@ def _write(cfg: DataConfig, final: str, fingerprint: str) -> dict:
         meta = {
             "format_version": FORMAT_VERSION, "name": cfg.dataset_name, "source": cfg.source,
             "fingerprint": fingerprint, "source_checksum": raw.checksum, "image_size": cfg.image_size,
+            "resize": ResizeSpec(cfg.image_size, cfg.resize).record(), "bad_images": bad_images,
             "classes": list(raw.classes), "coarse_classes": raw.coarse_classes,
             "fine_to_coarse": raw.fine_to_coarse, "counts": {n: int(len(s.labels)) for n, s in splits.items()},
             "mean": mean, "std": std, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
