@@ -601,3 +601,29 @@ def print_search_summary(result: Any, console: Any = None) -> None:
     if result.evaluation:
         console.print(f"test accuracy of the best model: {fmt(result.evaluation['report']['accuracy'])} "
                       f"(report in {result.evaluation['output']})", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, console: Any = None) -> Iterator[tuple]:
+    """A rich progress bar on stderr with the images/s rate: yields (start(total), advance(n)) callbacks.
+
+    Where stderr is not a terminal (a job log, a file) rich draws nothing; the caller prints a summary line.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    rate = TextColumn("{task.fields[rate]}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate, TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console or Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(description, total=None, rate="")
+
+        def start(total: int) -> None:
+            progress.update(task, total=total)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+            speed = progress.tasks[task].speed
+            progress.update(task, rate=f"{speed:.0f} img/s" if speed else "")
+
+        yield start, advance
