@@ -84,3 +84,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_image_folder(root, per_class=(9, 11, 10), corrupt=()):
+    """An image folder source with train/ (PNGs of random sizes from 10 to 39 px, per_class images per class;
+    the (class, index) pairs in ``corrupt`` are broken files) and test/ (2 images per class)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for label, n in enumerate(per_class):
+        for k in range(n):
+            h, w = rng.integers(10, 40, 2)
+            path = root / "train" / f"class{label}" / f"{k:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if (label, k) in corrupt:
+                path.write_bytes(b"\x89PNG broken")
+                continue
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+            path.write_bytes(buf.getvalue())
+    for label in range(len(per_class)):
+        for k in range(2):
+            path = root / "test" / f"class{label}" / f"t{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((20, 30, 3), 10 * label + k, np.uint8)).save(path)
+    return root

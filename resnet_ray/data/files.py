@@ -13,10 +13,13 @@ import logging
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from resnet_ray import storage
 from resnet_ray.config import DataConfig
 from resnet_ray.data.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec, decode
 from resnet_ray.data.sources import DataError, RawDataset, RawSplit
@@ -357,76 +360,125 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
 # image folders
 
 
-def _class_dirs(folder: str) -> list:
+@dataclass
+class ImageFolderListing:
+    """The files of an image-folder source, by name only: what the driver holds while preparing it."""
+
+    fs: object  # pyarrow filesystem of the source
+    root: str  # the source folder inside fs
+    splits: dict  # split -> (file paths inside fs, np.ndarray int64 labels), files sorted by class, then name
+    classes: list
+    scheme: Optional[str] = None  # the source URI's scheme (s3, gs, file, ...); None for a local path
+
+    def display(self, path: str) -> str:
+        """A file as messages name it: its local path, or its URI for a remote source."""
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def rel(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/")
+
+
+def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
+    """cfg.path/{train,test}/<class>/<image> or cfg.path/<class>/<image> (then all of it is train); local or URI.
+
+    Images at any depth below a class folder count; hidden files and folders are skipped. Only names are read.
+    """
+    fs, root = storage.resolve(cfg.path)
+    root = root.rstrip("/") or "/"
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise DataError(f"image folder {cfg.path}: not a folder")
     try:
-        entries = sorted(os.listdir(folder))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as exc:
-        raise DataError(f"image folder {folder}: cannot list ({exc})") from None
-    return [e for e in entries if not e.startswith(".") and os.path.isdir(os.path.join(folder, e))]
+        raise DataError(f"image folder {cfg.path}: cannot list ({exc})") from None
+    dirs, files = set(), []
+    for info in infos:
+        rel = info.path[len(root):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if info.type == pafs.FileType.Directory:
+            dirs.add(rel)
+        elif info.type == pafs.FileType.File and rel.lower().endswith(IMAGE_EXTENSIONS):
+            files.append(rel)
+    if "train" in dirs:
+        prefixes = {s: s + "/" for s in SPLIT_NAMES if s in dirs}
+    else:
+        if "test" in dirs:
+            log.warning("image folder %s has test/ but no train/: treating 'test' as a class folder", root)
+        prefixes = {"train": ""}
+
+    def class_dirs(prefix: str) -> list:
+        return sorted(d[len(prefix):] for d in dirs
+                      if d.startswith(prefix) and d[len(prefix):] and "/" not in d[len(prefix):])
+
+    def folder(prefix: str, name: str = "") -> str:
+        return posixpath.join(root, prefix, name).rstrip("/")
+
+    classes = class_dirs(prefixes["train"])
+    if not classes:
+        raise DataError(f"image folder {folder(prefixes['train'])}: no class subfolders")
+    by_class: dict = {}
+    for rel in files:
+        for split, prefix in prefixes.items():
+            if rel.startswith(prefix):
+                name = rel[len(prefix):].split("/", 1)
+                if len(name) == 2:
+                    by_class.setdefault((split, name[0]), []).append(rel)
+    splits = {}
+    for split, prefix in prefixes.items():
+        names = class_dirs(prefix)
+        if names != classes:
+            extra, missing = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
+            raise DataError(f"image folder {folder(prefix)}: class folders differ from the train split's"
+                            + (f"; extra: {', '.join(extra)}" if extra else "")
+                            + (f"; missing: {', '.join(missing)}" if missing else ""))
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            found = sorted(by_class.get((split, name), []))
+            if not found:
+                raise DataError(f"image folder {folder(prefix, name)}: empty class folder (no image files)")
+            paths += [posixpath.join(root, rel) for rel in found]
+            labels += [label] * len(found)
+        splits[split] = (paths, np.asarray(labels, dtype=np.int64))
+    scheme = cfg.path.split("://", 1)[0] if storage.is_uri(cfg.path) else None
+    return ImageFolderListing(fs, root, splits, classes, scheme)
 
 
-def _image_files(folder: str) -> list:
-    """Image files below a class folder (recursively), sorted by relative path."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(root, name))
-    return sorted(found, key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
+def file_digest(rel: str, content: Optional[bytes]) -> int:
+    """One file's share of a source checksum: sha256(name, sha256(content)) as an integer (None: unreadable)."""
+    name = rel.encode()
+    inner = hashlib.sha256(content).digest() if content is not None else b"unreadable"
+    return int.from_bytes(hashlib.sha256(len(name).to_bytes(8, "little") + name + inner).digest(), "big")
+
+
+def combine_digests(total: int) -> str:
+    """The checksum of a set of files: the sum of their file_digest mod 2**256, in hex. Order-free, so that
+    parallel tasks can each add up their own files."""
+    return f"{total % (1 << 256):064x}"
+
+
+def read_file(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.readall()
 
 
 def read_imagefolder(cfg: DataConfig) -> RawDataset:
-    """cfg.path/{train,test}/<class>/<image> or cfg.path/<class>/<image> (then all of it is train)."""
-    root = os.path.abspath(os.path.expanduser(cfg.path))
-    if not os.path.isdir(root):
-        raise DataError(f"image folder {cfg.path}: not a folder")
-    if os.path.isdir(os.path.join(root, "train")):
-        split_dirs = {s: os.path.join(root, s) for s in SPLIT_NAMES if os.path.isdir(os.path.join(root, s))}
-    else:
-        if os.path.isdir(os.path.join(root, "test")):
-            log.warning("image folder %s has test/ but no train/: treating 'test' as a class folder", root)
-        split_dirs = {"train": root}
-
-    classes = _class_dirs(split_dirs["train"])
-    if not classes:
-        raise DataError(f"image folder {split_dirs['train']}: no class subfolders")
-    listing = {}
-    for split, folder in split_dirs.items():
-        names = _class_dirs(folder)
-        if names != classes:
-            extra, missing = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
-            raise DataError(f"image folder {folder}: class folders differ from the train split's"
-                            + (f"; extra: {', '.join(extra)}" if extra else "")
-                            + (f"; missing: {', '.join(missing)}" if missing else ""))
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            class_dir = os.path.join(folder, name)
-            found = _image_files(class_dir)
-            if not found:
-                raise DataError(f"image folder {class_dir}: empty class folder (no image files)")
-            files += found
-            labels += [label] * len(found)
-        listing[split] = (files, np.asarray(labels, dtype=np.int64))
-
-    rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for files, _ in listing.values() for p in files}
-    contents = {}
-    for path in rel:
-        try:
-            with open(path, "rb") as f:
-                contents[path] = f.read()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc})") from None
-    digest = hashlib.sha256()
-    for path in sorted(rel, key=rel.get):
-        name = rel[path].encode()
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(len(contents[path]).to_bytes(8, "little") + contents[path])
-
-    splits, bad_images = {}, []
-    for split, (files, labels) in listing.items():
-        images, kept, bad = decode_images([contents.pop(p) for p in files], resize_spec(cfg),
-                                          lambda i, fs=files: fs[i], cfg.on_bad_image)
+    """An image folder (see list_imagefolder) read and decoded into memory. ``prepare`` streams it instead
+    (resnet_ray.data.shards); both give the same images, labels and checksum."""
+    listing = list_imagefolder(cfg)
+    splits, bad_images, total = {}, [], 0
+    for split, (paths, labels) in listing.splits.items():
+        contents = []
+        for path in paths:
+            try:
+                contents.append(read_file(listing.fs, path))
+            except OSError as exc:
+                raise DataError(f"{listing.display(path)}: cannot read ({exc})") from None
+            total += file_digest(listing.rel(path), contents[-1])
+        images, kept, bad = decode_images(contents, resize_spec(cfg), lambda i, ps=paths: listing.display(ps[i]),
+                                          cfg.on_bad_image)
+        del contents
         splits[split] = RawSplit(images=images, labels=labels[kept])
         bad_images += [{"split": split, **b} for b in bad]
-    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest(), bad_images=bad_images)
+    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total),
+                      bad_images=bad_images)

@@ -26,6 +26,7 @@ Steps, in order, for one encoded image:
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -120,7 +121,8 @@ def open_image(blob: bytes):
         im = Image.open(io.BytesIO(blob), formats=PIL_FORMATS)
         im.load()
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, bombs, ...
-        raise BadImage(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # the same reason every time
+        raise BadImage(f"cannot decode image ({type(exc).__name__}: {detail})") from None
     if im.width < 1 or im.height < 1:
         raise BadImage(f"image is {im.width}x{im.height}")
     return im

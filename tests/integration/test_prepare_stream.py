@@ -1,0 +1,35 @@
+"""Streaming prepare on the session's Ray: shard tasks on the cluster write the same dataset as local threads."""
+import glob
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_image_folder as make_folder
+from resnet_ray.config import DataConfig
+from resnet_ray.data import prepare as prep
+from resnet_ray.data import shards
+
+pytestmark = pytest.mark.slow
+
+
+def test_shards_on_ray_equal_shards_on_threads(ray_session, tmp_path, monkeypatch):
+    source = make_folder(tmp_path / "src", corrupt={(1, 2)})
+    values = dict(source="imagefolder", path=str(source), image_size=16, on_bad_image="skip")
+    on_ray = []
+    real = shards._run_on_ray
+    monkeypatch.setattr(shards, "_run_on_ray", lambda *a, **k: on_ray.append(1) or real(*a, **k))
+    monkeypatch.setattr(prep, "rows_per_shard", lambda size: 12)
+    ray_dir = prep.prepare(DataConfig(root=str(tmp_path / "ray"), **values))
+    assert on_ray == [1]
+    monkeypatch.setattr(shards, "_ray_connected", lambda: False)
+    thread_dir = prep.prepare(DataConfig(root=str(tmp_path / "threads"), **values))
+    a, b = prep.read_metadata(ray_dir), prep.read_metadata(thread_dir)
+    assert a["bad_images"] == b["bad_images"] and a["bad_images"]["count"] == 1
+    for key in ("counts", "source_checksum", "classes", "mean", "std"):
+        assert a[key] == b[key], key
+    for split in a["counts"]:
+        parts = [sorted(glob.glob(os.path.join(d, split, "*.parquet"))) for d in (ray_dir, thread_dir)]
+        assert [os.path.basename(p) for p in parts[0]] == [os.path.basename(p) for p in parts[1]]
+        for x, y in zip(*parts):
+            assert pq.read_table(x).equals(pq.read_table(y))
