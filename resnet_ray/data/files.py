@@ -46,6 +46,8 @@ def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[
     for offset, blob in enumerate(blobs):
         i = start + offset
         try:
+            if blob is None:
+                raise BadImage("image is null")
             out[i] = decode(blob, spec)
         except BadImage as exc:
             if not skip:
@@ -66,7 +68,7 @@ def decode_images(blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str]
     out = np.empty((n, spec.size, spec.size, 3), dtype=np.uint8)
     sample = blobs[:64]
     large = spec.size >= _THREADED_MIN_SIZE or (
-        len(sample) and sum(len(b) for b in sample) / len(sample) >= _THREADED_MIN_BYTES)
+        len(sample) and sum(len(b or b"") for b in sample) / len(sample) >= _THREADED_MIN_BYTES)
     workers = min(8, os.cpu_count() or 1) if large else 1
     starts = list(range(0, n, _CHUNK))
     skip = on_bad_image == "skip"
@@ -177,24 +179,6 @@ def _first_null(arr) -> int:
     return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
 
 
-def _image_blobs(table, column: str, file: str) -> list:
-    import pyarrow as pa
-
-    arr = _column_values(table, column, file, "image")
-    if pa.types.is_struct(arr.type):
-        if arr.type.get_field_index("bytes") < 0:
-            raise DataError(f"{file}: image column {column!r} is a struct without a 'bytes' field ({arr.type})")
-        if arr.null_count:
-            raise DataError(f"{file}: row {_first_null(arr)}: image is null")
-        arr = arr.field("bytes")
-    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        raise DataError(f"{file}: image column {column!r} has type {arr.type}, expected encoded image bytes "
-                        f"(binary, or a struct with a 'bytes' field)")
-    if arr.null_count:
-        raise DataError(f"{file}: row {_first_null(arr)}: image bytes are null")
-    return arr.to_pylist()
-
-
 def _int_labels(table, column: str, file: str, kind: str) -> np.ndarray:
     import pyarrow as pa
 
@@ -240,88 +224,108 @@ def _find_classes_file(fs, base: str, files: Sequence[str]) -> Optional[str]:
     return None
 
 
-def read_parquet_source(cfg: DataConfig) -> RawDataset:
-    """Parquet files per split under cfg.path (local folder, file:// or any pyarrow filesystem URI):
-    train.parquet / train-*.parquet (any depth, the Hugging Face layout) / train/*.parquet, likewise test.
-    Class names: cfg.classes, else classes.json beside or above the train files (a list, or an object with
-    "classes"/"label_names"), else str(i) up to the largest label. checksum = sha256 of the files in path order."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+@dataclass
+class ParquetListing:
+    """A Parquet source without its images: files, row-group sizes, labels and classes (what the driver holds)."""
 
-    fs, base = _filesystem(cfg.path)
-    base = base.rstrip("/") or "/"
+    fs: object
+    base: str  # the source folder inside fs
+    files: dict  # split -> [(path inside fs, [rows of each row group])], in path order
+    labels: dict  # split -> int64 labels of all rows, in file order
+    coarse: dict  # split -> int64 coarse labels, or None
+    classes: list
+    coarse_classes: Optional[list] = None
+    fine_to_coarse: Optional[list] = None
+    scheme: Optional[str] = None
+
+    def display(self, path: str) -> str:
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def rel(self, path: str) -> str:
+        return path[len(self.base):].lstrip("/")
+
+
+def _source_files(cfg: DataConfig, fs, base: str) -> tuple[str, dict]:
+    """(folder, {split: sorted Parquet files}) of a Parquet source: one file (the train split) or a folder."""
+    import pyarrow.fs as pafs
+
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"parquet source {cfg.path}: not found")
     if info.type == pafs.FileType.File:  # a single file is the train split
-        by_split = {"train": [base]}
-        base = posixpath.dirname(base)
-    else:
-        by_split = {s: [] for s in SPLIT_NAMES}
-        others = []
-        for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            if item.type != pafs.FileType.File:
-                continue
-            rel = item.path[len(base):].lstrip("/")
-            split = _split_of(rel)
-            if split:
-                by_split[split].append(item.path)
-            elif rel.endswith(".parquet"):
-                others.append(rel)
-        if others:
-            log.warning("parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s",
-                        cfg.path, len(others), others[0])
-        if not by_split["train"]:
-            raise DataError(f"parquet source {cfg.path}: no train split found; expected train.parquet, "
-                            f"train-*.parquet or train/*.parquet below it"
-                            + (f" (found only {', '.join(others[:5])})" if others else ""))
-        by_split = {s: sorted(f) for s, f in by_split.items() if f}
+        return posixpath.dirname(base), {"train": [base]}
+    by_split = {s: [] for s in SPLIT_NAMES}
+    others = []
+    for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        rel = item.path[len(base):].lstrip("/")
+        split = _split_of(rel)
+        if split:
+            by_split[split].append(item.path)
+        elif rel.endswith(".parquet"):
+            others.append(rel)
+    if others:
+        log.warning("parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s",
+                    cfg.path, len(others), others[0])
+    if not by_split["train"]:
+        raise DataError(f"parquet source {cfg.path}: no train split found; expected train.parquet, "
+                        f"train-*.parquet or train/*.parquet below it"
+                        + (f" (found only {', '.join(others[:5])})" if others else ""))
+    return base, {s: sorted(f) for s, f in by_split.items() if f}
 
+
+def _check_image_column(schema, column: str, file: str) -> None:
+    import pyarrow as pa
+
+    kind = schema.field(column).type
+    if pa.types.is_struct(kind):
+        if kind.get_field_index("bytes") < 0:
+            raise DataError(f"{file}: image column {column!r} is a struct without a 'bytes' field ({kind})")
+        kind = kind.field("bytes").type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise DataError(f"{file}: image column {column!r} has type {schema.field(column).type}, expected encoded "
+                        f"image bytes (binary, or a struct with a 'bytes' field)")
+
+
+def list_parquet(cfg: DataConfig) -> ParquetListing:
+    """Parquet files per split under cfg.path (local folder, file:// or any pyarrow filesystem URI):
+    train.parquet / train-*.parquet (any depth, the Hugging Face layout) / train/*.parquet, likewise test.
+    Reads the footers and the label columns only, and checks every file's columns and labels.
+    Class names: cfg.classes, else classes.json beside or above the train files (a list, or an object with
+    "classes"/"label_names"), else str(i) up to the largest label."""
+    import pyarrow.parquet as pq
+
+    fs, base = _filesystem(cfg.path)
+    base, by_split = _source_files(cfg, fs, base.rstrip("/") or "/")
     coarse_col = cfg.coarse_label_column
     columns = [cfg.image_column, cfg.label_column] + ([coarse_col] if coarse_col else [])
-    digest = hashlib.sha256()
-    contents = {}
-    for path in sorted(p for files in by_split.values() for p in files):
-        contents[path] = _read_bytes(fs, path)
-        digest.update(contents[path])
-
-    spec = resize_spec(cfg)
-    splits, owners, bad_images = {}, {}, []
-    for split, files in by_split.items():
-        images, labels, coarse, owners[split] = [], [], [], []
-        for path in files:
+    files, labels, coarse, owners = {}, {}, {}, {}
+    for split, paths in by_split.items():
+        files[split], split_labels, split_coarse, owners[split] = [], [], [], []
+        for path in paths:
             try:
-                pf = pq.ParquetFile(pa.BufferReader(contents.pop(path)))
-                names = pf.schema_arrow.names
+                with fs.open_input_file(path) as f:
+                    pf = pq.ParquetFile(f)
+                    names, meta = pf.schema_arrow.names, pf.metadata
+                    missing = [c for c in columns if c not in names]
+                    if missing:
+                        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                                        f"columns: {', '.join(names)}")
+                    _check_image_column(pf.schema_arrow, cfg.image_column, path)
+                    table = pf.read(columns=columns[1:])
+            except DataError:
+                raise
             except Exception as exc:
                 raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                                f"columns: {', '.join(names)}")
-            try:
-                table = pf.read(columns=columns)
-            except Exception as exc:
-                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-            file_labels = _int_labels(table, cfg.label_column, path, "label")
-            file_coarse = _int_labels(table, coarse_col, path, "coarse label") if coarse_col else None
-            blobs = _image_blobs(table, cfg.image_column, path)
-            del table
-            decoded, kept, bad = decode_images(blobs, spec, lambda i, p=path: f"{p}: row {i}", cfg.on_bad_image)
-            images.append(decoded)
-            labels.append(file_labels[kept])
+            split_labels.append(_int_labels(table, cfg.label_column, path, "label"))
             if coarse_col:
-                coarse.append(file_coarse[kept])
-            owners[split].append((path, kept))
-            bad_images += [{"split": split, **b} for b in bad]
-            del blobs
-        splits[split] = RawSplit(
-            images=np.concatenate(images) if len(images) > 1 else images[0],
-            labels=np.concatenate(labels),
-            coarse_labels=np.concatenate(coarse) if coarse_col else None,
-        )
-    if not len(splits["train"].labels):
+                split_coarse.append(_int_labels(table, coarse_col, path, "coarse label"))
+            files[split].append((path, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]))
+            owners[split].append((path, np.arange(table.num_rows)))
+        labels[split] = np.concatenate(split_labels)
+        coarse[split] = np.concatenate(split_coarse) if coarse_col else None
+    if not len(labels["train"]):
         raise DataError(f"parquet source {cfg.path}: the train split has no rows ({', '.join(by_split['train'])})")
 
     classes_doc = None
@@ -333,27 +337,70 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
             classes_doc = (_read_bytes(fs, found), found)
             classes, classes_from = _parse_classes(classes_doc[0], found, FINE_KEYS, True), found
         else:
-            top = max(int(s.labels.max()) for s in splits.values() if len(s.labels))
+            top = max(int(values.max()) for values in labels.values() if len(values))
             classes, classes_from = [str(i) for i in range(top + 1)], "max label"
-    for split in splits:
-        _check_range(splits[split].labels, len(classes), owners[split], "label",
-                     f"{len(classes)} classes from {classes_from}")
+    for split in labels:
+        _check_range(labels[split], len(classes), owners[split], "label", f"{len(classes)} classes from {classes_from}")
 
     coarse_classes = fine_to_coarse = None
     if coarse_col:
         if classes_doc is not None:
             coarse_classes = _parse_classes(classes_doc[0], classes_doc[1], COARSE_KEYS, False)
         if coarse_classes is None:
-            top = max(int(s.coarse_labels.max()) for s in splits.values() if len(s.coarse_labels))
+            top = max(int(values.max()) for values in coarse.values() if len(values))
             coarse_classes = [str(i) for i in range(top + 1)]
-        for split in splits:
-            _check_range(splits[split].coarse_labels, len(coarse_classes), owners[split], "coarse label",
+        for split in coarse:
+            _check_range(coarse[split], len(coarse_classes), owners[split], "coarse label",
                          f"{len(coarse_classes)} coarse classes")
-        fine_to_coarse = fine_to_coarse_map(np.concatenate([s.labels for s in splits.values()]),
-                                            np.concatenate([s.coarse_labels for s in splits.values()]),
-                                            len(classes), f"parquet source {cfg.path}")
-    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest(), coarse_classes=coarse_classes,
-                      fine_to_coarse=fine_to_coarse, bad_images=bad_images)
+        fine_to_coarse = fine_to_coarse_map(np.concatenate(list(labels.values())),
+                                            np.concatenate(list(coarse.values())), len(classes),
+                                            f"parquet source {cfg.path}")
+    scheme = cfg.path.split("://", 1)[0] if storage.is_uri(cfg.path) else None
+    return ParquetListing(fs, base, files, labels, coarse, classes, coarse_classes, fine_to_coarse, scheme)
+
+
+def image_blobs(column) -> list:
+    """An image column (binary, or a struct with 'bytes') -> list of bytes, None where the image is null."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if pa.types.is_struct(array.type):
+        nulls = array.is_null().to_pylist()
+        return [None if null else blob for null, blob in zip(nulls, array.field("bytes").to_pylist())]
+    return array.to_pylist()
+
+
+def read_parquet_source(cfg: DataConfig) -> RawDataset:
+    """A Parquet source (see list_parquet) read and decoded into memory; checksum: combine_digests of every
+    file. ``prepare`` streams it instead (resnet_ray.data.shards) to the same dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    listing = list_parquet(cfg)
+    spec = resize_spec(cfg)
+    splits, bad_images, total = {}, [], 0
+    for split, files in listing.files.items():
+        images, kept_rows, offset = [], [], 0
+        for path, groups in files:
+            content = _read_bytes(listing.fs, path)
+            total += file_digest(listing.rel(path), content)
+            blobs = image_blobs(pq.read_table(pa.BufferReader(content), columns=[cfg.image_column])
+                                .column(cfg.image_column))
+            del content
+            decoded, kept, bad = decode_images(blobs, spec, lambda i, p=path: f"{listing.display(p)}: row {i}",
+                                               cfg.on_bad_image)
+            images.append(decoded)
+            kept_rows.append(offset + kept)
+            offset += len(blobs)
+            bad_images += [{"split": split, **b} for b in bad]
+        keep = np.concatenate(kept_rows)
+        coarse = listing.coarse[split]
+        splits[split] = RawSplit(images=np.concatenate(images) if len(images) > 1 else images[0],
+                                 labels=listing.labels[split][keep],
+                                 coarse_labels=None if coarse is None else coarse[keep])
+    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total),
+                      coarse_classes=listing.coarse_classes, fine_to_coarse=listing.fine_to_coarse,
+                      bad_images=bad_images)
 
 
 # ---------------------------------------------------------------------------
@@ -444,10 +491,12 @@ def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
     return ImageFolderListing(fs, root, splits, classes, scheme)
 
 
-def file_digest(rel: str, content: Optional[bytes]) -> int:
-    """One file's share of a source checksum: sha256(name, sha256(content)) as an integer (None: unreadable)."""
+def file_digest(rel: str, content: Optional[bytes], inner: Optional[bytes] = None) -> int:
+    """One file's share of a source checksum: sha256(name, sha256(content)) as an integer (content None and no
+    ``inner`` digest given: an unreadable file)."""
     name = rel.encode()
-    inner = hashlib.sha256(content).digest() if content is not None else b"unreadable"
+    if inner is None:
+        inner = hashlib.sha256(content).digest() if content is not None else b"unreadable"
     return int.from_bytes(hashlib.sha256(len(name).to_bytes(8, "little") + name + inner).digest(), "big")
 
 

@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 ROWS_PER_SHARD = 5000
 SHARD_BYTES = 32 << 20
 METADATA = "metadata.json"
-STREAMED_SOURCES = ("imagefolder",)  # written by parallel shard tasks (resnet_ray.data.shards), never in memory
+STREAMED_SOURCES = ("imagefolder", "parquet")  # written by parallel tasks (resnet_ray.data.shards), not in memory
 
 
 def dataset_dir(cfg: DataConfig) -> str:
@@ -218,8 +218,8 @@ def _write(cfg: DataConfig, final: str, fingerprint: str, on_start: Optional[Cal
            on_rows: Optional[Callable[[int], None]] = None) -> dict:
     """Write the dataset into a temporary folder beside ``final``, then move it there.
 
-    Image folders stream (resnet_ray.data.shards: names and labels in this process, shards written by parallel
-    tasks); the other sources are read into memory.
+    Image folders and Parquet sources stream (resnet_ray.data.shards: names and labels in this process, shards
+    written by parallel tasks); the built-in sources (digits, CIFAR) are read into memory.
     """
     from resnet_ray.data import shards
     from resnet_ray.data.images import ResizeSpec
@@ -228,9 +228,11 @@ def _write(cfg: DataConfig, final: str, fingerprint: str, on_start: Optional[Cal
     suffix = f".tmp-{uuid.uuid4().hex[:8]}"
     tmp = final_path + suffix
     try:
-        if cfg.source in STREAMED_SOURCES:
+        if cfg.source == "imagefolder":
             written = shards.write_imagefolder(cfg, final + suffix, on_start, on_rows)
             coarse_classes = fine_to_coarse = None
+        elif cfg.source == "parquet":
+            written, coarse_classes, fine_to_coarse = shards.write_parquet(cfg, final + suffix, on_start, on_rows)
         else:
             written, coarse_classes, fine_to_coarse = _write_in_memory(cfg, fs, tmp)
         meta = {

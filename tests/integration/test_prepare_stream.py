@@ -1,11 +1,12 @@
-"""Streaming prepare on the session's Ray: shard tasks on the cluster write the same dataset as local threads."""
+"""Streaming prepare on the session's Ray: tasks on the cluster write the same dataset as local threads
+(an image folder, and a Parquet source through its staging buckets)."""
 import glob
 import os
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_image_folder as make_folder
+from conftest import make_image_folder, make_parquet_source
 from resnet_ray.config import DataConfig
 from resnet_ray.data import prepare as prep
 from resnet_ray.data import shards
@@ -13,15 +14,19 @@ from resnet_ray.data import shards
 pytestmark = pytest.mark.slow
 
 
-def test_shards_on_ray_equal_shards_on_threads(ray_session, tmp_path, monkeypatch):
-    source = make_folder(tmp_path / "src", corrupt={(1, 2)})
-    values = dict(source="imagefolder", path=str(source), image_size=16, on_bad_image="skip")
+@pytest.mark.parametrize("kind", ["imagefolder", "parquet"])
+def test_shards_on_ray_equal_shards_on_threads(ray_session, tmp_path, monkeypatch, kind):
+    if kind == "imagefolder":
+        source = make_image_folder(tmp_path / "src", corrupt={(1, 2)})
+    else:
+        source = make_parquet_source(tmp_path / "src", corrupt_rows={7})
+    values = dict(source=kind, path=str(source), image_size=16, on_bad_image="skip")
     on_ray = []
     real = shards._run_on_ray
     monkeypatch.setattr(shards, "_run_on_ray", lambda *a, **k: on_ray.append(1) or real(*a, **k))
     monkeypatch.setattr(prep, "rows_per_shard", lambda size: 12)
     ray_dir = prep.prepare(DataConfig(root=str(tmp_path / "ray"), **values))
-    assert on_ray == [1]
+    assert on_ray  # the tasks ran on Ray
     monkeypatch.setattr(shards, "_ray_connected", lambda: False)
     thread_dir = prep.prepare(DataConfig(root=str(tmp_path / "threads"), **values))
     a, b = prep.read_metadata(ray_dir), prep.read_metadata(thread_dir)

@@ -1,5 +1,6 @@
-"""Streaming prepare of image folders (resnet_ray.data.shards) on local threads: the same dataset, row for row, as
-reading everything into memory; only names and labels in the calling thread; contiguous row ids after skips."""
+"""Streaming prepare of image folders and Parquet sources (resnet_ray.data.shards) on local threads: the same
+dataset, row for row, as reading everything into memory; only names and labels in the calling thread; contiguous
+row ids after skipped images."""
 import glob
 import os
 import threading
@@ -15,6 +16,7 @@ from resnet_ray.data import prepare as prep
 from resnet_ray.data.load import table_to_batch
 
 from conftest import make_image_folder as make_folder
+from conftest import make_parquet_source
 
 S = 16
 
@@ -85,3 +87,37 @@ def test_file_uri_source_names_files_by_uri(tmp_path):
     with pytest.raises(Exception, match=f"file://{source}/train/class1/00.png: cannot decode image"):
         prep.prepare(cfg)
     assert not glob.glob(str(tmp_path / "root" / "*" / "*.tmp-*"))
+
+
+def test_streamed_parquet_equals_the_in_memory_dataset(tmp_path, small_shards):
+    source = make_parquet_source(tmp_path / "src")
+    cfg = DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root"), image_size=S,
+                     coarse_label_column="coarse", val_fraction=0.25)
+    prepared = prep.prepare(cfg)
+    meta = prep.read_metadata(prepared)
+    raw = files.read_parquet_source(cfg)
+    expected = prep.carve_splits(raw, cfg)
+    assert meta["source_checksum"] == raw.checksum and meta["fine_to_coarse"] == [0, 0, 1]
+    assert meta["counts"] == {name: len(split.labels) for name, split in expected.items()}
+    for name, split in expected.items():
+        _, batch = read_split(prepared, name)
+        np.testing.assert_array_equal(batch["image"], split.images)
+        np.testing.assert_array_equal(batch["label"], split.labels)
+        np.testing.assert_array_equal(batch["coarse_label"], split.coarse_labels)
+        assert batch["row_id"].tolist() == list(range(len(split.labels)))
+    assert not glob.glob(os.path.join(prepared, "_staging"))  # the staging buckets are gone
+
+
+def test_streamed_parquet_skips_bad_rows_with_contiguous_row_ids(tmp_path, small_shards):
+    source = make_parquet_source(tmp_path / "src", corrupt_rows={4, 15})
+    cfg = DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root"), image_size=S,
+                     on_bad_image="skip", val_fraction=0.25)
+    meta = prep.read_metadata(prep.prepare(cfg))
+    assert sorted(b["file"] for b in meta["bad_images"]["files"]) == [
+        f"{source / 'train-00000.parquet'}: row 4", f"{source / 'train-00001.parquet'}: row 2"]
+    assert sum(meta["counts"].values()) == 30 - 2
+    for name, count in meta["counts"].items():
+        _, batch = read_split(prep.dataset_dir(cfg), name)
+        assert batch["row_id"].tolist() == list(range(count))
+    with pytest.raises(Exception, match=r"train-0000[01]\.parquet: row [42]: cannot decode image"):
+        prep.prepare(DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root2"), image_size=S))

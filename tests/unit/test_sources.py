@@ -320,8 +320,12 @@ def test_parquet_binary_roundtrip(tmp_path):
         np.testing.assert_array_equal(raw.splits[split].images, images)
         np.testing.assert_array_equal(raw.splits[split].labels, labels)
         assert raw.splits[split].labels.dtype == np.int64 and raw.splits[split].coarse_labels is None
-    digest = hashlib.sha256((tmp_path / "test.parquet").read_bytes() + (tmp_path / "train.parquet").read_bytes())
-    assert raw.checksum == digest.hexdigest()
+    # the checksum: sha256(name, sha256(bytes)) of each file, summed mod 2**256 (order-free, for parallel tasks)
+    total = 0
+    for name in ("test.parquet", "train.parquet"):
+        inner = hashlib.sha256((tmp_path / name).read_bytes()).digest()
+        total += int.from_bytes(hashlib.sha256(len(name).to_bytes(8, "little") + name.encode() + inner).digest(), "big")
+    assert raw.checksum == f"{total % (1 << 256):064x}"
     # the same folder as a file:// URI
     uri = read_source(DataConfig(source="parquet", path=tmp_path.as_uri()))
     np.testing.assert_array_equal(uri.splits["train"].images, train[0])
