@@ -31,6 +31,7 @@ from resnet_ray import storage
 from resnet_ray.checkpoint import STATE, verify_model
 from resnet_ray.config import Config
 from resnet_ray.data.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec, decode
+from resnet_ray.data.load import quiet_data_progress
 from resnet_ray.data.sources import DataError
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.watchdog import watched
@@ -384,6 +385,7 @@ def predict(cfg: Config, model_path: str, input_path: str, output: Optional[str]
         on_start(inputs.rows)
     # where the read tasks open their filesystem: the input's folder part (a URI keeps its scheme and options)
     base = _GLOB_CHARS.split(input_path)[0] if storage.is_uri(input_path) else "/"
+    quiet_data_progress()  # the caller shows progress (on_start / on_rows); Ray Data's own lines go to its log
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="resnet_ray-predict-") as tmp:
         local = os.path.join(tmp, "predictions.parquet")

@@ -21,6 +21,7 @@ reading everything into memory (``files.read_imagefolder`` / ``files.read_parque
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -86,9 +87,18 @@ def write_shard(task: dict) -> dict:
     images = images[kept] if len(kept) < len(paths) else images
     out_fs, out_path = storage.resolve(task["out"])
     pq.write_table(split_table(RawSplit(images, labels[kept]), task["first_row_id"]), out_path, filesystem=out_fs)
-    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0 if task["stats"] else np.zeros((0, 3))
     return {"index": task["index"], "rows": len(kept), "bad": bad, "digest": digest,
-            "sum": pixels.sum(0).tolist(), "sum_sq": (pixels ** 2).sum(0).tolist(), "pixels": len(pixels)}
+            **pixel_sums(images if task["stats"] else images[:0])}
+
+
+def pixel_sums(images: np.ndarray, chunk: int = 256) -> dict:
+    """Exact per-channel sums of the uint8 values and of their squares (integers: no rounding, any order)."""
+    total, total_sq = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for start in range(0, len(images), chunk):
+        values = images[start:start + chunk].reshape(-1, 3).astype(np.int64)
+        total += values.sum(0)
+        total_sq += (values * values).sum(0)
+    return {"sum": total.tolist(), "sum_sq": total_sq.tolist(), "pixels": int(np.prod(images.shape[:3]))}
 
 
 def _shown(task: dict, path: str) -> str:
@@ -190,9 +200,8 @@ def gather_shard(task: dict) -> dict:
         coarse = np.zeros(0, np.int64) if task["has_coarse"] else None
     out_fs, out = storage.resolve(task["out"])
     pq.write_table(split_table(RawSplit(images, labels, coarse), first), out, filesystem=out_fs)
-    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0 if task["stats"] else np.zeros((0, 3))
     return {"index": task["index"], "rows": len(labels), "bad": [], "digest": 0,
-            "sum": pixels.sum(0).tolist(), "sum_sq": (pixels ** 2).sum(0).tolist(), "pixels": len(pixels)}
+            **pixel_sums(images if task["stats"] else images[:0])}
 
 
 TASKS = {"image_shard": write_shard, "hash": hash_file, "stage": stage_rows, "gather": gather_shard}
@@ -303,14 +312,16 @@ def write_imagefolder(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable
 
 
 def _mean_std(results: dict, cfg: DataConfig) -> tuple[list, list]:
-    """The train split's per-channel mean and std on [0, 1] from the shards' sums (summed in shard order)."""
-    train = [results[i] for i in sorted(results) if results[i]["pixels"]]
+    """The train split's per-channel mean and std on [0, 1] from the shards' exact integer sums."""
+    train = [r for r in results.values() if r.get("pixels")]
     n = sum(r["pixels"] for r in train)
     if not n:
         raise DataError(f"{cfg.source} source {cfg.path}: no readable image in the train split")
-    mean = np.sum([r["sum"] for r in train], axis=0) / n
-    std = np.sqrt(np.maximum(np.sum([r["sum_sq"] for r in train], axis=0) / n - mean ** 2, 0))
-    return mean.tolist(), std.tolist()
+    total = [sum(r["sum"][c] for r in train) for c in range(3)]
+    total_sq = [sum(r["sum_sq"][c] for r in train) for c in range(3)]
+    mean = [t / (255.0 * n) for t in total]
+    std = [math.sqrt(max(sq / (255.0 ** 2 * n) - m * m, 0.0)) for sq, m in zip(total_sq, mean)]
+    return mean, std
 
 
 def _runs(groups: list, per_task: int) -> Iterator[tuple[list, int, int]]:
