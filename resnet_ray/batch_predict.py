@@ -101,9 +101,10 @@ def _list_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     entries skipped) or a glob."""
     match = _GLOB_CHARS.search(path)
     if match:
-        base = path[:match.start()].rsplit("/", 1)[0] if "/" in path[:match.start()] else "."
-        fs, fs_base = storage.resolve(base)
-        fs_pattern = fs_base.rstrip("/") + "/" + path[len(base):].lstrip("/")
+        head = path[:match.start()]
+        base, rest = (head.rsplit("/", 1)[0], path[len(head.rsplit("/", 1)[0]):]) if "/" in head else (".", path)
+        fs, fs_base = storage.resolve(base or "/")
+        fs_pattern = fs_base.rstrip("/") + "/" + rest.lstrip("/")
         regex = glob_regex(fs_pattern)
         infos = fs.get_file_info(pafs.FileSelector(fs_base, recursive=True, allow_not_found=True))
         found = [i.path for i in infos if i.type == pafs.FileType.File and regex.match(i.path)
@@ -373,6 +374,9 @@ def predict(cfg: Config, model_path: str, input_path: str, output: Optional[str]
     """
     folder, info = verify_model(model_path)  # local weights checked before the actors load them
     spec = resize_of(info, cfg)
+    if info.get("resize") and cfg.data.resize != spec.policy:
+        log.warning("data.resize %s ignored: images are resized like the model's training data (%s, recorded in "
+                    "its model.json)", cfg.data.resize, spec.policy)
     sha = model_sha256(folder, info)
     classes = list(info.get("classes") or [str(i) for i in range(info["num_classes"])])
     if k < 1:

@@ -135,7 +135,8 @@ def make_parquet_source(root, corrupt_rows=()):
     for name, n, group in (("train-00000.parquet", 13, 3), ("train-00001.parquet", 11, 11), ("test.parquet", 6, 4)):
         blobs, labels = [], []
         for i in range(n):
-            blobs.append(b"broken" if name.startswith("train") and row in corrupt_rows else png(*rng.integers(8, 30, 2)))
+            broken = name.startswith("train") and row in corrupt_rows
+            blobs.append(b"broken" if broken else png(*rng.integers(8, 30, 2)))
             labels.append(i % 3)
             row += name.startswith("train")
         table = pa.table({"image": pa.array([{"bytes": b, "path": "x.png"} for b in blobs]),

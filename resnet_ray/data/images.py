@@ -9,8 +9,8 @@ Steps, in order, for one encoded image:
 1. decode with Pillow (formats in :data:`PIL_FORMATS`; an animated image gives its first frame);
 2. apply the EXIF orientation (``ImageOps.exif_transpose``);
 3. convert to 8-bit RGB: grayscale, palette and CMYK by Pillow's ``convert("RGB")``; anything with an alpha
-   channel (RGBA, LA, a palette with transparency) composited on white; 16-bit and 32-bit integer grayscale
-   scaled to 8 bits (``round(v * 255 / 65535)``, not clipped as ``convert`` would);
+   channel (RGBA, LA, a palette with transparency) composited on white; 16-bit integer grayscale scaled to
+   8 bits (``round(v * 255 / 65535)``, not clipped as ``convert`` would; 32-bit values above 65535 clip);
 4. resize to ``size x size`` by the policy:
 
    - ``center_crop`` (default): the centred square of side = the shorter side, resampled to size x size in one
@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from resnet_ray.config import BAD_IMAGE_POLICIES, RESIZE_POLICIES  # noqa: F401 (re-exported)
+from resnet_ray.config import RESIZE_POLICIES
 
 # Pillow's decoders for ordinary image files (JPEG covers MPO, the phones' multi-picture JPEG); EPS and PDF are
 # left out on purpose: EPS runs Ghostscript on the file
@@ -91,7 +91,7 @@ def to_rgb(im):
         return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
         return im.convert("L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -7,7 +7,6 @@ import os
 import runpy
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -45,9 +45,11 @@ def test_folder_lists_images_recursively_in_order_skipping_hidden(folder):
     assert [i["row_id"] for i in inputs.items] == [0, 1, 2, 3]
 
 
-def test_glob_and_file_uri(folder):
+def test_glob_and_file_uri(folder, monkeypatch):
     assert [i["path"] for i in list_inputs(str(folder / "*.png")).items] == [str(folder / "b.png")]
     assert list_inputs(str(folder / "**" / "*.png")).rows == 2
+    monkeypatch.chdir(folder)
+    assert [i["path"] for i in list_inputs("*.png").items] == [str(folder / "b.png")]  # relative, no folder part
     uri = list_inputs(folder.as_uri())
     assert [i["path"] for i in uri.items][0] == f"file://{folder}/a.JPG"
     with pytest.raises(DataError, match="no file matches"):
