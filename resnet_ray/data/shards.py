@@ -42,6 +42,7 @@ from resnet_ray.data.sources import DataError, RawSplit
 log = logging.getLogger(__name__)
 
 MAX_THREADS = 4  # local decoding threads (each holds one shard): bounds this process's memory
+STALL_S = 1800.0  # no Ray task finished for this long: stop with a diagnosis instead of waiting forever
 
 
 @dataclass
@@ -221,7 +222,11 @@ def _run_on_ray(tasks: list, in_flight: int) -> Iterator[dict]:
         while queue or pending:
             while queue and len(pending) < in_flight:
                 pending.append(remote.remote(queue.pop()))
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=STALL_S)
+            if not done:  # tasks that can never be scheduled (no CPU free on any node) must not hang the job
+                from resnet_ray.watchdog import StallError, diagnose
+
+                raise StallError(f"prepare: no shard task finished in {STALL_S:.0f} s; {diagnose()}")
             yield ray.get(done[0])
     finally:
         for ref in pending:  # an error: stop what still runs before the temporary folder is deleted

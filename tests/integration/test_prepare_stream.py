@@ -38,3 +38,13 @@ def test_shards_on_ray_equal_shards_on_threads(ray_session, tmp_path, monkeypatc
         assert [os.path.basename(p) for p in parts[0]] == [os.path.basename(p) for p in parts[1]]
         for x, y in zip(*parts):
             assert pq.read_table(x).equals(pq.read_table(y))
+
+
+def test_shard_tasks_that_never_finish_stop_with_a_diagnosis(ray_session, tmp_path, monkeypatch):
+    from resnet_ray.watchdog import StallError
+
+    source = make_image_folder(tmp_path / "src", per_class=(12, 12))
+    monkeypatch.setattr(shards, "STALL_S", 0.001)  # no task can finish that fast
+    with pytest.raises(StallError, match="prepare: no shard task finished in 0 s; free .* CPU"):
+        prep.prepare(DataConfig(source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=8))
+    assert [e for e in os.listdir(tmp_path / "root" / "imagefolder") if not e.endswith(".lock")] == []
