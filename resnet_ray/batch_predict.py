@@ -39,6 +39,7 @@ from resnet_ray.watchdog import watched
 log = logging.getLogger(__name__)
 
 FILES_PER_TASK = 64  # image files read and decoded per Ray Data task
+ROWS_PER_READ = 1024  # Parquet rows read and decoded per Ray Data task (a bigger row group is read in slices)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -51,7 +52,8 @@ class Inputs:
     """What the driver knows of an input: its kind and one item per image file or Parquet row group."""
 
     kind: str  # "files" | "parquet"
-    items: list  # files: {"row_id", "path"}; parquet: {"row_id" (first row), "path", "row_group", "row" (first)}
+    items: list  # files: {"row_id", "path"}; parquet: {"row_id", "path", "row_group", "row", "skip", "take"} of
+    # a slice of a row group (row_id and row: of its first row)
     rows: int  # input rows (images) in all
 
 
@@ -141,8 +143,9 @@ def _row_groups(fs: pafs.FileSystem, files: list[str], path: str, image_column: 
         first = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
-            if rows:
-                items.append({"row_id": row_id, "path": shown, "row_group": group, "row": first})
+            for skip in range(0, rows, ROWS_PER_READ):  # a big row group is read in slices by several tasks
+                items.append({"row_id": row_id + skip, "path": shown, "row_group": group, "row": first + skip,
+                              "skip": skip, "take": min(ROWS_PER_READ, rows - skip)})
             row_id, first = row_id + rows, first + rows
     return items, row_id
 
@@ -199,23 +202,18 @@ def read_image_files(batch: dict, spec: dict, base: str) -> dict:
             "row": np.full(len(blobs), -1, dtype=np.int64), "image": images, "error": np.asarray(errors, dtype=object)}
 
 
-def _image_bytes(column: pa.ChunkedArray) -> list:
-    array = column.combine_chunks()
-    if pa.types.is_struct(array.type):
-        array = array.field("bytes") if array.type.get_field_index("bytes") >= 0 else pa.nulls(len(array))
-    if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
-        return [BadImage(f"the image column holds {array.type}, not encoded image bytes")] * len(array)
-    return [BadImage("image is null") if b is None else b for b in array.to_pylist()]
-
-
 def read_row_groups(batch: dict, spec: dict, base: str, image_column: str) -> dict:
-    """Ray Data batch function: Parquet row groups {row_id, path, row_group, row} -> one output row per image."""
+    """Ray Data batch function: slices of Parquet row groups {row_id, path, row_group, row, skip, take} -> one
+    output row per image."""
+    from resnet_ray.data.shards import image_rows
+
     fs, _ = storage.resolve(base)
     parts = []
-    for row_id, path, group, first in zip(batch["row_id"], batch["path"], batch["row_group"], batch["row"]):
-        with fs.open_input_file(_inner(str(path))) as f:
-            table = pq.ParquetFile(f).read_row_group(int(group), columns=[image_column])
-        images, errors = _decoded(_image_bytes(table.column(image_column)), spec)
+    for row_id, path, group, first, skip, take in zip(batch["row_id"], batch["path"], batch["row_group"],
+                                                      batch["row"], batch["skip"], batch["take"]):
+        blobs = [b for chunk in image_rows(fs, _inner(str(path)), [int(group)], int(skip), int(take), image_column)
+                 for b in chunk]
+        images, errors = _decoded([BadImage("image is null") if b is None else b for b in blobs], spec)
         n = len(errors)
         parts.append({"row_id": int(row_id) + np.arange(n, dtype=np.int64), "path": np.full(n, str(path), dtype=object),
                       "row": int(first) + np.arange(n, dtype=np.int64), "image": images,

@@ -118,17 +118,17 @@ def hash_file(task: dict) -> dict:
     return {"rows": 0, "bad": [], "digest": file_digest(task["rel"], None, digest.digest())}
 
 
-def _rows_of(fs, task: dict):
-    """The image blobs of rows [skip, skip + take) of a run of row groups, read batch by batch."""
-    with fs.open_input_file(task["path"]) as f:
+def image_rows(fs, path: str, groups: list, skip: int, take: int, column: str) -> Iterator[list]:
+    """Lists of image blobs (None where null) of rows [skip, skip + take) of a run of a Parquet file's row
+    groups, read 256 rows at a time."""
+    with fs.open_input_file(path) as f:
         seen = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, row_groups=task["groups"],
-                                                    columns=[task["image_column"]]):
-            lo, hi = max(task["skip"] - seen, 0), min(task["skip"] + task["take"] - seen, batch.num_rows)
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, row_groups=groups, columns=[column]):
+            lo, hi = max(skip - seen, 0), min(skip + take - seen, batch.num_rows)
             seen += batch.num_rows
             if lo < hi:
                 yield image_blobs(batch.column(0).slice(lo, hi - lo))
-            if seen >= task["skip"] + task["take"]:
+            if seen >= skip + take:
                 return
 
 
@@ -141,7 +141,7 @@ def stage_rows(task: dict) -> dict:
     ok = np.zeros(n, dtype=bool)
     bad, i = [], 0
     codes, positions = np.asarray(task["dest_split"]), np.asarray(task["dest_pos"])
-    for blobs in _rows_of(fs, task):
+    for blobs in image_rows(fs, task["path"], task["groups"], task["skip"], task["take"], task["image_column"]):
         for blob in blobs:
             where = f"{_shown(task, task['path'])}: row {task['first_row'] + i}"
             try:

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from resnet_ray import batch_predict
 from resnet_ray.batch_predict import (Inputs, PredictionError, _consume, default_output, glob_regex, list_inputs,
                                       read_image_files, read_row_groups)
 from resnet_ray.data.images import ResizeSpec
@@ -58,7 +59,7 @@ def test_glob_and_file_uri(folder, monkeypatch):
         list_inputs(str(folder / "missing"))
 
 
-def test_parquet_inputs_by_row_group_and_mixed_folders_refused(tmp_path, folder):
+def test_parquet_inputs_by_row_group_and_mixed_folders_refused(tmp_path, folder, monkeypatch):
     pq.write_table(pa.table({"image": pa.array([_png()] * 5, pa.binary())}), tmp_path / "a.parquet",
                    row_group_size=2)
     pq.write_table(pa.table({"image": pa.array([_png()] * 3, pa.binary())}), tmp_path / "b.parquet")
@@ -66,6 +67,9 @@ def test_parquet_inputs_by_row_group_and_mixed_folders_refused(tmp_path, folder)
     assert inputs.kind == "parquet" and inputs.rows == 8
     assert [(i["row_id"], i["row_group"], i["row"]) for i in inputs.items] == [(0, 0, 0), (2, 1, 2), (4, 2, 4),
                                                                                (5, 0, 0)]
+    monkeypatch.setattr(batch_predict, "ROWS_PER_READ", 2)  # b.parquet's one row group of 3 in two slices
+    assert [(i["row_id"], i["row"], i["skip"], i["take"]) for i in list_inputs(str(tmp_path / "b.parquet")).items] \
+        == [(0, 0, 0, 2), (2, 2, 2, 1)]
     with pytest.raises(DataError, match="no image column 'pixels'"):
         list_inputs(str(tmp_path / "a.parquet"), image_column="pixels")
     (folder / "x.parquet").write_bytes(b"")
@@ -86,11 +90,14 @@ def test_read_row_groups_expands_rows_and_handles_nulls(tmp_path):
     pq.write_table(pa.table({"img": pa.array([_png(value=1), None, _png(value=3)], pa.binary())}),
                    tmp_path / "a.parquet", row_group_size=2)
     batch = {"row_id": np.array([10]), "path": np.array([str(tmp_path / "a.parquet")], dtype=object),
-             "row_group": np.array([1]), "row": np.array([2])}
+             "row_group": np.array([1]), "row": np.array([2]), "skip": np.array([0]), "take": np.array([1])}
     out = read_row_groups(batch, SPEC, "/", "img")
     assert out["row_id"].tolist() == [10] and out["row"].tolist() == [2] and (out["image"][0] == 3).all()
-    batch.update(row_id=np.array([0]), row_group=np.array([0]), row=np.array([0]))
+    batch.update(row_id=np.array([0]), row_group=np.array([0]), row=np.array([0]), take=np.array([2]))
     assert read_row_groups(batch, SPEC, "/", "img")["error"].tolist() == ["", "image is null"]
+    batch.update(row_id=np.array([1]), row=np.array([1]), skip=np.array([1]), take=np.array([1]))  # a slice
+    out = read_row_groups(batch, SPEC, "/", "img")
+    assert out["row_id"].tolist() == [1] and out["error"].tolist() == ["image is null"]
 
 
 def _batch(ids, bad=()):
