@@ -87,6 +87,8 @@ def export_model(checkpoint_folder: str, out_dir: str) -> str:
         torch.save(model_weights(state), os.path.join(tmp, MODEL))
         info = {key: meta[key] for key in ("arch", "num_classes", "classes", "coarse_classes", "fine_to_coarse",
                                            "image_size", "mean", "std", "dataset", "epoch", "metrics", "config")}
+        if meta.get("resize"):  # how new images reach the stored size (data/images.py); absent in older runs
+            info["resize"] = meta["resize"]
         info["sha256"] = _sha256(os.path.join(tmp, MODEL))
         with open(os.path.join(tmp, MODEL_INFO), "w") as f:
             json.dump(info, f, indent=2)

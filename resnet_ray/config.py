@@ -23,6 +23,8 @@ AUGMENTS = ("crop", "rrc", "none")
 AUTO_AUGMENTS = ("none", "trivialaugment")
 SPLITS = ("train", "val", "test")
 SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint")
+RESIZE_POLICIES = ("center_crop", "stretch", "pad")  # resnet_ray.data.images
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -57,7 +59,9 @@ class DataConfig:
     classes: tuple = ()  # parquet source: class names when no classes.json sits beside the files
     md5: Optional[str] = None  # cifar archives: expected MD5 (defaults to the official one)
     download: bool = True  # cifar: download the official archive when no local copy is given
-    image_size: int = 32  # every source image must be image_size x image_size RGB
+    image_size: int = 32  # stored image size: every source image becomes image_size x image_size RGB
+    resize: str = "center_crop"  # center_crop | stretch | pad: how images of other sizes get there (data/images.py)
+    on_bad_image: str = "error"  # error (stop, naming the file) | skip (leave it out, listed in metadata.json)
     val_fraction: float = 0.1  # stratified validation split carved from train
     test_fraction: float = 0.2  # carved from train only when the source has no test split
     seed: int = 0  # seed of the carving
@@ -71,6 +75,8 @@ class DataConfig:
             _check(bool(self.path), "data.path", f"is required for data.source={self.source!r}")
         _check(all(isinstance(c, str) for c in self.classes), "data.classes", "must be a list of strings")
         _positive(self.image_size, "data.image_size")
+        _choice(self.resize, "data.resize", RESIZE_POLICIES)
+        _choice(self.on_bad_image, "data.on_bad_image", BAD_IMAGE_POLICIES)
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _check(0.0 < value < 0.5, f"data.{name}", f"must be in (0, 0.5), got {value!r}")

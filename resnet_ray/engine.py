@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ray.config import Config, to_dict
+from resnet_ray.data.images import ResizeSpec
 from resnet_ray.data.load import split_rows
 from resnet_ray.loop import StepSettings, WeightEMA, evaluate_epoch, train_epoch
 from resnet_ray.model import build_model, is_head, normalization
@@ -114,7 +115,8 @@ class Session:
         self.model_meta = {"config": to_dict(cfg), "arch": cfg.model.arch, "num_classes": num_classes,
                            "classes": meta["classes"], "coarse_classes": meta.get("coarse_classes"),
                            "fine_to_coarse": meta.get("fine_to_coarse"), "image_size": cfg.model.image_size,
-                           "mean": list(mean), "std": list(std), "dataset": meta["name"]}
+                           "mean": list(mean), "std": list(std), "dataset": meta["name"],
+                           "resize": meta.get("resize") or ResizeSpec(cfg.data.image_size, cfg.data.resize).record()}
         self.ema = self._new_ema()
         self.epoch, self.history = 0, []
 

@@ -601,3 +601,39 @@ def print_search_summary(result: Any, console: Any = None) -> None:
     if result.evaluation:
         console.print(f"test accuracy of the best model: {fmt(result.evaluation['report']['accuracy'])} "
                       f"(report in {result.evaluation['output']})", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, console: Any = None) -> Iterator[tuple]:
+    """A rich progress bar on stderr with the images/s rate: yields (start(total), advance(n)) callbacks.
+
+    The bar appears at start() (work that never starts shows none) and only on a terminal: in a job log or a
+    file the caller's closing summary line says it all.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    console = console or Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console)
+    task = None
+
+    def start(total: int) -> None:
+        nonlocal task
+        if console.is_terminal and task is None:
+            progress.start()
+            task = progress.add_task(description, total=total, rate="")
+
+    def advance(n: int) -> None:
+        if task is not None:
+            progress.advance(task, n)
+            speed = progress.tasks[task].speed
+            progress.update(task, rate=f"{speed:.0f} img/s" if speed else "")
+
+    try:
+        yield start, advance
+    finally:
+        if task is not None:
+            progress.stop()

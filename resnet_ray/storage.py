@@ -127,6 +127,23 @@ def local_file(path: str, suffix: str = "") -> Iterator[str]:
         os.unlink(tmp)
 
 
+def upload_file(local: str, path: str) -> None:
+    """Stream the local file ``local`` to ``path`` (local path or URI) through a temporary sibling moved over
+    the target: readers never see half a file, and the file is never held in memory."""
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(local, "rb") as src, fs.open_output_stream(tmp) as out:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                out.write(chunk)
+        fs.move(tmp, p)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+
+
 def upload_dir(local: str, path: str) -> None:
     """Copy the files of the local folder ``local`` into ``path`` (local path or URI), each written atomically."""
     for root, _, files in os.walk(local):

@@ -153,6 +153,7 @@ def with_run_name(cfg: Config) -> Config:
 
 # what a resumed run cannot change: the weights and the data it was trained on would no longer fit
 RESUME_FIXED = ("model.arch", "model.image_size", "data.source", "data.path", "data.name", "data.image_size",
+                "data.resize", "data.on_bad_image",
                 "data.classes", "data.val_fraction", "data.test_fraction", "data.seed", "data.limit")
 
 

@@ -84,3 +84,62 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_image_folder(root, per_class=(9, 11, 10), corrupt=()):
+    """An image folder source with train/ (PNGs of random sizes from 10 to 39 px, per_class images per class;
+    the (class, index) pairs in ``corrupt`` are broken files) and test/ (2 images per class)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for label, n in enumerate(per_class):
+        for k in range(n):
+            h, w = rng.integers(10, 40, 2)
+            path = root / "train" / f"class{label}" / f"{k:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if (label, k) in corrupt:
+                path.write_bytes(b"\x89PNG broken")
+                continue
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+            path.write_bytes(buf.getvalue())
+    for label in range(len(per_class)):
+        for k in range(2):
+            path = root / "test" / f"class{label}" / f"t{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((20, 30, 3), 10 * label + k, np.uint8)).save(path)
+    return root
+
+
+def make_parquet_source(root, corrupt_rows=()):
+    """train-00000/-00001 (row groups of 3 and one of 11 rows), test.parquet; PNGs of random sizes; coarse labels."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    root.mkdir()
+
+    def png(h, w):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    row = 0
+    for name, n, group in (("train-00000.parquet", 13, 3), ("train-00001.parquet", 11, 11), ("test.parquet", 6, 4)):
+        blobs, labels = [], []
+        for i in range(n):
+            broken = name.startswith("train") and row in corrupt_rows
+            blobs.append(b"broken" if broken else png(*rng.integers(8, 30, 2)))
+            labels.append(i % 3)
+            row += name.startswith("train")
+        table = pa.table({"image": pa.array([{"bytes": b, "path": "x.png"} for b in blobs]),
+                          "label": pa.array(labels, pa.int64()), "coarse": pa.array([l // 2 for l in labels])})
+        pq.write_table(table, root / name, row_group_size=group)
+    return root

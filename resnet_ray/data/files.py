@@ -1,34 +1,37 @@
 """Readers for user data: Parquet folders (local or any pyarrow filesystem URI) and image folders.
 
-Both decode every image with Pillow, insist on RGB ``image_size x image_size`` (nothing is converted or
-resized silently) and raise :class:`DataError` naming the file and row of the first bad record.
+Both decode every image with :mod:`resnet_ray.data.images` (any size and mode -> ``data.image_size`` RGB by the
+``data.resize`` policy). A bad record raises :class:`DataError` naming the file and row; an undecodable image
+does so under ``data.on_bad_image: error`` and is left out, listed in ``RawDataset.bad_images``, under ``skip``.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from resnet_ray import storage
 from resnet_ray.config import DataConfig
+from resnet_ray.data.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec, decode
 from resnet_ray.data.sources import DataError, RawDataset, RawSplit
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 CLASSES_FILE = "classes.json"
 # 32x32 decodes are dominated by Python overhead and get slower with threads (GIL contention);
-# bigger images spend their time in C with the GIL released, so threads pay off there.
+# bigger images (stored or encoded) spend their time in C with the GIL released, so threads pay off there.
 _THREADED_MIN_SIZE = 96
+_THREADED_MIN_BYTES = 16384  # mean encoded size from which photos are decoded on threads
 _CHUNK = 256
 
 
@@ -36,45 +39,53 @@ _CHUNK = 256
 # decoding
 
 
-def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str]) -> None:
-    from PIL import Image
-
-    size = out.shape[1]
+def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str], spec: ResizeSpec,
+                 skip: bool) -> list[tuple[int, str]]:
+    """Decode blobs into out[start:...]; returns [(index, reason)] of the bad ones (raises unless skip)."""
+    bad = []
     for offset, blob in enumerate(blobs):
         i = start + offset
         try:
-            im = Image.open(io.BytesIO(blob), formats=PIL_FORMATS)
-        except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-            raise DataError(f"{where(i)}: cannot decode image ({type(exc).__name__}: {exc})") from None
-        with im:
-            if im.size != (size, size) or im.mode != "RGB":
-                raise DataError(f"{where(i)}: image is {im.size[0]}x{im.size[1]} {im.mode}, "
-                                f"expected {size}x{size} RGB (data.image_size={size})")
-            try:
-                im.load()
-                out[i] = np.asarray(im)
-            except DataError:
-                raise
-            except Exception as exc:
-                raise DataError(f"{where(i)}: cannot decode image ({type(exc).__name__}: {exc})") from None
+            if blob is None:
+                raise BadImage("image is null")
+            out[i] = decode(blob, spec)
+        except BadImage as exc:
+            if not skip:
+                raise DataError(f"{where(i)}: {exc}") from None
+            bad.append((i, str(exc)))
+    return bad
 
 
-def decode_images(blobs: Sequence, image_size: int, where: Callable[[int], str]) -> np.ndarray:
-    """Decode encoded images into (N, S, S, 3) uint8; ``where(i)`` names item i in error messages.
+def decode_images(blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str], on_bad_image: str = "error"
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode encoded images into (N', S, S, 3) uint8; ``where(i)`` names item i in messages.
 
-    Chunks run on a thread pool for large images; the first bad item (in order) is reported.
+    Returns (images of the good items in order, indices of those items, [{"file": where(i), "reason": ...}] of
+    the bad ones). ``on_bad_image="error"`` raises DataError at the first bad item (in order) instead.
+    Chunks run on a thread pool for large images.
     """
-    out = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
-    workers = min(8, os.cpu_count() or 1) if image_size >= _THREADED_MIN_SIZE else 1
-    starts = list(range(0, len(blobs), _CHUNK))
+    n = len(blobs)
+    out = np.empty((n, spec.size, spec.size, 3), dtype=np.uint8)
+    sample = blobs[:64]
+    large = spec.size >= _THREADED_MIN_SIZE or (
+        len(sample) and sum(len(b or b"") for b in sample) / len(sample) >= _THREADED_MIN_BYTES)
+    workers = min(8, os.cpu_count() or 1) if large else 1
+    starts = list(range(0, n, _CHUNK))
+    skip = on_bad_image == "skip"
     if workers <= 1 or len(starts) <= 1:
-        _decode_into(out, 0, blobs, where)
-        return out
-    with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_decode_into, out, s, blobs[s:s + _CHUNK], where) for s in starts]
-        for future in futures:  # in order, so the earliest bad chunk's error wins
-            future.result()
-    return out
+        bad = _decode_into(out, 0, blobs, where, spec, skip)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(_decode_into, out, s, blobs[s:s + _CHUNK], where, spec, skip) for s in starts]
+            bad = [item for future in futures for item in future.result()]  # in order: the earliest error wins
+    if not bad:
+        return out, np.arange(n), []
+    keep = np.setdiff1d(np.arange(n), [i for i, _ in bad])
+    return out[keep], keep, [{"file": where(i), "reason": reason} for i, reason in bad]
+
+
+def resize_spec(cfg: DataConfig) -> ResizeSpec:
+    return ResizeSpec(cfg.image_size, cfg.resize)
 
 
 # ---------------------------------------------------------------------------
@@ -168,24 +179,6 @@ def _first_null(arr) -> int:
     return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
 
 
-def _image_blobs(table, column: str, file: str) -> list:
-    import pyarrow as pa
-
-    arr = _column_values(table, column, file, "image")
-    if pa.types.is_struct(arr.type):
-        if arr.type.get_field_index("bytes") < 0:
-            raise DataError(f"{file}: image column {column!r} is a struct without a 'bytes' field ({arr.type})")
-        if arr.null_count:
-            raise DataError(f"{file}: row {_first_null(arr)}: image is null")
-        arr = arr.field("bytes")
-    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        raise DataError(f"{file}: image column {column!r} has type {arr.type}, expected encoded image bytes "
-                        f"(binary, or a struct with a 'bytes' field)")
-    if arr.null_count:
-        raise DataError(f"{file}: row {_first_null(arr)}: image bytes are null")
-    return arr.to_pylist()
-
-
 def _int_labels(table, column: str, file: str, kind: str) -> np.ndarray:
     import pyarrow as pa
 
@@ -202,15 +195,16 @@ def _int_labels(table, column: str, file: str, kind: str) -> np.ndarray:
 
 
 def _check_range(labels: np.ndarray, n: int, owners: Sequence[tuple], kind: str, what: str) -> None:
-    """Label range check that names the file and row; owners = [(file, rows), ...] in order."""
+    """Label range check that names the file and row; owners = [(file, the file's row numbers kept), ...] in
+    order (rows of skipped images are not among them)."""
     bad = np.flatnonzero(labels >= n)
     if not len(bad):
         return
     row = int(bad[0])
     for file, rows in owners:
-        if row < rows:
-            raise DataError(f"{file}: row {row}: {kind} {labels[bad[0]]} is outside [0, {n}) ({what})")
-        row -= rows
+        if row < len(rows):
+            raise DataError(f"{file}: row {rows[row]}: {kind} {labels[bad[0]]} is outside [0, {n}) ({what})")
+        row -= len(rows)
 
 
 def _find_classes_file(fs, base: str, files: Sequence[str]) -> Optional[str]:
@@ -230,83 +224,108 @@ def _find_classes_file(fs, base: str, files: Sequence[str]) -> Optional[str]:
     return None
 
 
-def read_parquet_source(cfg: DataConfig) -> RawDataset:
-    """Parquet files per split under cfg.path (local folder, file:// or any pyarrow filesystem URI):
-    train.parquet / train-*.parquet (any depth, the Hugging Face layout) / train/*.parquet, likewise test.
-    Class names: cfg.classes, else classes.json beside or above the train files (a list, or an object with
-    "classes"/"label_names"), else str(i) up to the largest label. checksum = sha256 of the files in path order."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+@dataclass
+class ParquetListing:
+    """A Parquet source without its images: files, row-group sizes, labels and classes (what the driver holds)."""
 
-    fs, base = _filesystem(cfg.path)
-    base = base.rstrip("/") or "/"
+    fs: object
+    base: str  # the source folder inside fs
+    files: dict  # split -> [(path inside fs, [rows of each row group])], in path order
+    labels: dict  # split -> int64 labels of all rows, in file order
+    coarse: dict  # split -> int64 coarse labels, or None
+    classes: list
+    coarse_classes: Optional[list] = None
+    fine_to_coarse: Optional[list] = None
+    scheme: Optional[str] = None
+
+    def display(self, path: str) -> str:
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def rel(self, path: str) -> str:
+        return path[len(self.base):].lstrip("/")
+
+
+def _source_files(cfg: DataConfig, fs, base: str) -> tuple[str, dict]:
+    """(folder, {split: sorted Parquet files}) of a Parquet source: one file (the train split) or a folder."""
+    import pyarrow.fs as pafs
+
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"parquet source {cfg.path}: not found")
     if info.type == pafs.FileType.File:  # a single file is the train split
-        by_split = {"train": [base]}
-        base = posixpath.dirname(base)
-    else:
-        by_split = {s: [] for s in SPLIT_NAMES}
-        others = []
-        for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            if item.type != pafs.FileType.File:
-                continue
-            rel = item.path[len(base):].lstrip("/")
-            split = _split_of(rel)
-            if split:
-                by_split[split].append(item.path)
-            elif rel.endswith(".parquet"):
-                others.append(rel)
-        if others:
-            log.warning("parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s",
-                        cfg.path, len(others), others[0])
-        if not by_split["train"]:
-            raise DataError(f"parquet source {cfg.path}: no train split found; expected train.parquet, "
-                            f"train-*.parquet or train/*.parquet below it"
-                            + (f" (found only {', '.join(others[:5])})" if others else ""))
-        by_split = {s: sorted(f) for s, f in by_split.items() if f}
+        return posixpath.dirname(base), {"train": [base]}
+    by_split = {s: [] for s in SPLIT_NAMES}
+    others = []
+    for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        rel = item.path[len(base):].lstrip("/")
+        split = _split_of(rel)
+        if split:
+            by_split[split].append(item.path)
+        elif rel.endswith(".parquet"):
+            others.append(rel)
+    if others:
+        log.warning("parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s",
+                    cfg.path, len(others), others[0])
+    if not by_split["train"]:
+        raise DataError(f"parquet source {cfg.path}: no train split found; expected train.parquet, "
+                        f"train-*.parquet or train/*.parquet below it"
+                        + (f" (found only {', '.join(others[:5])})" if others else ""))
+    return base, {s: sorted(f) for s, f in by_split.items() if f}
 
+
+def _check_image_column(schema, column: str, file: str) -> None:
+    import pyarrow as pa
+
+    kind = schema.field(column).type
+    if pa.types.is_struct(kind):
+        if kind.get_field_index("bytes") < 0:
+            raise DataError(f"{file}: image column {column!r} is a struct without a 'bytes' field ({kind})")
+        kind = kind.field("bytes").type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise DataError(f"{file}: image column {column!r} has type {schema.field(column).type}, expected encoded "
+                        f"image bytes (binary, or a struct with a 'bytes' field)")
+
+
+def list_parquet(cfg: DataConfig) -> ParquetListing:
+    """Parquet files per split under cfg.path (local folder, file:// or any pyarrow filesystem URI):
+    train.parquet / train-*.parquet (any depth, the Hugging Face layout) / train/*.parquet, likewise test.
+    Reads the footers and the label columns only, and checks every file's columns and labels.
+    Class names: cfg.classes, else classes.json beside or above the train files (a list, or an object with
+    "classes"/"label_names"), else str(i) up to the largest label."""
+    import pyarrow.parquet as pq
+
+    fs, base = _filesystem(cfg.path)
+    base, by_split = _source_files(cfg, fs, base.rstrip("/") or "/")
     coarse_col = cfg.coarse_label_column
     columns = [cfg.image_column, cfg.label_column] + ([coarse_col] if coarse_col else [])
-    digest = hashlib.sha256()
-    contents = {}
-    for path in sorted(p for files in by_split.values() for p in files):
-        contents[path] = _read_bytes(fs, path)
-        digest.update(contents[path])
-
-    splits, owners = {}, {}
-    for split, files in by_split.items():
-        images, labels, coarse, owners[split] = [], [], [], []
-        for path in files:
+    files, labels, coarse, owners = {}, {}, {}, {}
+    for split, paths in by_split.items():
+        files[split], split_labels, split_coarse, owners[split] = [], [], [], []
+        for path in paths:
             try:
-                pf = pq.ParquetFile(pa.BufferReader(contents.pop(path)))
-                names = pf.schema_arrow.names
+                with fs.open_input_file(path) as f:
+                    pf = pq.ParquetFile(f)
+                    names, meta = pf.schema_arrow.names, pf.metadata
+                    missing = [c for c in columns if c not in names]
+                    if missing:
+                        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                                        f"columns: {', '.join(names)}")
+                    _check_image_column(pf.schema_arrow, cfg.image_column, path)
+                    table = pf.read(columns=columns[1:])
+            except DataError:
+                raise
             except Exception as exc:
                 raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                                f"columns: {', '.join(names)}")
-            try:
-                table = pf.read(columns=columns)
-            except Exception as exc:
-                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-            labels.append(_int_labels(table, cfg.label_column, path, "label"))
+            split_labels.append(_int_labels(table, cfg.label_column, path, "label"))
             if coarse_col:
-                coarse.append(_int_labels(table, coarse_col, path, "coarse label"))
-            blobs = _image_blobs(table, cfg.image_column, path)
-            del table
-            images.append(decode_images(blobs, cfg.image_size, lambda i, p=path: f"{p}: row {i}"))
-            owners[split].append((path, len(blobs)))
-            del blobs
-        splits[split] = RawSplit(
-            images=np.concatenate(images) if len(images) > 1 else images[0],
-            labels=np.concatenate(labels),
-            coarse_labels=np.concatenate(coarse) if coarse_col else None,
-        )
-    if not len(splits["train"].labels):
+                split_coarse.append(_int_labels(table, coarse_col, path, "coarse label"))
+            files[split].append((path, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]))
+            owners[split].append((path, np.arange(table.num_rows)))
+        labels[split] = np.concatenate(split_labels)
+        coarse[split] = np.concatenate(split_coarse) if coarse_col else None
+    if not len(labels["train"]):
         raise DataError(f"parquet source {cfg.path}: the train split has no rows ({', '.join(by_split['train'])})")
 
     classes_doc = None
@@ -318,101 +337,197 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
             classes_doc = (_read_bytes(fs, found), found)
             classes, classes_from = _parse_classes(classes_doc[0], found, FINE_KEYS, True), found
         else:
-            top = max(int(s.labels.max()) for s in splits.values() if len(s.labels))
+            top = max(int(values.max()) for values in labels.values() if len(values))
             classes, classes_from = [str(i) for i in range(top + 1)], "max label"
-    for split in splits:
-        _check_range(splits[split].labels, len(classes), owners[split], "label",
-                     f"{len(classes)} classes from {classes_from}")
+    for split in labels:
+        _check_range(labels[split], len(classes), owners[split], "label", f"{len(classes)} classes from {classes_from}")
 
     coarse_classes = fine_to_coarse = None
     if coarse_col:
         if classes_doc is not None:
             coarse_classes = _parse_classes(classes_doc[0], classes_doc[1], COARSE_KEYS, False)
         if coarse_classes is None:
-            top = max(int(s.coarse_labels.max()) for s in splits.values() if len(s.coarse_labels))
+            top = max(int(values.max()) for values in coarse.values() if len(values))
             coarse_classes = [str(i) for i in range(top + 1)]
-        for split in splits:
-            _check_range(splits[split].coarse_labels, len(coarse_classes), owners[split], "coarse label",
+        for split in coarse:
+            _check_range(coarse[split], len(coarse_classes), owners[split], "coarse label",
                          f"{len(coarse_classes)} coarse classes")
-        fine_to_coarse = fine_to_coarse_map(np.concatenate([s.labels for s in splits.values()]),
-                                            np.concatenate([s.coarse_labels for s in splits.values()]),
-                                            len(classes), f"parquet source {cfg.path}")
-    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest(), coarse_classes=coarse_classes,
-                      fine_to_coarse=fine_to_coarse)
+        fine_to_coarse = fine_to_coarse_map(np.concatenate(list(labels.values())),
+                                            np.concatenate(list(coarse.values())), len(classes),
+                                            f"parquet source {cfg.path}")
+    scheme = cfg.path.split("://", 1)[0] if storage.is_uri(cfg.path) else None
+    return ParquetListing(fs, base, files, labels, coarse, classes, coarse_classes, fine_to_coarse, scheme)
+
+
+def image_blobs(column) -> list:
+    """An image column (binary, or a struct with 'bytes') -> list of bytes, None where the image is null."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if pa.types.is_struct(array.type):
+        nulls = array.is_null().to_pylist()
+        return [None if null else blob for null, blob in zip(nulls, array.field("bytes").to_pylist())]
+    return array.to_pylist()
+
+
+def read_parquet_source(cfg: DataConfig) -> RawDataset:
+    """A Parquet source (see list_parquet) read and decoded into memory; checksum: combine_digests of every
+    file. ``prepare`` streams it instead (resnet_ray.data.shards) to the same dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    listing = list_parquet(cfg)
+    spec = resize_spec(cfg)
+    splits, bad_images, total = {}, [], 0
+    for split, files in listing.files.items():
+        images, kept_rows, offset = [], [], 0
+        for path, groups in files:
+            content = _read_bytes(listing.fs, path)
+            total += file_digest(listing.rel(path), content)
+            blobs = image_blobs(pq.read_table(pa.BufferReader(content), columns=[cfg.image_column])
+                                .column(cfg.image_column))
+            del content
+            decoded, kept, bad = decode_images(blobs, spec, lambda i, p=path: f"{listing.display(p)}: row {i}",
+                                               cfg.on_bad_image)
+            images.append(decoded)
+            kept_rows.append(offset + kept)
+            offset += len(blobs)
+            bad_images += [{"split": split, **b} for b in bad]
+        keep = np.concatenate(kept_rows)
+        coarse = listing.coarse[split]
+        splits[split] = RawSplit(images=np.concatenate(images) if len(images) > 1 else images[0],
+                                 labels=listing.labels[split][keep],
+                                 coarse_labels=None if coarse is None else coarse[keep])
+    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total),
+                      coarse_classes=listing.coarse_classes, fine_to_coarse=listing.fine_to_coarse,
+                      bad_images=bad_images)
 
 
 # ---------------------------------------------------------------------------
 # image folders
 
 
-def _class_dirs(folder: str) -> list:
+@dataclass
+class ImageFolderListing:
+    """The files of an image-folder source, by name only: what the driver holds while preparing it."""
+
+    fs: object  # pyarrow filesystem of the source
+    root: str  # the source folder inside fs
+    splits: dict  # split -> (file paths inside fs, np.ndarray int64 labels), files sorted by class, then name
+    classes: list
+    scheme: Optional[str] = None  # the source URI's scheme (s3, gs, file, ...); None for a local path
+
+    def display(self, path: str) -> str:
+        """A file as messages name it: its local path, or its URI for a remote source."""
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def rel(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/")
+
+
+def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
+    """cfg.path/{train,test}/<class>/<image> or cfg.path/<class>/<image> (then all of it is train); local or URI.
+
+    Images at any depth below a class folder count; hidden files and folders are skipped. Only names are read.
+    """
+    fs, root = storage.resolve(cfg.path)
+    root = root.rstrip("/") or "/"
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise DataError(f"image folder {cfg.path}: not a folder")
     try:
-        entries = sorted(os.listdir(folder))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as exc:
-        raise DataError(f"image folder {folder}: cannot list ({exc})") from None
-    return [e for e in entries if not e.startswith(".") and os.path.isdir(os.path.join(folder, e))]
+        raise DataError(f"image folder {cfg.path}: cannot list ({exc})") from None
+    dirs, files = set(), []
+    for info in infos:
+        rel = info.path[len(root):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if info.type == pafs.FileType.Directory:
+            dirs.add(rel)
+        elif info.type == pafs.FileType.File and rel.lower().endswith(IMAGE_EXTENSIONS):
+            files.append(rel)
+    if "train" in dirs:
+        prefixes = {s: s + "/" for s in SPLIT_NAMES if s in dirs}
+    else:
+        if "test" in dirs:
+            log.warning("image folder %s has test/ but no train/: treating 'test' as a class folder", root)
+        prefixes = {"train": ""}
+
+    def class_dirs(prefix: str) -> list:
+        return sorted(d[len(prefix):] for d in dirs
+                      if d.startswith(prefix) and d[len(prefix):] and "/" not in d[len(prefix):])
+
+    def folder(prefix: str, name: str = "") -> str:
+        return posixpath.join(root, prefix, name).rstrip("/")
+
+    classes = class_dirs(prefixes["train"])
+    if not classes:
+        raise DataError(f"image folder {folder(prefixes['train'])}: no class subfolders")
+    by_class: dict = {}
+    for rel in files:
+        for split, prefix in prefixes.items():
+            if rel.startswith(prefix):
+                name = rel[len(prefix):].split("/", 1)
+                if len(name) == 2:
+                    by_class.setdefault((split, name[0]), []).append(rel)
+    splits = {}
+    for split, prefix in prefixes.items():
+        names = class_dirs(prefix)
+        if names != classes:
+            extra, missing = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
+            raise DataError(f"image folder {folder(prefix)}: class folders differ from the train split's"
+                            + (f"; extra: {', '.join(extra)}" if extra else "")
+                            + (f"; missing: {', '.join(missing)}" if missing else ""))
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            found = sorted(by_class.get((split, name), []))
+            if not found:
+                raise DataError(f"image folder {folder(prefix, name)}: empty class folder (no image files)")
+            paths += [posixpath.join(root, rel) for rel in found]
+            labels += [label] * len(found)
+        splits[split] = (paths, np.asarray(labels, dtype=np.int64))
+    scheme = cfg.path.split("://", 1)[0] if storage.is_uri(cfg.path) else None
+    return ImageFolderListing(fs, root, splits, classes, scheme)
 
 
-def _image_files(folder: str) -> list:
-    """Image files below a class folder (recursively), sorted by relative path."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(root, name))
-    return sorted(found, key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
+def file_digest(rel: str, content: Optional[bytes], inner: Optional[bytes] = None) -> int:
+    """One file's share of a source checksum: sha256(name, sha256(content)) as an integer (content None and no
+    ``inner`` digest given: an unreadable file)."""
+    name = rel.encode()
+    if inner is None:
+        inner = hashlib.sha256(content).digest() if content is not None else b"unreadable"
+    return int.from_bytes(hashlib.sha256(len(name).to_bytes(8, "little") + name + inner).digest(), "big")
+
+
+def combine_digests(total: int) -> str:
+    """The checksum of a set of files: the sum of their file_digest mod 2**256, in hex. Order-free, so that
+    parallel tasks can each add up their own files."""
+    return f"{total % (1 << 256):064x}"
+
+
+def read_file(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.readall()
 
 
 def read_imagefolder(cfg: DataConfig) -> RawDataset:
-    """cfg.path/{train,test}/<class>/<image> or cfg.path/<class>/<image> (then all of it is train)."""
-    root = os.path.abspath(os.path.expanduser(cfg.path))
-    if not os.path.isdir(root):
-        raise DataError(f"image folder {cfg.path}: not a folder")
-    if os.path.isdir(os.path.join(root, "train")):
-        split_dirs = {s: os.path.join(root, s) for s in SPLIT_NAMES if os.path.isdir(os.path.join(root, s))}
-    else:
-        if os.path.isdir(os.path.join(root, "test")):
-            log.warning("image folder %s has test/ but no train/: treating 'test' as a class folder", root)
-        split_dirs = {"train": root}
-
-    classes = _class_dirs(split_dirs["train"])
-    if not classes:
-        raise DataError(f"image folder {split_dirs['train']}: no class subfolders")
-    listing = {}
-    for split, folder in split_dirs.items():
-        names = _class_dirs(folder)
-        if names != classes:
-            extra, missing = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
-            raise DataError(f"image folder {folder}: class folders differ from the train split's"
-                            + (f"; extra: {', '.join(extra)}" if extra else "")
-                            + (f"; missing: {', '.join(missing)}" if missing else ""))
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            class_dir = os.path.join(folder, name)
-            found = _image_files(class_dir)
-            if not found:
-                raise DataError(f"image folder {class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
-            files += found
-            labels += [label] * len(found)
-        listing[split] = (files, np.asarray(labels, dtype=np.int64))
-
-    rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for files, _ in listing.values() for p in files}
-    contents = {}
-    for path in rel:
-        try:
-            with open(path, "rb") as f:
-                contents[path] = f.read()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc})") from None
-    digest = hashlib.sha256()
-    for path in sorted(rel, key=rel.get):
-        name = rel[path].encode()
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(len(contents[path]).to_bytes(8, "little") + contents[path])
-
-    splits = {}
-    for split, (files, labels) in listing.items():
-        images = decode_images([contents[p] for p in files], cfg.image_size, lambda i, fs=files: fs[i])
-        splits[split] = RawSplit(images=images, labels=labels)
-    return RawDataset(splits=splits, classes=classes, checksum=digest.hexdigest())
+    """An image folder (see list_imagefolder) read and decoded into memory. ``prepare`` streams it instead
+    (resnet_ray.data.shards); both give the same images, labels and checksum."""
+    listing = list_imagefolder(cfg)
+    splits, bad_images, total = {}, [], 0
+    for split, (paths, labels) in listing.splits.items():
+        contents = []
+        for path in paths:
+            try:
+                contents.append(read_file(listing.fs, path))
+            except OSError as exc:
+                raise DataError(f"{listing.display(path)}: cannot read ({exc})") from None
+            total += file_digest(listing.rel(path), contents[-1])
+        images, kept, bad = decode_images(contents, resize_spec(cfg), lambda i, ps=paths: listing.display(ps[i]),
+                                          cfg.on_bad_image)
+        del contents
+        splits[split] = RawSplit(images=images, labels=labels[kept])
+        bad_images += [{"split": split, **b} for b in bad]
+    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total),
+                      bad_images=bad_images)

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROWS_PER_SHARD = 5000
+SHARD_BYTES = 32 << 20
 METADATA = "metadata.json"
+STREAMED_SOURCES = ("imagefolder", "parquet")  # written by parallel tasks (resnet_ray.data.shards), not in memory
 
 
 def dataset_dir(cfg: DataConfig) -> str:
@@ -67,6 +70,11 @@ def request_fingerprint(cfg: DataConfig) -> str:
         "image_size": cfg.image_size, "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction, "seed": cfg.seed,
     }
+    # settings added later enter only when they differ from their default, which is what every dataset
+    # prepared before them did: those keep their fingerprint (and folder)
+    for key, default in (("resize", "center_crop"), ("on_bad_image", "error")):
+        if getattr(cfg, key) != default:
+            request[key] = getattr(cfg, key)
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,23 +101,35 @@ def _take(split: RawSplit, index: np.ndarray) -> RawSplit:
     return RawSplit(split.images[index], split.labels[index], coarse)
 
 
-def carve_splits(raw: RawDataset, cfg: DataConfig) -> dict[str, RawSplit]:
-    """train/val/test: val always carved from train; test carved only when the source has none.
+def carve_order(labels: dict, cfg: DataConfig) -> dict[str, tuple[str, np.ndarray]]:
+    """Each prepared split as (source split, row indices into it, in written order), from the labels alone.
 
-    Each split is then put in a seeded random order, so that shards mix classes and a ``limit``
+    test: the source's test split, else carved from train (stratified, seeded); val: always carved from the
+    rest of train. Each split is then put in a seeded random order, so that shards mix classes and a ``limit``
     takes a representative subset.
     """
-    train = raw.splits["train"]
-    splits = {}
-    if "test" in raw.splits:
-        splits["test"] = raw.splits["test"]
+    train = np.arange(len(labels["train"]))
+    order = {}
+    if "test" in labels:
+        order["test"] = ("test", np.arange(len(labels["test"])))
     else:
-        kept, carved = _carve(train.labels, cfg.test_fraction, cfg.seed, "test")
-        train, splits["test"] = _take(train, kept), _take(train, carved)
-    kept, carved = _carve(train.labels, cfg.val_fraction, cfg.seed + 1, "val")
-    splits["train"], splits["val"] = _take(train, kept), _take(train, carved)
+        kept, carved = _carve(labels["train"], cfg.test_fraction, cfg.seed, "test")
+        train, order["test"] = train[kept], ("train", train[carved])
+    kept, carved = _carve(labels["train"][train], cfg.val_fraction, cfg.seed + 1, "val")
+    order["train"], order["val"] = ("train", train[kept]), ("train", train[carved])
     rng = np.random.default_rng(cfg.seed)
-    return {name: _take(split, rng.permutation(len(split.labels))) for name, split in splits.items()}
+    return {name: (source, index[rng.permutation(len(index))]) for name, (source, index) in order.items()}
+
+
+def carve_splits(raw: RawDataset, cfg: DataConfig) -> dict[str, RawSplit]:
+    """train/val/test of an in-memory source, as carve_order says."""
+    order = carve_order({name: split.labels for name, split in raw.splits.items()}, cfg)
+    return {name: _take(raw.splits[source], index) for name, (source, index) in order.items()}
+
+
+def rows_per_shard(image_size: int) -> int:
+    """Rows per Parquet shard: ROWS_PER_SHARD, fewer for big images (about SHARD_BYTES of pixels at most)."""
+    return max(256, min(ROWS_PER_SHARD, SHARD_BYTES // (image_size * image_size * 3)))
 
 
 def _channel_stats(images: np.ndarray) -> tuple[list, list]:
@@ -125,11 +145,12 @@ def _channel_stats(images: np.ndarray) -> tuple[list, list]:
     return mean.tolist(), np.sqrt(np.maximum(total_sq / n - mean ** 2, 0)).tolist()
 
 
-def split_table(split: RawSplit) -> pa.Table:
+def split_table(split: RawSplit, first_row_id: int = 0) -> pa.Table:
+    """The canonical table of rows: row_id (from first_row_id on), image fixed_size_binary(H*W*3), label[, coarse]."""
     n, h, w, c = split.images.shape
     images = pa.FixedSizeBinaryArray.from_buffers(pa.binary(h * w * c), n,
                                                   [None, pa.py_buffer(np.ascontiguousarray(split.images))])
-    columns = {"row_id": pa.array(np.arange(n, dtype=np.int64)), "image": images,
+    columns = {"row_id": pa.array(np.arange(first_row_id, first_row_id + n, dtype=np.int64)), "image": images,
                "label": pa.array(split.labels.astype(np.int64))}
     if split.coarse_labels is not None:
         columns["coarse_label"] = pa.array(split.coarse_labels.astype(np.int64))
@@ -139,8 +160,9 @@ def split_table(split: RawSplit) -> pa.Table:
 def _write_split(fs: pafs.FileSystem, folder: str, split: RawSplit) -> None:
     fs.create_dir(folder, recursive=True)
     table = split_table(split)
-    for shard, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_SHARD)):
-        pq.write_table(table.slice(start, ROWS_PER_SHARD), f"{folder}/part-{shard:05d}.parquet", filesystem=fs)
+    rows = rows_per_shard(split.images.shape[1])
+    for shard, start in enumerate(range(0, max(table.num_rows, 1), rows)):
+        pq.write_table(table.slice(start, rows), f"{folder}/part-{shard:05d}.parquet", filesystem=fs)
 
 
 def _commit(fs: pafs.FileSystem, tmp: str, final: str) -> None:
@@ -170,23 +192,58 @@ def _clean_leftovers(final: str) -> None:
         storage.delete_dir(final)
 
 
-def _write(cfg: DataConfig, final: str, fingerprint: str) -> dict:
-    """Read, carve and write the dataset into a temporary folder, then move it to ``final``."""
+def _bad_image_record(cfg: DataConfig, bad: list) -> dict:
+    """metadata.json's account of the images left out (data.on_bad_image=skip), also said in the log."""
+    if bad:
+        log.warning("%s: left out %d image(s) that cannot be read (data.on_bad_image=skip), e.g. %s: %s; "
+                    "all listed in metadata.json", cfg.dataset_name, len(bad), bad[0]["file"], bad[0]["reason"])
+    return {"policy": cfg.on_bad_image, "count": len(bad), "files": bad}
+
+
+def _write_in_memory(cfg: DataConfig, fs: pafs.FileSystem, tmp: str):
+    """Read the whole source into memory, carve and write it (the small built-in sources)."""
+    from resnet_ray.data.shards import Streamed
+
     raw = read_source(cfg)
     splits = carve_splits(raw, cfg)
     mean, std = _channel_stats(splits["train"].images)
+    for name, split in splits.items():
+        _write_split(fs, f"{tmp}/{name}", split)
+    written = Streamed(classes=list(raw.classes), counts={n: int(len(s.labels)) for n, s in splits.items()},
+                       mean=mean, std=std, checksum=raw.checksum, bad_images=raw.bad_images)
+    return written, raw.coarse_classes, raw.fine_to_coarse
+
+
+def _write(cfg: DataConfig, final: str, fingerprint: str, on_start: Optional[Callable[[int], None]] = None,
+           on_rows: Optional[Callable[[int], None]] = None) -> dict:
+    """Write the dataset into a temporary folder beside ``final``, then move it there.
+
+    Image folders and Parquet sources stream (resnet_ray.data.shards: names and labels in this process, shards
+    written by parallel tasks); the built-in sources (digits, CIFAR) are read into memory.
+    """
+    from resnet_ray.data import shards
+    from resnet_ray.data.images import ResizeSpec
+
     fs, final_path = storage.resolve(final)
-    tmp = f"{final_path}.tmp-{uuid.uuid4().hex[:8]}"
+    suffix = f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final_path + suffix
     try:
-        for name, split in splits.items():
-            _write_split(fs, f"{tmp}/{name}", split)
+        if cfg.source == "imagefolder":
+            written = shards.write_imagefolder(cfg, final + suffix, on_start, on_rows)
+            coarse_classes = fine_to_coarse = None
+        elif cfg.source == "parquet":
+            written, coarse_classes, fine_to_coarse = shards.write_parquet(cfg, final + suffix, on_start, on_rows)
+        else:
+            written, coarse_classes, fine_to_coarse = _write_in_memory(cfg, fs, tmp)
         meta = {
             "format_version": FORMAT_VERSION, "name": cfg.dataset_name, "source": cfg.source,
-            "fingerprint": fingerprint, "source_checksum": raw.checksum, "image_size": cfg.image_size,
-            "classes": list(raw.classes), "coarse_classes": raw.coarse_classes,
-            "fine_to_coarse": raw.fine_to_coarse, "counts": {n: int(len(s.labels)) for n, s in splits.items()},
-            "mean": mean, "std": std, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
-            "seed": cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": fingerprint, "source_checksum": written.checksum, "image_size": cfg.image_size,
+            "resize": ResizeSpec(cfg.image_size, cfg.resize).record(),
+            "bad_images": _bad_image_record(cfg, written.bad_images),
+            "classes": list(written.classes), "coarse_classes": coarse_classes,
+            "fine_to_coarse": fine_to_coarse, "counts": written.counts,
+            "mean": written.mean, "std": written.std, "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction, "seed": cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with fs.open_output_stream(f"{tmp}/{METADATA}") as f:
             f.write(json.dumps(meta, indent=2).encode())
@@ -198,11 +255,12 @@ def _write(cfg: DataConfig, final: str, fingerprint: str) -> dict:
     return meta
 
 
-def prepare(cfg: DataConfig, wait_s: float = 1800.0) -> str:
+def prepare(cfg: DataConfig, wait_s: float = 1800.0, on_start: Optional[Callable[[int], None]] = None,
+            on_rows: Optional[Callable[[int], None]] = None) -> str:
     """Prepare cfg's source into the canonical layout once; returns the prepared folder.
 
     A prepare of the same request that is already running is waited for (at most ``wait_s`` seconds) and
-    its result reused.
+    its result reused. ``on_start(images)`` / ``on_rows(n)`` report the progress of a streamed source.
     """
     final = dataset_dir(cfg)
     fingerprint = storage.split(final)[1]
@@ -216,12 +274,16 @@ def prepare(cfg: DataConfig, wait_s: float = 1800.0) -> str:
             return final
         _clean_leftovers(final)
         start = time.perf_counter()
-        meta = _write(cfg, final, fingerprint)
-    log.info("prepared %s at %s in %.1f s: %s", cfg.dataset_name, final, time.perf_counter() - start, meta["counts"])
+        meta = _write(cfg, final, fingerprint, on_start, on_rows)
+    seconds = time.perf_counter() - start
+    rows = sum(meta["counts"].values())
+    log.info("prepared %s at %s in %.1f s (%.0f images/s): %s", cfg.dataset_name, final, seconds, rows / seconds,
+             meta["counts"])
     return final
 
 
-def ensure_prepared(cfg: DataConfig) -> tuple[str, dict]:
+def ensure_prepared(cfg: DataConfig, on_start: Optional[Callable[[int], None]] = None,
+                    on_rows: Optional[Callable[[int], None]] = None) -> tuple[str, dict]:
     """prepare() (a no-op when already done) and the dataset's metadata."""
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, on_start=on_start, on_rows=on_rows)
     return prepared, read_metadata(prepared)

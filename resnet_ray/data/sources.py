@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -35,6 +35,7 @@ class RawDataset:
     checksum: str  # identity of the source bytes (sha256 or md5 of the files read)
     coarse_classes: Optional[list] = None
     fine_to_coarse: Optional[list] = None  # fine label -> coarse label
+    bad_images: list = field(default_factory=list)  # on_bad_image=skip: [{"split" (of the source), "file", "reason"}]
 
 
 def check_split(split: RawSplit, num_classes: int, where: str, image_size: int) -> None:

@@ -271,3 +271,25 @@ def test_print_training_and_search_summaries_not_a_terminal():
     text = _narrow_text(print_search_summary, search)
     assert "trial_00001" in text and "optim.lr" in text and "train.batch_size" in text and "0.9100" in text
     assert f"python jobs/train.py --config {search.best_config_path}" in text
+
+
+def test_progress_bar_shows_the_rate_on_a_terminal_only():
+    import io
+
+    from rich.console import Console
+
+    from resnet_ray.report import progress_bar
+
+    terminal = io.StringIO()
+    with progress_bar("predicting", Console(file=terminal, force_terminal=True, width=120)) as (start, advance):
+        start(10)
+        advance(4)
+        advance(6)
+    assert "predicting" in terminal.getvalue() and "10/10" in terminal.getvalue()
+    log = io.StringIO()
+    with progress_bar("predicting", Console(file=log, force_terminal=False)) as (start, advance):
+        start(10)
+        advance(10)
+    assert log.getvalue() == ""  # a job log gets the closing summary line instead
+    with progress_bar("preparing", Console(file=terminal, force_terminal=True)) as (start, advance):
+        pass  # work that never started (an already prepared dataset) shows no bar

@@ -320,8 +320,12 @@ def test_parquet_binary_roundtrip(tmp_path):
         np.testing.assert_array_equal(raw.splits[split].images, images)
         np.testing.assert_array_equal(raw.splits[split].labels, labels)
         assert raw.splits[split].labels.dtype == np.int64 and raw.splits[split].coarse_labels is None
-    digest = hashlib.sha256((tmp_path / "test.parquet").read_bytes() + (tmp_path / "train.parquet").read_bytes())
-    assert raw.checksum == digest.hexdigest()
+    # the checksum: sha256(name, sha256(bytes)) of each file, summed mod 2**256 (order-free, for parallel tasks)
+    total = 0
+    for name in ("test.parquet", "train.parquet"):
+        inner = hashlib.sha256((tmp_path / name).read_bytes()).digest()
+        total += int.from_bytes(hashlib.sha256(len(name).to_bytes(8, "little") + name.encode() + inner).digest(), "big")
+    assert raw.checksum == f"{total % (1 << 256):064x}"
     # the same folder as a file:// URI
     uri = read_source(DataConfig(source="parquet", path=tmp_path.as_uri()))
     np.testing.assert_array_equal(uri.splits["train"].images, train[0])
@@ -394,12 +398,15 @@ def test_parquet_truncated_png_raises(tmp_path):
     assert "cannot decode" in _bad_row(tmp_path, png[: len(png) // 2], row=1)
 
 
-def test_parquet_wrong_size_raises(tmp_path):
-    assert "28x28 RGB" in _bad_row(tmp_path, _png(np.zeros((28, 28, 3), np.uint8)))
-
-
-def test_parquet_grayscale_raises(tmp_path):
-    assert "32x32 L" in _bad_row(tmp_path, _png(np.zeros((32, 32), np.uint8)), row=0)
+def test_parquet_other_sizes_and_grayscale_are_converted(tmp_path):
+    """Any size and mode becomes data.image_size RGB (resnet_ray.data.images; checked pixel for pixel there)."""
+    images, labels = _data(3)
+    blobs = [_png(np.full((28, 40, 3), 7, np.uint8)), _png(np.full((32, 32), 9, np.uint8)), _png(images[2])]
+    _write_parquet(tmp_path / "train.parquet", images, labels, blobs=blobs)
+    raw = files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
+    assert raw.splits["train"].images.shape == (3, 32, 32, 3)
+    assert (raw.splits["train"].images[0] == 7).all() and (raw.splits["train"].images[1] == 9).all()
+    np.testing.assert_array_equal(raw.splits["train"].images[2], images[2])
 
 
 def test_parquet_null_label_raises(tmp_path):
@@ -485,17 +492,19 @@ def test_imagefolder_empty_class_raises(tmp_path):
     assert str(tmp_path / "train" / "dog") in str(err.value)
 
 
-def test_imagefolder_corrupt_and_wrong_size_raise(tmp_path):
+def test_imagefolder_corrupt_raises_or_is_skipped_and_other_sizes_are_resized(tmp_path):
     _save(tmp_path / "cat" / "a.png", _data(1)[0][0])
     bad = tmp_path / "cat" / "b.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(DataError, match="cannot decode") as err:
         files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
     assert str(bad) in str(err.value)
-    _save(bad, np.zeros((28, 28, 3), np.uint8), "JPEG")
-    with pytest.raises(DataError, match="28x28 RGB") as err:
-        files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
-    assert str(bad) in str(err.value)
+    skipped = files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path), on_bad_image="skip"))
+    assert skipped.bad_images == [{"split": "train", "file": str(bad), "reason": skipped.bad_images[0]["reason"]}]
+    assert "cannot decode" in skipped.bad_images[0]["reason"] and len(skipped.splits["train"].labels) == 1
+    _save(bad, np.zeros((28, 28, 3), np.uint8), "JPEG")  # another size: resized, not refused
+    assert files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).splits["train"].images.shape \
+        == (2, 32, 32, 3)
 
 
 def test_imagefolder_test_classes_must_match(tmp_path):
