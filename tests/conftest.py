@@ -11,6 +11,20 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Models fetched from URIs are cached here, not in ~/.cache/resnet_ray (set before Ray starts: its
+    workers inherit it)."""
+    path = str(tmp_path_factory.mktemp("model-cache"))
+    previous = os.environ.get("RESNET_RAY_CACHE")
+    os.environ["RESNET_RAY_CACHE"] = path
+    yield path
+    if previous is None:
+        del os.environ["RESNET_RAY_CACHE"]
+    else:
+        os.environ["RESNET_RAY_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance with 4 logical CPUs, more than this 2-core machine has: the search test runs two

@@ -7,6 +7,8 @@ each once, and every output is read back from the S3 server. Nothing is shared t
 runs, the search, the datasets and the reports all live in the bucket, and the model cache of each node sits
 in that node's own folder.
 """
+import csv
+import io
 import json
 import logging
 import os
@@ -370,8 +372,19 @@ def test_s3_multinode_search_writes_trials_best_config_and_model_to_the_bucket(s
     assert {"trials.csv", "best_config.yaml", "best_model", "best_model_eval-test", "trials"} <= set(names), names
     trials = s3.names("tune/search/trials")
     assert len(trials) == 2, trials
+    rows = list(csv.DictReader(io.StringIO(s3.read("tune/search/trials.csv").decode())))
+    assert len(rows) == 2 and {"status", "epochs", "optim.lr", "val_top1"} <= set(rows[0])
+    assert {r["status"] for r in rows} <= {"completed", "stopped early"}
+    best_row = max(rows, key=lambda r: float(r["val_top1"]))
+    assert best_row["trial_id"] in output  # the summary table the job printed
     best = yaml.safe_load(s3.read("tune/search/best_config.yaml"))
-    assert best["train"]["storage_path"] == f"{STORE}/runs" and best["train"]["epochs"] == 2
+    assert best["optim"]["lr"] == pytest.approx(float(best_row["optim.lr"]))
+    # trials ran tune.max_epochs on tune.trial_workers (configs/tune-local.yaml: 1); best_config.yaml is the
+    # full-length run's (--train.epochs 2, configs/local.yaml's 2 workers), written to train as is
+    trial = yaml.safe_load(s3.read(f"tune/search/trials/{best_row['trial_id']}/config.yaml"))
+    assert (trial["train"]["epochs"], trial["scaling"]["num_workers"]) == (2, 1)
+    assert (best["train"]["epochs"], best["scaling"]["num_workers"], best["train"]["name"]) == (2, 2, None)
+    assert best["train"]["storage_path"] == f"{STORE}/runs"
     info = json.loads(s3.read("tune/search/best_model/model.json"))
     assert info["arch"] == "resnet18" and len(info["sha256"]) == 64
     report = json.loads(s3.read("tune/search/best_model_eval-test/report.json"))

@@ -119,24 +119,20 @@ def test_a_finished_run_resumed_with_more_epochs_follows_the_new_schedule(failin
     assert max(logged.values()) > 0
 
 
-def test_a_final_refit_trains_on_train_and_val_and_exports_the_last_epoch(ray_session, data_root, tmp_path):
-    cfg = tiny_config(data_root, str(tmp_path), **{"train.refit_on_val": True, "train.name": "refit"})
+def test_a_final_refit_through_a_uri_filesystem_trains_on_train_and_val_and_exports_the_last_epoch(
+        ray_session, data_root, tmp_path):
+    """storage_path as a file:// URI: the same pyarrow-filesystem code path as s3:// or gs://."""
+    cfg = tiny_config(data_root, f"file://{tmp_path}", **{"train.refit_on_val": True, "train.name": "refit",
+                                                          "train.evaluate_test": True})
     result = fit(cfg)
+    assert result.run_dir == f"file://{tmp_path}/refit"
+    for name in ("config.yaml", "history.csv", "model/model.json", "model/model.pt", "eval-test/report.json",
+                 "eval-test/predictions.parquet", "eval-test/confusion_matrix.png"):
+        assert os.path.isfile(tmp_path / "refit" / name), name
+    assert json.load(open(tmp_path / "refit" / "eval-test" / "report.json"))["total_support"] == 240
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert all("val_top1" not in h for h in result.history)
-    assert load_model(result.model_dir).info["epoch"] == 2 == result.best["epoch"]  # the last epoch, no ranking
+    assert load_model(str(tmp_path / "refit" / "model")).info["epoch"] == 2 == result.best["epoch"]  # the last, no ranking
     console = Console(record=True, width=200)
     print_training_summary(result, console)
     assert "refit on train+val (no validation): the last epoch, 2, is exported" in console.export_text()
-
-
-def test_runs_and_reports_go_through_a_uri_filesystem(ray_session, data_root, tmp_path):
-    """storage_path as a file:// URI: the same pyarrow-filesystem code path as s3:// or gs://."""
-    cfg = tiny_config(data_root, f"file://{tmp_path}", **{"train.epochs": 1, "train.name": "uri",
-                                                          "train.evaluate_test": True})
-    result = fit(cfg)
-    assert result.run_dir == f"file://{tmp_path}/uri"
-    for name in ("config.yaml", "history.csv", "model/model.json", "model/model.pt", "eval-test/report.json",
-                 "eval-test/predictions.parquet", "eval-test/confusion_matrix.png"):
-        assert os.path.isfile(tmp_path / "uri" / name), name
-    assert json.load(open(tmp_path / "uri" / "eval-test" / "report.json"))["total_support"] == 240
