@@ -158,21 +158,37 @@ def model_cache() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("RESNET_RAY_CACHE", "~/.cache/resnet_ray")), "models")
 
 
+def _sweep_dead_fetches(cache: str) -> None:
+    """Remove the temporary folders of fetches whose process is gone (killed mid-download: an actor stopped at
+    the end of its job). They are named ``.fetch-<pid>-*``; only this node's processes write this cache."""
+    for name in os.listdir(cache):
+        parts = name.split("-")
+        if name.startswith(".fetch-") and len(parts) >= 3 and parts[1].isdigit():
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+            except PermissionError:  # alive, another user's
+                pass
+
+
 def fetch_model(folder: str, info: dict) -> str:
     """Local folder with the exported model ``folder`` (a URI): this node's cached copy, fetched if missing.
 
     Only model.pt and model.json are downloaded, into a temporary folder beside the cache entry; model.pt's
     SHA-256 is checked against model.json, then the folder is renamed to ``<cache>/models/<sha256>``. A
-    complete entry is never fetched or hashed again; of two processes fetching at once, one rename wins.
+    complete entry is never fetched or hashed again; of two processes fetching at once, one rename wins. The
+    temporary folders of fetches killed midway are removed by the next fetch on the node.
     """
     sha = str(info.get("sha256") or "")
     if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
         raise CheckpointError(f"{folder}/{MODEL_INFO}: no valid sha256 ({sha!r}); export the model again")
     target = os.path.join(model_cache(), sha)
+    os.makedirs(model_cache(), exist_ok=True)
+    _sweep_dead_fetches(model_cache())
     if os.path.isfile(os.path.join(target, MODEL_INFO)):
         return target
-    os.makedirs(model_cache(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=model_cache())
+    tmp = tempfile.mkdtemp(prefix=f".fetch-{os.getpid()}-", dir=model_cache())
     try:
         if storage.download(storage.join(folder, MODEL), os.path.join(tmp, MODEL)) != sha:
             raise CheckpointError(f"{folder}/{MODEL}: its SHA-256 differs from {MODEL_INFO}: refusing to load")

@@ -414,5 +414,8 @@ def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cl
     assert not caches[cluster.head].exists()  # the driver on the head read model.json only
     entries = [c / name for c in caches if c.exists() for name in os.listdir(c)]
     assert [e for e in entries if e.name == sha], "no worker node cached the model"
-    assert all(len(e.name) == 64 for e in entries), entries  # no temporary copies left
+    # no temporary copies left, but on the node killed during training: a SIGKILLed fetch cannot clean up, and
+    # its disk goes with the node (the .fetch-* folder is never read)
+    alive = [e for e in entries if int(e.parent.parent.parent.name.removeprefix("node")) not in cluster.killed]
+    assert all(len(e.name) == 64 for e in alive), entries
     assert all(sorted(os.listdir(e)) == ["model.json", "model.pt"] for e in entries)  # only what inference needs

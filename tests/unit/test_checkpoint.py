@@ -235,6 +235,20 @@ def test_remote_model_is_fetched_once_per_node_and_cached_by_its_hash(checkpoint
     assert load_model(f"file://{run}/model").info["sha256"] == sha  # from the cache, not hashed again
 
 
+def test_a_fetch_killed_midway_is_swept_by_the_next_one_and_a_running_one_is_not(checkpoint, tmp_path, cache):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.makedirs(cache / f".fetch-{int(dead.stdout)}-abc")  # its process was killed mid-download
+    (cache / f".fetch-{int(dead.stdout)}-abc" / ckpt.MODEL).write_bytes(b"partial")
+    os.makedirs(cache / f".fetch-{os.getpid()}-def")  # a download in progress (this process)
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    sha = json.load(open(os.path.join(out, ckpt.MODEL_INFO)))["sha256"]
+    load_model(f"file://{out}")
+    assert sorted(os.listdir(cache)) == sorted([sha, f".fetch-{os.getpid()}-def"])
+
+
 def test_remote_model_with_a_wrong_hash_is_refused_and_leaves_no_cache(checkpoint, tmp_path, cache):
     out = export_model(checkpoint, str(tmp_path / "model"))
     with open(os.path.join(out, ckpt.MODEL), "ab") as f:
