@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -58,19 +58,24 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary sibling, then move over the target: readers never see half a file."""
+def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
+    """``write(stream)`` into a temporary sibling of ``path``, then move it over the target: readers never see
+    half a file, and a failed write leaves nothing."""
     fs, p = resolve(path)
     fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as f:
-            f.write(data)
+            write(f)
         fs.move(tmp, p)
     except BaseException:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
         raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    _write_atomically(path, lambda f: f.write(data))
 
 
 def read_json(path: str) -> Any:
@@ -128,20 +133,13 @@ def local_file(path: str, suffix: str = "") -> Iterator[str]:
 
 
 def upload_file(local: str, path: str) -> None:
-    """Stream the local file ``local`` to ``path`` (local path or URI) through a temporary sibling moved over
-    the target: readers never see half a file, and the file is never held in memory."""
-    fs, p = resolve(path)
-    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(local, "rb") as src, fs.open_output_stream(tmp) as out:
+    """Stream the local file ``local`` to ``path`` (local path or URI) atomically, never holding it in memory."""
+    def copy(out):
+        with open(local, "rb") as src:
             for chunk in iter(lambda: src.read(1 << 22), b""):
                 out.write(chunk)
-        fs.move(tmp, p)
-    except BaseException:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
-        raise
+
+    _write_atomically(path, copy)
 
 
 def upload_dir(local: str, path: str) -> None:
