@@ -35,7 +35,7 @@ def main() -> int:
         result = predict(cfg, args.model, args.input, output=args.output, k=args.top_k,
                          image_column=args.image_column, on_start=start, on_rows=advance)
     skipped = f", {len(result['skipped'])} skipped (unreadable)" if result["skipped"] else ""
-    print(f"{result['rows']} images{skipped} in {result['seconds']:.1f} s ({result['images_per_s']:.0f} img/s); "
+    print(f"{result['rows']} images{skipped} in {result['seconds']:.1f} s ({result['images_per_s']:.3g} img/s); "
           f"predictions in {result['output']}")
     return 0
 

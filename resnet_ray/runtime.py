@@ -156,5 +156,13 @@ def init_ray(local: bool = False, num_cpus: Optional[float] = None,
     if address is None:
         start_local(num_cpus)
     else:
-        ray.init(address=address, **QUIET)
+        try:
+            ray.init(address=address, **QUIET)
+        except Exception as exc:
+            if "AuthenticationError" not in f"{exc!r} {exc.__cause__!r} {exc.__context__!r}":
+                raise
+            raise RayConnectError(
+                f"the Ray cluster at {address} refused this process's credentials: it uses token authentication "
+                "(what `ray start` turns on in Ray 2.60); run the job with RAY_AUTH_MODE=token and the cluster's "
+                "token in ~/.ray/auth_token or $RAY_AUTH_TOKEN, or submit it with `ray job submit`") from None
     log.debug("Ray resources: %s", ray.cluster_resources())
