@@ -11,7 +11,6 @@ published atomically only after every row id came back exactly once.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -251,12 +250,7 @@ def model_sha256(folder: str, info: dict) -> str:
     """The SHA-256 of the model's weights: model.json's for an exported model, else that of state.pt."""
     if info.get("sha256"):
         return info["sha256"]
-    fs, path = storage.resolve(storage.join(folder, STATE))
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return storage.file_sha256(storage.join(folder, STATE))
 
 
 def resize_of(info: dict, cfg: Config) -> ResizeSpec:

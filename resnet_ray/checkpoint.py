@@ -12,7 +12,6 @@ only, verified once per node and cached under ``<cache>/models/<sha256>/`` (``RE
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -39,11 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return storage.file_sha256(path)
 
 
 def unwrap_state_dict(state: dict) -> dict:

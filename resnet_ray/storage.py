@@ -106,6 +106,20 @@ def list_names(path: str) -> list[str]:
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
+def stream_sha256(fs: pafs.FileSystem, path: str):
+    """The hashlib SHA-256 object of the file ``path`` inside ``fs``, streamed (never held whole)."""
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of the file ``path`` (local or URI)."""
+    return stream_sha256(*resolve(path)).hexdigest()
+
+
 def download(path: str, target: str) -> str:
     """Stream the file ``path`` (local or URI) to the local file ``target``; returns its SHA-256."""
     fs, p = resolve(path)

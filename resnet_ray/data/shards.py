@@ -108,14 +108,9 @@ def _shown(task: dict, path: str) -> str:
 
 def hash_file(task: dict) -> dict:
     """A source file's share of the checksum, the file streamed (never held whole)."""
-    import hashlib
-
     fs, _ = storage.resolve(task["source"])
-    digest = hashlib.sha256()
-    with fs.open_input_stream(task["path"]) as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return {"rows": 0, "bad": [], "digest": file_digest(task["rel"], None, digest.digest())}
+    digest = storage.stream_sha256(fs, task["path"]).digest()
+    return {"rows": 0, "bad": [], "digest": file_digest(task["rel"], None, digest)}
 
 
 def image_rows(fs, path: str, groups: list, skip: int, take: int, column: str) -> Iterator[list]:
