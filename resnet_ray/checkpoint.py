@@ -103,7 +103,7 @@ def export_checkpoint(checkpoint, out_dir: str) -> dict:
     makes a reader refuse a half-replaced pair.
     """
     with checkpoint.as_directory() as folder:
-        _, meta = load_training_state(folder)
+        meta = _read_json(folder, META)  # the weights are loaded once, by export_model (which checks both files)
         if not storage.is_uri(out_dir):
             export_model(folder, out_dir)
             return meta

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 from resnet_ray import metrics, report, storage
 from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
 from resnet_ray.config import Config, parse_overrides, replace, to_dict
-from resnet_ray.data.load import load_split, split_rows
-from resnet_ray.data.prepare import ensure_prepared
+from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, read_split, split_nbytes, split_rows
+from resnet_ray.data.prepare import ensure_prepared, read_metadata
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.watchdog import watched
 
@@ -102,7 +102,9 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what
     pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
     # blocks of one batch: every actor gets work even when the split is one file, and predictions arrive
     # batch by batch (an actor returns a task's small outputs as one block, at the end of the task)
-    rows = load_split(cfg.data, split, prepared).repartition(target_num_rows_per_block=cfg.eval.batch_size)
+    small = split_nbytes(read_metadata(prepared), split, cfg.data.limit) <= IN_MEMORY_BYTES
+    rows = (load_split_in_memory if small else load_split)(cfg.data, split, prepared)  # small: no read tasks
+    rows = rows.repartition(target_num_rows_per_block=cfg.eval.batch_size)
     predictions = rows.map_batches(
         Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
         batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -110,6 +112,18 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what
     log.debug("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
     return watched(predictions.iter_batches(batch_size=None, batch_format="numpy"), cfg.eval.stall_timeout_s,
                    what, "eval.stall_timeout_s")
+
+
+def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
+    """Prediction batches of a (small) split from a Predictor in this process: the rows of ``load_split``, in
+    batches of eval.batch_size, on this machine's cores."""
+    from resnet_ray.predict import Predictor
+
+    predictor = Predictor(storage.normalize(model_path), threads=os.cpu_count() or 1)
+    b = cfg.eval.batch_size
+    for part in read_split(cfg.data, split, prepared):
+        for i in range(0, len(part["label"]), b):
+            yield predictor({key: value[i:i + b] for key, value in part.items()})
 
 
 def model_config(model_path: str, overrides=()) -> Config:
@@ -139,7 +153,10 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
         ctx.enable_progress_bars = True  # the progress of inference is worth showing
         start = time.perf_counter()
         try:
-            stream = predict_stream(cfg, model_path, split, prepared, f"evaluation of {split}")
+            if cfg.eval.gpus_per_actor == 0 and expected <= cfg.eval.in_process_rows:
+                stream = predict_here(cfg, model_path, split, prepared)  # no actor to start for a few rows
+            else:
+                stream = predict_stream(cfg, model_path, split, prepared, f"evaluation of {split}")
             stats = _consume(stream, os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs)
         finally:
             ctx.enable_progress_bars = False

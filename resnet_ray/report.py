@@ -29,6 +29,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 from typing import Any, Iterator, Optional, Sequence
@@ -506,6 +507,11 @@ def print_table(table: Any, console: Any) -> None:
 
     table.width = Measurement.get(console, console.options.update_width(_UNBOUNDED), table).maximum
     console.print(table, crop=False)
+
+
+def logging_console() -> Any:
+    """The rich Console that the root logger's RichHandler writes to (jobs on a terminal), else None."""
+    return next((h.console for h in logging.getLogger().handlers if hasattr(h, "console")), None)
 
 
 def default_console(console: Any = None) -> Any:

@@ -115,6 +115,11 @@ def start_local(num_cpus: Optional[float] = None) -> None:
     cpus = local_cpus(num_cpus)
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # one node that no cloud drains: Ray Train's preemption watcher (one more actor process per run) has
+    # nothing to watch (Train passes the variable on to its controller)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # the Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s more
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Ray 2.60 turns token authentication on for a new local instance and says so on every start: keep it on,
     # without the line (setting RAY_AUTH_MODE here would come too late for the RayConfig Ray has already read)
     notice = logging.getLogger("ray._private.authentication.authentication_token_setup")

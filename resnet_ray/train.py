@@ -17,8 +17,8 @@ from typing import Optional
 from resnet_ray import report, storage
 from resnet_ray.checkpoint import export_checkpoint, load_training_state, save_training_state
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
-from resnet_ray.data.load import load_split, quiet_data_progress
-from resnet_ray.data.prepare import ensure_prepared
+from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, split_nbytes
+from resnet_ray.data.prepare import ensure_prepared, read_metadata
 from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
 from resnet_ray.resources import alive_nodes, check_training
 from resnet_ray.tracking import TensorBoard
@@ -89,11 +89,14 @@ def train_fn_per_worker(loop_config: dict) -> None:
     board = TensorBoard(cfg, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
     config_name = config_file(cfg)  # which config the epochs of this attempt run under
 
+    progress = loop_config.get("progress") if rank == 0 else None  # the driver's live bar, on a terminal
     for epoch in range(session.epoch + 1, cfg.train.epochs + 1):
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, drop_last=True, prefetch_batches=cfg.train.prefetch_batches,
             local_shuffle_buffer_size=4 * cfg.train.batch_size if cfg.data.shuffle else None,
             local_shuffle_seed=epoch_seed(cfg, epoch), device="cpu", pin_memory=pin)
+        if progress:
+            batches = counted(batches, lambda step, e=epoch: progress.update.remote(e, step, session.steps))
 
         def on_step(step, loss):
             if board:
@@ -207,15 +210,19 @@ def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
 
 def training_datasets(cfg: Config, prepared: str) -> dict:
     """train and val as Ray Data datasets (train+val as "train" alone in a refit); cached in the object store
-    when cfg.data.cache (read once, not every epoch), the training blocks in a new random order every epoch
+    when cfg.data.cache (read once, not every epoch; splits of up to IN_MEMORY_BYTES by this process, without a
+    Ray Data job), the training blocks in a new random order every epoch
     when cfg.data.shuffle."""
     import ray.data
 
+    meta = read_metadata(prepared)
     datasets = {}
     for split in ("train", "val"):
-        ds = load_split(cfg.data, split, prepared)
+        in_memory = cfg.data.cache and split_nbytes(meta, split, cfg.data.limit) <= IN_MEMORY_BYTES
+        # small and cached: no Ray Data read job to start
+        ds = load_split_in_memory(cfg.data, split, prepared) if in_memory else load_split(cfg.data, split, prepared)
         ds.context.execution_options.preserve_order = True  # block order set by the seed, not by timing
-        datasets[split] = ds.materialize() if cfg.data.cache else ds
+        datasets[split] = ds.materialize() if cfg.data.cache and not in_memory else ds
     if cfg.train.refit_on_val:  # the final refit trains on both and validates on nothing
         datasets = {"train": datasets["train"].union(datasets.pop("val"))}
     if cfg.data.shuffle:  # a new, seeded block order every epoch
@@ -242,7 +249,8 @@ def read_history(run_dir: str) -> list:
     return [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, "history.jsonl")).splitlines()]
 
 
-def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: Optional[list] = None):
+def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: Optional[list] = None,
+                  progress=None):
     """The TorchTrainer of a run: workers, process-group backend (cpu:gloo,cuda:nccl on GPUs), storage,
     checkpoint ranking, failure policy and the Ray Data ingest of ``datasets`` (train split per worker)."""
     import ray.data
@@ -254,7 +262,7 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
     ingest_options = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir_of(cfg)},
+        train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir_of(cfg), "progress": progress},
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=cfg.scaling.resources_per_worker),
@@ -269,17 +277,59 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
     )
 
 
+def counted(batches, report, every_s: float = 0.5):
+    """``batches``, calling ``report(steps so far)`` after a step at most every ``every_s`` seconds and after the
+    last one (a counter and a clock: no host-device synchronization)."""
+    last, step = time.monotonic(), 0
+    for step, batch in enumerate(batches, 1):
+        yield batch
+        if time.monotonic() - last >= every_s:
+            report(step)
+            last = time.monotonic()
+    report(step)
+
+
+def step_progress_actor():
+    """A tiny actor (no CPU) that holds rank 0's (epoch, step, steps), for the driver's live progress bar."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StepProgress:
+        def __init__(self):
+            self.state = (0, 0, 0)
+
+        def update(self, epoch: int, step: int, steps: int) -> None:
+            self.state = (epoch, step, steps)
+
+        def get(self) -> tuple:
+            return self.state
+
+    return StepProgress.remote()
+
+
 class EpochLog:
     """While a run trains: one log line on the driver per finished epoch (losses, top-1/top-5, learning rate,
-    img/s, ETA), read from the history.jsonl that rank 0 writes after every epoch (a local path or a URI)."""
+    img/s, ETA), read from the history.jsonl that rank 0 writes after every epoch (a local path or a URI); and,
+    given ``progress`` (a :func:`step_progress_actor`) and a terminal ``console``, a live bar of the current
+    epoch's steps below those lines."""
 
-    def __init__(self, run_dir: str, epochs: int, interval_s: float = 2.0):
+    def __init__(self, run_dir: str, epochs: int, interval_s: float = 2.0, progress=None, console=None):
         self.run_dir, self.epochs, self.interval_s = run_dir, epochs, interval_s
         self.shown = 0  # the last epoch logged
+        self.progress, self.bar, self.task, self.bar_epoch = progress, None, None, 0
+        if progress is not None and console is not None and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                                transient=True)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="epoch-log", daemon=True)
 
     def __enter__(self) -> "EpochLog":
+        if self.bar:
+            self.bar.start()
         self.thread.start()
         return self
 
@@ -287,10 +337,36 @@ class EpochLog:
         self.stopped.set()
         self.thread.join()
         self.poll()
+        if self.bar:
+            self.bar.stop()
 
     def _watch(self) -> None:
-        while not self.stopped.wait(self.interval_s):
-            self.poll()
+        tick = 0.5 if self.bar else self.interval_s
+        last_poll = time.monotonic()
+        while not self.stopped.wait(tick):
+            if self.bar:
+                self.poll_steps()
+            if time.monotonic() - last_poll >= self.interval_s:
+                self.poll()
+                last_poll = time.monotonic()
+
+    def poll_steps(self) -> None:
+        """Move the live bar to rank 0's current step (an unanswered actor leaves it as it is)."""
+        import ray
+
+        try:
+            epoch, step, steps = ray.get(self.progress.get.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - the bar is decoration: a slow or lost actor must not stop the run
+            return
+        if not epoch:
+            return
+        description = f"epoch {epoch}/{self.epochs}"
+        if self.task is None:
+            self.task = self.bar.add_task(description, total=steps)
+        elif epoch != self.bar_epoch:
+            self.bar.reset(self.task, total=steps, description=description)
+        self.bar_epoch = epoch
+        self.bar.update(self.task, completed=step)
 
     def poll(self) -> None:
         """Log the epochs finished since the last call (after a restart the history may start over)."""
@@ -320,10 +396,19 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
     run_dir = run_dir_of(cfg)
     write_config(run_dir, cfg)
-    with EpochLog(run_dir, cfg.train.epochs) if epoch_log else contextlib.nullcontext():
-        # fails with a diagnosis instead of hanging
-        result = watch_fit(build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks),
-                           cfg.train.stall_timeout_s)
+    console = report.logging_console()
+    progress = step_progress_actor() if epoch_log and console is not None and console.is_terminal else None
+    try:
+        with EpochLog(run_dir, cfg.train.epochs, progress=progress, console=console) if epoch_log \
+                else contextlib.nullcontext():
+            # fails with a diagnosis instead of hanging
+            result = watch_fit(build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks, progress),
+                               cfg.train.stall_timeout_s)
+    finally:
+        if progress is not None:
+            import ray
+
+            ray.kill(progress)
     history = read_history(run_dir)
     report.write_history_plot(history, storage.join(run_dir, "history.png"))
     best, model_dir = _export_best(result, cfg, run_dir)

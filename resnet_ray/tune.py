@@ -110,6 +110,37 @@ def _searcher(cfg: Config):
     return OptunaSearch(seed=cfg.train.seed)
 
 
+def _trial_log_class():
+    from ray import tune
+
+    class TrialLog(tune.Callback):
+        """One log line per finished, early-stopped or failed trial (Tune's own status table is off)."""
+
+        def __init__(self, metric: str, max_epochs: int):
+            self.metric, self.max_epochs = metric, max_epochs
+
+        def _line(self, trial, outcome: str) -> None:
+            result = trial.last_result or {}
+            epochs = int(result.get("epoch", 0))
+            if outcome == "finished" and epochs < self.max_epochs:
+                outcome = f"stopped early (ASHA) after epoch {epochs}"
+            elif outcome == "finished":
+                outcome = f"completed {epochs} epochs"
+            value = result.get(self.metric)
+            params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in sorted(trial.config.items()))
+            log.info("trial %s %s: %s %s | %s", trial.trial_id, outcome, self.metric,
+                     "-" if value is None else f"{value:.4f}", params)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "failed")
+
+    return TrialLog
+
+
 def _tuner(cfg: Config, exp_dir: str, restore: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -128,8 +159,8 @@ def _tuner(cfg: Config, exp_dir: str, restore: bool):
             scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.tune.max_epochs,
                                     grace_period=cfg.tune.grace_period,
                                     reduction_factor=cfg.tune.reduction_factor)),
-        run_config=tune.RunConfig(name=name, storage_path=parent,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name=name, storage_path=parent, failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=0, callbacks=[_trial_log_class()(cfg.tune.metric, cfg.tune.max_epochs)]),
     )
 
 

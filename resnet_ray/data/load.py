@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -69,3 +69,39 @@ def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
         ds = ds.limit(cfg.limit)
     return ds.map_batches(table_to_batch, batch_format="pyarrow", fn_kwargs={"image_size": size},
                           zero_copy_batch=True, batch_size=None)
+
+
+IN_MEMORY_BYTES = 256 * 2**20  # cached splits up to this size skip Ray Data's read job (see load_split_in_memory)
+
+
+def split_nbytes(meta: dict, split: str, limit: Optional[int]) -> int:
+    """Bytes of a split's decoded images (uint8 H x W x 3 per row)."""
+    return split_rows(meta, split, limit) * meta["image_size"] ** 2 * 3
+
+
+def read_split(cfg: DataConfig, split: str, prepared: Optional[str] = None) -> Iterator[dict]:
+    """A prepared split read by this process, one numpy batch per Parquet file in file order, ``cfg.limit``
+    rows: the rows and order of ``load_split``, without Ray."""
+    import pyarrow.parquet as pq
+
+    prepared = prepared or dataset_dir(cfg)
+    meta = read_metadata(prepared)
+    left = split_rows(meta, split, cfg.limit)
+    fs, path = storage.resolve(storage.join(prepared, split))
+    for name in storage.list_names(storage.join(prepared, split)):
+        if left <= 0:
+            return
+        if name.endswith(".parquet"):
+            table = pq.read_table(f"{path}/{name}", filesystem=fs).slice(0, left)
+            left -= table.num_rows
+            yield table_to_batch(table, meta["image_size"])
+
+
+def load_split_in_memory(cfg: DataConfig, split: str, prepared: Optional[str] = None):
+    """The same rows, columns and block order as ``load_split(...).materialize()`` (one block per Parquet file),
+    read by this process and put into the object store directly: no Ray Data job, so no read tasks and worker
+    processes to start. For small splits (``IN_MEMORY_BYTES``)."""
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    return ray.data.from_arrow([BlockAccessor.batch_to_block(b) for b in read_split(cfg, split, prepared)])

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from sklearn.model_selection import train_test_split
 
 from resnet_ray import storage
 from resnet_ray.config import DataConfig
@@ -88,6 +87,8 @@ def read_metadata(prepared: str) -> dict:
 
 def _carve(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split of row indices into (kept, carved)."""
+    from sklearn.model_selection import train_test_split  # imported here: 1 s that every Ray worker would pay
+
     index = np.arange(len(labels))
     try:
         kept, carved = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)

@@ -46,6 +46,28 @@ def test_limit_takes_the_first_rows_of_a_split_in_several_files(ray_session, tmp
     assert sorted(ids.tolist()) == list(range(250))
 
 
+@pytest.mark.parametrize("limit", [None, 650])
+def test_a_small_cached_split_read_in_memory_equals_the_materialized_ray_data_read(ray_session, tmp_path,
+                                                                                  monkeypatch, limit):
+    """The local mode's fast path (no Ray Data read job): the same blocks, rows in the same order, same
+    columns and types as load_split(...).materialize(), also with a limit that ends inside the third file."""
+    import resnet_ray.data.prepare as prepare
+    from resnet_ray.data.load import load_split_in_memory
+
+    monkeypatch.setattr(prepare, "ROWS_PER_SHARD", 300)  # the 1,293 training rows in 5 files
+    cfg = DataConfig(source="digits", root=str(tmp_path), limit=limit)
+    prepared, _ = ensure_prepared(cfg)
+    read = load_split(cfg, "train", prepared)
+    read.context.execution_options.preserve_order = True
+    expected, got = read.materialize(), load_split_in_memory(cfg, "train", prepared)
+    assert got.schema() == expected.schema()
+    assert got.num_blocks() == (5 if limit is None else 3)
+    a, b = expected.take_batch(2000), got.take_batch(2000)
+    assert len(b["row_id"]) == (limit or 1293)
+    for column in ("row_id", "label", "image"):
+        np.testing.assert_array_equal(a[column], b[column])
+
+
 def test_shared_cifar10_subset_prepares_and_loads(ray_session, shared_cifar10, tmp_path):
     """1,000 shuffled real CIFAR-10 training images (+200 test) through the parquet source and Ray Data."""
     rng = np.random.default_rng(0)

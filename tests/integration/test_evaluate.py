@@ -40,6 +40,26 @@ def test_evaluate_other_split_with_two_actors(tiny_run, tmp_path):
     assert json.load(open(tmp_path / "val" / "report.json"))["total_support"] == 144
 
 
+def test_a_small_split_predicted_in_the_job_process_gives_the_actors_report(tiny_run, tmp_path, monkeypatch):
+    """eval.in_process_rows (the local mode's test evaluation): no actor starts, and the report and every
+    prediction equal those of the Ray Data actors."""
+    import resnet_ray.evaluate as ev
+    from resnet_ray.config import replace
+
+    cfg, result = tiny_run
+    monkeypatch.setattr(ev, "predict_stream", lambda *a, **k: pytest.fail("started Ray Data actors"))
+    here = evaluate(replace(cfg, {"eval.in_process_rows": 240}), result.run_dir, split="test",
+                    output=str(tmp_path / "here"))
+    actors = result.evaluation
+    for key in ("accuracy", "total_support", "top5_accuracy", "ece"):
+        assert here["report"][key] == pytest.approx(actors["report"][key]), key
+    assert [r["f1"] for r in here["report"]["per_class"]] == pytest.approx(
+        [r["f1"] for r in actors["report"]["per_class"]])
+    a, b = (pq.read_table(os.path.join(out, "predictions.parquet")).sort_by("row_id").to_pydict()
+            for out in (actors["output"], here["output"]))
+    assert a["pred"] == b["pred"] and a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+
+
 def test_bad_model_inputs_fail_before_inference(tiny_run, tmp_path, data_root):
     cfg, result = tiny_run
     with pytest.raises(CheckpointError, match="no such model folder"):

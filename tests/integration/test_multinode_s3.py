@@ -322,7 +322,7 @@ def search(prepared, cluster, workdir, s3):
     output = submit(cluster, workdir, "jobs/tune.py", "--local", *TINY, "--tune.storage_path", f"{STORE}/tune",
                     "--tune.name", "search", "--tune.num_samples", "2", "--tune.max_epochs", "2",
                     "--train.epochs", "2",  # the full-length run of best_config.yaml
-                    "--eval.num_actors", "2")
+                    "--eval.num_actors", "2", "--eval.in_process_rows", "0")  # on the cluster's actors
     return output, time.time() - start
 
 
@@ -377,6 +377,10 @@ def test_s3_multinode_search_writes_trials_best_config_and_model_to_the_bucket(s
     assert {r["status"] for r in rows} <= {"completed", "stopped early"}
     best_row = max(rows, key=lambda r: float(r["val_top1"]))
     assert best_row["trial_id"] in output  # the summary table the job printed
+    # one line per trial as it ends, not Tune's status table every 30 s
+    ended = [line.split("trial ", 1)[1].split()[0] for line in output.splitlines()
+             if any(f" {word}" in line for word in ("completed 2 epochs", "stopped early (ASHA)", "failed:"))]
+    assert sorted(ended) == sorted(trials) and "Trial status" not in output, output[-4000:]
     best = yaml.safe_load(s3.read("tune/search/best_config.yaml"))
     assert best["optim"]["lr"] == pytest.approx(float(best_row["optim.lr"]))
     # trials ran tune.max_epochs on tune.trial_workers (configs/tune-local.yaml: 1); best_config.yaml is the
@@ -405,7 +409,7 @@ def test_s3_multinode_train_survives_a_killed_worker_node(trained, s3, cluster):
 
 def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cluster, workdir, s3):
     submit(cluster, workdir, "jobs/evaluate.py", "--model", f"{STORE}/runs/best", "--split", "test",
-           "--eval.num_actors", "2")
+           "--eval.num_actors", "2", "--eval.in_process_rows", "0")
     report = json.loads(s3.read("runs/best/eval-test/report.json"))
     assert report["total_support"] == 240 and report["split"] == "test"
     assert {"predictions.parquet", "report.md", "confusion_matrix.png"} <= set(s3.names("runs/best/eval-test"))

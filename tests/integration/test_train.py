@@ -61,6 +61,36 @@ def test_the_driver_logs_one_line_per_epoch(tiny_run, caplog):
     assert f"top1 {result.history[1]['val_top1']:.4f}" in lines[1] and "ETA 00:00:00" in lines[1]
 
 
+def test_on_a_terminal_the_driver_shows_rank_0s_steps_in_a_live_bar(tiny_run):
+    """The bar reads (epoch, step, steps) from the progress actor that rank 0 updates; it is drawn on a terminal
+    only, and it replaces itself epoch by epoch."""
+    import io
+
+    import ray
+    from rich.console import Console
+
+    from resnet_ray.train import EpochLog, step_progress_actor
+
+    cfg, result = tiny_run
+    actor = step_progress_actor()
+    try:
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=True, width=120)
+        log = EpochLog(result.run_dir, cfg.train.epochs, progress=actor, console=console)
+        with log:
+            ray.get(actor.update.remote(1, 3, 6))
+            log.poll_steps()
+            assert log.bar.tasks[0].description == "epoch 1/2" and log.bar.tasks[0].completed == 3
+            ray.get(actor.update.remote(2, 1, 6))
+            log.poll_steps()
+            assert log.bar.tasks[0].description == "epoch 2/2" and log.bar.tasks[0].completed == 1
+            assert log.bar.tasks[0].total == 6
+        assert "epoch 2/2" in out.getvalue()
+        assert EpochLog(result.run_dir, 2, progress=actor, console=Console(file=io.StringIO())).bar is None
+    finally:
+        ray.kill(actor)
+
+
 @pytest.fixture(scope="module")
 def failing_run(ray_session, data_root, tmp_path_factory):
     """A 3-epoch run checkpointed every 2 epochs (and at the end) whose last worker is killed once after
