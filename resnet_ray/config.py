@@ -168,6 +168,8 @@ class TrainConfig:
     prefetch_batches: int = 2
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
     stall_timeout_s: float = 3600.0  # no epoch report for this long (workers unscheduled, hung): fail
+    mlflow_tracking_uri: Optional[str] = None  # MLflow tracking server or store (needs the mlflow extra); null: off
+    mlflow_experiment: Optional[str] = None  # MLflow experiment; null: the dataset's name (a search's: tune.name)
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -194,6 +196,9 @@ class TrainConfig:
         _positive(self.stall_timeout_s, "train.stall_timeout_s")
         if self.name is not None:
             _check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
+        for name in ("mlflow_tracking_uri", "mlflow_experiment"):  # whether mlflow is installed: tracking.check_mlflow
+            value = getattr(self, name)
+            _check(value is None or bool(value.strip()), f"train.{name}", "must not be empty (null turns it off)")
 
 
     def checkpoint_due(self, epoch: int) -> bool:

@@ -21,7 +21,7 @@ from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memo
 from resnet_ray.data.prepare import ensure_prepared, read_metadata
 from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
 from resnet_ray.resources import alive_nodes, check_training
-from resnet_ray.tracking import TensorBoard
+from resnet_ray.tracking import MLflow, TensorBoard, check_mlflow
 from resnet_ray.watchdog import watch_fit
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _report(session: Session, metrics: dict) -> None:
 
 def train_fn_per_worker(loop_config: dict) -> None:
     """Ray Train worker: rebuild the config, train cfg.train.epochs epochs, report each one, checkpoint when due.
-    Rank 0 also writes the history files and the TensorBoard events of the run."""
+    Rank 0 also writes the history files and the TensorBoard events of the run (and logs to MLflow when set)."""
     import ray.train
     import ray.train.torch
 
@@ -87,6 +87,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if session.val_rows else None
     pin = session.device.type == "cuda"  # pinned host batches: the non_blocking copies really overlap
     board = TensorBoard(cfg, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
+    mlflow_run = MLflow(cfg, run_dir) if rank == 0 and cfg.train.mlflow_tracking_uri else None
     config_name = config_file(cfg)  # which config the epochs of this attempt run under
 
     progress = loop_config.get("progress") if rank == 0 else None  # the driver's live bar, on a terminal
@@ -111,9 +112,13 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if board:
             write_history(run_dir, session.history)
             board.epoch(session.history)
+        if mlflow_run:
+            mlflow_run.epoch(session.history)
         _maybe_inject_failure(cfg, epoch, rank, world, run_dir)
     if board:
         board.close()
+    if mlflow_run:
+        mlflow_run.close()
 
 
 def _maybe_inject_failure(cfg: Config, epoch: int, rank: int, world: int, run_dir: str) -> None:
@@ -390,6 +395,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
 
     ``epoch_log``: log one line per finished epoch on this process (off for Tune trials)."""
     cfg = with_run_name(cfg)
+    check_mlflow(cfg)
     quiet_data_progress()
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)

@@ -7,6 +7,9 @@ import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# tests log to MLflow file stores (when mlflow is installed), which MLflow 3 refuses without this; Ray's workers
+# inherit it
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 

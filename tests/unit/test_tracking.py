@@ -1,10 +1,16 @@
-"""TensorBoard event files of a run, read back as TensorBoard would (TFRecord framing + Event protos)."""
+"""TensorBoard event files of a run, read back as TensorBoard would (TFRecord framing + Event protos); the MLflow
+run (when mlflow is installed) and the error when it is set but missing."""
+import json
 import os
+import sys
 
+import pytest
 from tensorboard_events import read_events
 
-from resnet_ray.config import load_config
-from resnet_ray.tracking import TensorBoard, hyperparameters
+from conftest import tiny_config
+from resnet_ray import train, tune
+from resnet_ray.config import ConfigError, load_config
+from resnet_ray.tracking import EPOCH_TAGS, MLFLOW_RUN_FILE, MLflow, TensorBoard, check_mlflow, hyperparameters
 
 
 def history_row(epoch, top1):
@@ -57,3 +63,55 @@ def test_a_restarted_run_purges_the_replayed_steps(tmp_path):
     # TensorBoard drops the earlier attempt's events at or after a START marker's step when it reads them
     assert purges == [3]
     assert scalars["step/train_loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (3, 30.0)]  # files in order
+
+
+def test_mlflow_set_without_mlflow_installed_stops_on_the_driver_before_any_work(monkeypatch, data_root, tmp_path):
+    for name in ("mlflow", "mlflow.tracking"):  # as if not installed (None in sys.modules: ImportError)
+        monkeypatch.setitem(sys.modules, name, None)
+    space = {"optim.lr": {"type": "choice", "values": [0.01, 0.1]}}
+    cfg = tiny_config(data_root, str(tmp_path), **{"train.mlflow_tracking_uri": "http://127.0.0.1:5000",
+                                                   "tune.search_space": space})
+    check_mlflow(load_config(None, {}))  # unset: nothing to check
+    with pytest.raises(ConfigError, match=r"train.mlflow_tracking_uri: is set .* mlflow is not installed"):
+        check_mlflow(cfg)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the config was checked")
+
+    monkeypatch.setattr(train, "ensure_prepared", no_work)
+    monkeypatch.setattr(tune, "trial_concurrency", no_work)
+    with pytest.raises(ConfigError, match="train.mlflow_tracking_uri"):
+        train.fit(cfg)
+    with pytest.raises(ConfigError, match="train.mlflow_tracking_uri"):
+        tune.search(cfg)
+    with pytest.raises(ConfigError, match="train.mlflow_experiment: must not be empty"):
+        load_config(None, {"train.mlflow_experiment": " "})
+
+
+def test_mlflow_logs_the_hyperparameters_and_epochs_and_a_resume_continues_the_run(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file://{tmp_path}/mlruns"
+    cfg = load_config(None, {"train.mlflow_tracking_uri": uri, "train.name": "r1", "train.epochs": 1})
+    check_mlflow(cfg)  # creates the experiment (named after the dataset)
+    run = MLflow(cfg, str(tmp_path / "run"))
+    run.epoch([history_row(1, 0.6)])
+    run.close()
+    longer = load_config(None, {"train.mlflow_tracking_uri": uri, "train.name": "r1", "train.epochs": 2,
+                                "train.mlflow_experiment": "digits"})  # new key: logged; changed value: a tag
+    again = MLflow(longer, str(tmp_path / "run"))
+    again.epoch([history_row(1, 0.6), history_row(2, 0.4)])
+    again.close()
+
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert found.info.run_id == run.run_id == again.run_id and found.info.status == "FINISHED"
+    assert found.info.run_name == "r1" and found.data.tags["resnet_ray.run_dir"] == str(tmp_path / "run")
+    assert found.data.params == {key: str(value) for key, value in hyperparameters(longer).items()
+                                 if key != "train.epochs"} | {"train.epochs": "1"}
+    assert found.data.tags["resumed.train.epochs"] == "2"
+    top1 = client.get_metric_history(found.info.run_id, "val_top1")
+    assert [(m.step, m.value) for m in top1] == [(1, 0.6), (2, 0.4)]
+    assert set(found.data.metrics) == set(EPOCH_TAGS)
+    assert json.loads((tmp_path / "run" / MLFLOW_RUN_FILE).read_text()) == {"tracking_uri": uri, "run_id": run.run_id}
