@@ -197,7 +197,8 @@ class Session:
         ev = evaluate_epoch(self.eval_model, val_batches, self.settings) if self.val_rows else None
         metrics = {"epoch": epoch, **global_metrics(tr, ev, self.val_rows, self.device),
                    "lr": self.optimizer.param_groups[0]["lr"], "val_s": time.perf_counter() - val_start,
-                   "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs}
+                   "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs,
+                   "finished_at": time.time()}  # wall clock: which attempt of a restarted run trained it
         self.epoch = epoch
         self.history.append(metrics)
         return metrics

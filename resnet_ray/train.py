@@ -121,16 +121,35 @@ def train_fn_per_worker(loop_config: dict) -> None:
         mlflow_run.close()
 
 
-def _maybe_inject_failure(cfg: Config, epoch: int, rank: int, world: int, run_dir: str) -> None:
-    """Debug hook (train.fail_at_epoch): the last rank dies once, after reporting that epoch."""
+def _maybe_inject_failure(cfg: Config, epoch: int, rank: int, world: int, run_dir: str,
+                          timeout_s: float = 120.0) -> None:
+    """Debug hook (train.fail_at_epoch): the last rank dies once, after reporting that epoch and, when the epoch
+    is checkpointed, once Ray Train has registered its checkpoint (uploaded in the background: a worker that
+    died before would make the restart replay from the previous checkpoint, which is not what this proves)."""
     if cfg.train.fail_at_epoch != epoch or rank != world - 1:
         return
     marker = storage.join(run_dir, FAILURE_MARKER)
     if storage.exists(marker):
         return
+    deadline = time.monotonic() + timeout_s
+    while cfg.train.checkpoint_due(epoch) and _latest_checkpoint_epoch(run_dir) < epoch:
+        if time.monotonic() > deadline:
+            log.warning("train.fail_at_epoch=%d: the checkpoint was not registered within %g s", epoch, timeout_s)
+            break
+        time.sleep(0.2)
     storage.write_text(marker, f"worker {rank} killed after epoch {epoch}\n")
     log.warning("train.fail_at_epoch=%d: killing worker %d now", epoch, rank)
     os._exit(1)
+
+
+def _latest_checkpoint_epoch(run_dir: str) -> int:
+    """The epoch of the latest checkpoint Ray Train has registered for the run (0: none yet), read from its
+    checkpoint manager's snapshot in the run folder (Ray is pinned)."""
+    try:
+        latest = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    except (OSError, ValueError):
+        return 0
+    return int(((latest.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
 
 
 # ---------------------------------------------------------------------------

@@ -114,6 +114,9 @@ def test_worker_failure_resumes_without_losing_or_repeating_epochs(failing_run):
         epochs[meta["epoch"]] = [h["epoch"] for h in meta["history"]]
     assert epochs == {2: [1, 2], 3: [1, 2, 3]}
     assert all(h["report_s"] >= 0 for h in result.history[2:])  # epochs run after the restart
+    # the restart resumed from epoch 2's checkpoint: epochs 1-2 were trained before the failure, 3 after it
+    killed_at = os.path.getmtime(os.path.join(result.run_dir, FAILURE_MARKER))
+    assert [h["finished_at"] < killed_at for h in result.history] == [True, True, False]
 
 
 def test_stopped_run_resumes_and_same_seed_gives_same_first_epoch(failing_run, data_root, tmp_path):
