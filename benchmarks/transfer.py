@@ -17,7 +17,7 @@ import os
 import statistics
 import tempfile
 
-from _common import SHARED_CIFAR10, summary
+from _common import SHARED_CIFAR10
 
 A, B = range(0, 5), range(5, 10)
 
@@ -82,8 +82,9 @@ def main():
 
     init_ray(local=True)
     with tempfile.TemporaryDirectory(prefix="resnet_ray-transfer-") as root:
-        source_a = subset(os.path.join(root, "transfer-a"), A, {"train": args.pretrain_per_class})
-        source_b = subset(os.path.join(root, "transfer-b"), B, {"train": args.finetune_per_class})
+        # the sources beside data.root's prepared datasets, not under them
+        source_a = subset(os.path.join(root, "sources", "transfer-a"), A, {"train": args.pretrain_per_class})
+        source_b = subset(os.path.join(root, "sources", "transfer-b"), B, {"train": args.finetune_per_class})
         pretrained = train(source_a, "pretrain", root, "none", args.pretrain_epochs, 0)
         print(f"pretrained on classes {A.start}-{A.stop - 1}: test top-1 {pretrained['accuracy']:.4f}", flush=True)
         tuned, scratch = [], []
@@ -94,8 +95,9 @@ def main():
             print(f"  run {seed}: fine-tuned {tuned[-1]:.4f}, random init {scratch[-1]:.4f}", flush=True)
     print(f"target: classes {B.start}-{B.stop - 1}, {args.finetune_per_class} training images per class "
           f"(10% of them for validation), {args.finetune_epochs} epochs; test: all their test images")
-    summary("fine-tuned from the pretrained ResNet-18", tuned, "top-1")
-    summary("the same from random init", scratch, "top-1")
+    for name, values in (("fine-tuned from the pretrained ResNet-18", tuned), ("the same from random init", scratch)):
+        print(f"{name:<48} median top-1 {statistics.median(values):.4f}   runs: "
+              + ", ".join(f"{v:.4f}" for v in values))
     print(f"median difference (fine-tuned - random init): "
           f"{statistics.median(t - s for t, s in zip(tuned, scratch)):+.4f}")
 

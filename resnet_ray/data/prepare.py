@@ -264,6 +264,10 @@ def prepare(cfg: DataConfig, wait_s: float = 1800.0, on_start: Optional[Callable
     its result reused. ``on_start(images)`` / ``on_rows(n)`` report the progress of a streamed source.
     """
     final = dataset_dir(cfg)
+    if cfg.path and (final + "/").startswith(storage.normalize(cfg.path).rstrip("/") + "/"):
+        # the prepared files would become part of the source: a new fingerprint, and a source with them in it
+        raise DataError(f"data.root {cfg.root}: the prepared dataset ({final}) would be written inside the source "
+                        f"data.path {cfg.path}; choose a data.root outside it")
     fingerprint = storage.split(final)[1]
     done = storage.join(final, METADATA)
     if storage.exists(done):

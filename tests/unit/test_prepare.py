@@ -185,3 +185,14 @@ def test_leftovers_of_a_killed_prepare_are_deleted_by_the_next(tmp_path, fake):
     assert prepared == final and not os.path.exists(os.path.join(final, "stale.parquet"))
     name = os.path.basename(final)
     assert sorted(os.listdir(tmp_path / "digits")) == [name, f"{name}.lock"]
+
+
+def test_a_data_root_inside_the_source_folder_is_refused_before_writing(tmp_path):
+    """data.root/<name> inside data.path would add the prepared shards to the source (a new fingerprint every
+    time, and Parquet files the source reader rejects)."""
+    source = tmp_path / "photos"
+    (source / "cat").mkdir(parents=True)
+    cfg = DataConfig(source="imagefolder", path=str(source), root=str(tmp_path), name="photos")
+    with pytest.raises(DataError, match=r"data.root .*inside the source data.path"):
+        prep.prepare(cfg)
+    assert sorted(os.listdir(tmp_path)) == ["photos"] and os.listdir(source) == ["cat"]
