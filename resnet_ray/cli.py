@@ -86,6 +86,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Tune's "The `on_step_begin` operation took 0.6 s, which may be a performance bottleneck" on a busy machine
+    logging.getLogger("ray.tune.utils.util").setLevel(max(level, logging.ERROR))
 
 
 def run(main: Callable[[], int | None]) -> None:

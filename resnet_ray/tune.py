@@ -103,11 +103,12 @@ class SearchResult:
 def _searcher(cfg: Config):
     """Optuna's TPE (better than random on small budgets); random search if optuna is missing."""
     try:
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
-        import optuna  # noqa: F401
     except ImportError:
         log.warning("optuna is not installed: falling back to random search")
         return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on the console
     return OptunaSearch(seed=cfg.train.seed)
 
 
@@ -227,6 +228,9 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     if resume and not storage.exists(exp_dir):
         raise ConfigError(f"--resume {exp_dir}: no such experiment folder")
     storage.write_text(storage.join(exp_dir, SEARCH_CONFIG), to_yaml(cfg))
+    # Tune's console output off (verbose=0 in _tuner; its newer engine would still print a configuration box,
+    # the experiment path and a TensorBoard hint for Ray's own artifacts folder): the job logs a line per trial
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid = _tuner(cfg, exp_dir, restore=resume).fit()
     release_train_reservations()  # stopped trials' Ray Data reservations would starve the final evaluation
 
