@@ -55,6 +55,18 @@ def _fetch_pretrained(weights) -> str:
     return path
 
 
+def fetch_weights(cfg: ModelConfig) -> None:
+    """On the job's driver, before any Ray work: ImageNet weights cached on this node or downloaded now (the
+    workers on this node then find them cached instead of each downloading them), else a ModelError at once;
+    a weights path that does not exist here is refused too."""
+    enum = _weights_enum(cfg)
+    if enum is not None:
+        _fetch_pretrained(enum)
+    elif cfg.weights != "none" and not os.path.isfile(os.path.expanduser(cfg.weights)):
+        raise ModelError(f"model.weights: {cfg.weights!r} is neither imagenet, imagenet_v1, imagenet_v2, none "
+                         f"nor an existing file")
+
+
 def load_state_dict(path: str) -> dict:
     """A state_dict from a file, loaded with weights_only=True (no arbitrary unpickling)."""
     if not os.path.isfile(path):

@@ -20,6 +20,7 @@ from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_di
 from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, split_nbytes
 from resnet_ray.data.prepare import ensure_prepared, read_metadata
 from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
+from resnet_ray.model import fetch_weights
 from resnet_ray.resources import alive_nodes, check_training
 from resnet_ray.tracking import MLflow, TensorBoard, check_mlflow
 from resnet_ray.watchdog import watch_fit
@@ -415,6 +416,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     ``epoch_log``: log one line per finished epoch on this process (off for Tune trials)."""
     cfg = with_run_name(cfg)
     check_mlflow(cfg)
+    fetch_weights(cfg.model)  # an offline machine without cached weights fails here, not in every worker
     quiet_data_progress()
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)

@@ -20,6 +20,7 @@ from resnet_ray import storage
 from resnet_ray.checkpoint import export_checkpoint
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_yaml
 from resnet_ray.resources import TRIAL_DRIVER_CPUS, alive_nodes, release_train_reservations, trial_concurrency
+from resnet_ray.model import fetch_weights
 from resnet_ray.tracking import check_mlflow
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     if cfg.train.mlflow_tracking_uri and not cfg.train.mlflow_experiment:  # one MLflow experiment per search
         cfg = replace(cfg, {"train.mlflow_experiment": cfg.tune.name})
     check_mlflow(cfg)
+    fetch_weights(cfg.model)  # before the trials: each would fail the same way
     cfg = replace(cfg, {"tune.max_concurrent_trials": trial_concurrency(
         cfg.tune.max_concurrent_trials, cfg.tune.trial_workers or cfg.scaling.num_workers,
         cfg.scaling.resources_per_worker, alive_nodes(),

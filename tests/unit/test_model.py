@@ -144,3 +144,22 @@ def test_normalization():
 ])
 def test_is_head(name, head):
     assert is_head(name) is head
+
+
+def test_the_driver_fetches_or_refuses_weights_before_any_ray_work(monkeypatch, tmp_path):
+    """fit() and the search call fetch_weights first: offline without a cached copy, or a weights file that
+    does not exist, ends with the one-line ModelError before data, workers or trials start."""
+    from resnet_ray.config import load_config
+    from resnet_ray.model import fetch_weights
+    from resnet_ray.train import fit
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ModelError, match="cannot download"):
+        fetch_weights(ModelConfig(arch="resnet18", weights="imagenet"))
+    fetch_weights(ModelConfig(arch="resnet18", weights="none"))
+    cfg = load_config(None, {"model.weights": str(tmp_path / "missing.pt"), "data.root": str(tmp_path / "data"),
+                             "train.storage_path": str(tmp_path / "runs")})
+    with pytest.raises(ModelError, match="missing.pt' is neither imagenet"):
+        fit(cfg)  # no Ray instance in this process: it stopped before needing one
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
