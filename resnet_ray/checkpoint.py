@@ -78,6 +78,9 @@ def export_model(checkpoint_folder: str, out_dir: str) -> str:
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder like any other (mkdtemp's 0700 would hide it from other users)
     try:
         torch.save(model_weights(state), os.path.join(tmp, MODEL))
         info = {key: meta[key] for key in ("arch", "num_classes", "classes", "coarse_classes", "fine_to_coarse",

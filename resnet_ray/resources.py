@@ -153,5 +153,5 @@ def release_train_reservations() -> int:
         log.warning("could not release the Train runs' Ray Data reservations: %s", exc)
         return 0
     if stale:
-        log.info("released the Ray Data reservations of %d ended Train runs", len(stale))
+        log.debug("released the Ray Data reservations of %d ended Train runs", len(stale))
     return len(stale)

@@ -113,8 +113,6 @@ def start_local(num_cpus: Optional[float] = None) -> None:
     import ray
 
     cpus = local_cpus(num_cpus)
-    port = _free_port()
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     # one node that no cloud drains: Ray Train's preemption watcher (one more actor process per run) has
     # nothing to watch (Train passes the variable on to its controller)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -126,8 +124,23 @@ def start_local(num_cpus: Optional[float] = None) -> None:
     level = notice.level
     notice.setLevel(logging.ERROR)
     try:
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, **QUIET)
+        for attempt in (1, 2):
+            port = _free_port()
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=port, **QUIET)
+                return
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its node is slow to start
+                if "timed out during startup" not in str(exc):
+                    raise
+                ray.shutdown()  # stop what did start before trying again
+                if attempt == 2:
+                    raise RayConnectError("the local Ray instance did not start within Ray's 30 s, twice (its "
+                                          "raylet or dashboard agent was too slow: is the machine busy?); "
+                                          "try again when it is less loaded") from None
+                log.warning("the local Ray instance did not start within Ray's 30 s (a busy machine?); "
+                            "starting it again")
     finally:
         notice.setLevel(level)
 

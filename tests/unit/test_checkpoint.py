@@ -87,6 +87,8 @@ def test_unwrap_state_dict_prefixes():
 def test_export_writes_model_and_info_with_matching_sha(checkpoint, tmp_path, trained):
     out = export_model(checkpoint, str(tmp_path / "run" / "model"))
     assert sorted(os.listdir(out)) == sorted([ckpt.MODEL, ckpt.MODEL_INFO])
+    # readable like its run folder (not mkdtemp's 0700): other users of a shared file system can load it
+    assert os.stat(out).st_mode & 0o777 == os.stat(tmp_path / "run").st_mode & 0o777
     with open(os.path.join(out, ckpt.MODEL_INFO)) as f:
         info = json.load(f)
     with open(os.path.join(out, ckpt.MODEL), "rb") as f:

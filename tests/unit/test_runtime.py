@@ -71,3 +71,30 @@ def test_local_cpus_default_to_the_machines_cores(monkeypatch):
     with pytest.raises(ResourceError, match="at least 1 CPU"):
         local_cpus(0.5)
 
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_local_ray_that_times_out_while_starting_is_started_once_more_then_named(monkeypatch, failures):
+    """Ray's node start waits a fixed 30 s for its raylet; on a loaded machine it gives up with a bare
+    Exception. The local mode stops what started and tries once more, then ends with one line."""
+    import ray
+
+    import resnet_ray.runtime as runtime
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["dashboard_port"])
+        if sum(c != "shutdown" for c in calls) <= failures:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setenv(runtime.API_SERVER_ENV, "")
+    if failures == 2:
+        with pytest.raises(RayConnectError, match="did not start within Ray's 30 s, twice"):
+            runtime.start_local(2)
+    else:
+        runtime.start_local(2)
+        assert os.environ[runtime.API_SERVER_ENV] == f"http://127.0.0.1:{calls[-1]}"  # the second start's
+    assert calls[1] == "shutdown" and len(calls) == (4 if failures == 2 else 3)
