@@ -19,8 +19,8 @@ from typing import Optional
 from resnet_ray import storage
 from resnet_ray.checkpoint import export_checkpoint
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_yaml
-from resnet_ray.resources import TRIAL_DRIVER_CPUS, alive_nodes, release_train_reservations, trial_concurrency
 from resnet_ray.model import fetch_weights
+from resnet_ray.resources import TRIAL_DRIVER_CPUS, alive_nodes, release_train_reservations, trial_concurrency
 from resnet_ray.tracking import check_mlflow
 
 log = logging.getLogger(__name__)
