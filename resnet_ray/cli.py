@@ -107,7 +107,7 @@ def run(main: Callable[[], int | None]) -> None:
 def finish(code: int) -> None:
     """End a job that has done its work: Ray shut down (a local instance's processes stopped), the output and
     logs flushed, then exit without the interpreter's teardown of torch and Ray's core worker, which takes
-    seconds and writes nothing."""
+    seconds and writes nothing. (Code that runs a job inside its own process, such as a test, replaces this.)"""
     if "ray" in sys.modules:
         import ray
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from resnet_ray import cli
 from resnet_ray.batch_predict import predict
 from resnet_ray.data.load import table_to_batch
 from resnet_ray.data.prepare import dataset_dir
@@ -59,6 +60,8 @@ def test_predict_job_on_a_folder_with_a_corrupt_file(tiny_run, test_images, tmp_
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(sys, "argv", ["jobs/predict.py", "--local", "--model", result.run_dir, "--input",
                                       str(folder), "--output", str(out), "--data.on_bad_image", "skip"])
+    # the job ends its process with os._exit after its work (cli.finish): here, in pytest's process, a plain exit
+    monkeypatch.setattr(cli, "finish", sys.exit)
     with pytest.raises(SystemExit) as done:
         runpy.run_path(os.path.join(ROOT, "jobs", "predict.py"), run_name="__main__")
     printed = capsys.readouterr().out
