@@ -100,8 +100,11 @@ def read_split(cfg: DataConfig, split: str, prepared: Optional[str] = None) -> I
 def load_split_in_memory(cfg: DataConfig, split: str, prepared: Optional[str] = None):
     """The same rows, columns and block order as ``load_split(...).materialize()`` (one block per Parquet file),
     read by this process and put into the object store directly: no Ray Data job, so no read tasks and worker
-    processes to start. For small splits (``IN_MEMORY_BYTES``)."""
+    processes to start. For small splits (``IN_MEMORY_BYTES``).
+
+    ``ray.data.from_blocks``, not ``from_arrow``: the latter runs a metadata task per block, which waits forever
+    when the cluster's CPUs are all taken (this computes the metadata here)."""
     import ray.data
     from ray.data.block import BlockAccessor
 
-    return ray.data.from_arrow([BlockAccessor.batch_to_block(b) for b in read_split(cfg, split, prepared)])
+    return ray.data.from_blocks([BlockAccessor.batch_to_block(b) for b in read_split(cfg, split, prepared)])
