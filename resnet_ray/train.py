@@ -342,6 +342,7 @@ class EpochLog:
         self.run_dir, self.epochs, self.interval_s = run_dir, epochs, interval_s
         self.shown = 0  # the last epoch logged
         self.progress, self.bar, self.task, self.bar_epoch = progress, None, None, 0
+        self.lock = threading.Lock()
         if progress is not None and console is not None and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
@@ -379,12 +380,15 @@ class EpochLog:
         """Move the live bar to rank 0's current step (an unanswered actor leaves it as it is)."""
         import ray
 
-        try:
-            epoch, step, steps = ray.get(self.progress.get.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - the bar is decoration: a slow or lost actor must not stop the run
-            return
-        if not epoch:
-            return
+        with self.lock:  # the watcher thread and a final call: one read-and-draw at a time, in order
+            try:
+                epoch, step, steps = ray.get(self.progress.get.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - the bar is decoration: a slow or lost actor must not stop the run
+                return
+            if epoch and epoch >= self.bar_epoch:
+                self._draw(epoch, step, steps)
+
+    def _draw(self, epoch: int, step: int, steps: int) -> None:
         description = f"epoch {epoch}/{self.epochs}"
         if self.task is None:
             self.task = self.bar.add_task(description, total=steps)

@@ -15,7 +15,8 @@ from resnet_ray.train import FAILURE_MARKER, config_for_resume, fit
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "val_count", "lr",
-               "images_per_s", "epoch_s", "data_wait_s", "val_s", "backbone_frozen", "report_s", "config"}
+               "images_per_s", "epoch_s", "data_wait_s", "val_s", "backbone_frozen", "report_s", "config",
+               "finished_at"}
 
 
 def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
