@@ -15,7 +15,7 @@ from resnet_ray import metrics, report, storage
 from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
 from resnet_ray.config import Config, parse_overrides, replace, to_dict
 from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, read_split, split_nbytes, split_rows
-from resnet_ray.data.prepare import ensure_prepared, read_metadata
+from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.watchdog import watched
 
@@ -90,7 +90,7 @@ def _consume(batches, path: str, expected_rows: int, stats_kwargs: dict) -> dict
     return total
 
 
-def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what: str):
+def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta: dict, what: str):
     """Prediction batches of a split from a Ray Data actor pool sized to fit the cluster, as they arrive.
 
     Raises StallError when no batch arrives for eval.stall_timeout_s (actors or reads that cannot start).
@@ -102,7 +102,7 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, what
     pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
     # blocks of one batch: every actor gets work even when the split is one file, and predictions arrive
     # batch by batch (an actor returns a task's small outputs as one block, at the end of the task)
-    small = split_nbytes(read_metadata(prepared), split, cfg.data.limit) <= IN_MEMORY_BYTES
+    small = split_nbytes(meta, split, cfg.data.limit) <= IN_MEMORY_BYTES
     rows = (load_split_in_memory if small else load_split)(cfg.data, split, prepared)  # small: no read tasks
     rows = rows.repartition(target_num_rows_per_block=cfg.eval.batch_size)
     predictions = rows.map_batches(
@@ -156,7 +156,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
             if cfg.eval.gpus_per_actor == 0 and expected <= cfg.eval.in_process_rows:
                 stream = predict_here(cfg, model_path, split, prepared)  # no actor to start for a few rows
             else:
-                stream = predict_stream(cfg, model_path, split, prepared, f"evaluation of {split}")
+                stream = predict_stream(cfg, model_path, split, prepared, meta, f"evaluation of {split}")
             stats = _consume(stream, os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs)
         finally:
             ctx.enable_progress_bars = False

@@ -18,7 +18,7 @@ from resnet_ray import report, storage
 from resnet_ray.checkpoint import export_checkpoint, load_training_state, save_training_state
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, split_nbytes
-from resnet_ray.data.prepare import ensure_prepared, read_metadata
+from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
 from resnet_ray.model import fetch_weights
 from resnet_ray.resources import alive_nodes, check_training
@@ -233,14 +233,13 @@ def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
     return export_checkpoint(chosen, model_dir)["metrics"], model_dir
 
 
-def training_datasets(cfg: Config, prepared: str) -> dict:
+def training_datasets(cfg: Config, prepared: str, meta: dict) -> dict:
     """train and val as Ray Data datasets (train+val as "train" alone in a refit); cached in the object store
     when cfg.data.cache (read once, not every epoch; splits of up to IN_MEMORY_BYTES by this process, without a
     Ray Data job), the training blocks in a new random order every epoch
     when cfg.data.shuffle."""
     import ray.data
 
-    meta = read_metadata(prepared)
     datasets = {}
     for split in ("train", "val"):
         in_memory = cfg.data.cache and split_nbytes(meta, split, cfg.data.limit) <= IN_MEMORY_BYTES
@@ -433,7 +432,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
         with EpochLog(run_dir, cfg.train.epochs, progress=progress, console=console) if epoch_log \
                 else contextlib.nullcontext():
             # fails with a diagnosis instead of hanging
-            result = watch_fit(build_trainer(cfg, meta, training_datasets(cfg, prepared), callbacks, progress),
+            result = watch_fit(build_trainer(cfg, meta, training_datasets(cfg, prepared, meta), callbacks, progress),
                                cfg.train.stall_timeout_s)
     finally:
         if progress is not None:
