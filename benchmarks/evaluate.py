@@ -1,14 +1,16 @@
-"""Evaluation throughput: the evaluation job (Ray Data batch inference, CPU actors) vs a single-process loop.
+"""Evaluation throughput: the evaluation job vs a single-process loop.
 
 python benchmarks/evaluate.py [--runs 5] [--actors 1] [--batch-size 256]               # CPU, 32x32
 python benchmarks/evaluate.py --gpu --image-size 224 --actors 1 --batch-size 512      # GPU, bf16
 
-Both predict the shared CIFAR-10 test split (10,000 images) with the same ResNet-50 (random weights: speed does
-not depend on them) through the same Predictor (evaluation preprocessing). (a) is the whole inference stage of
-resnet_ray.evaluate.evaluate (actor start-up and model load included), on a local Ray instance with this
-machine's cores; the job sizes its actor pool (one CPU stays free for Ray Data's reads) and the actors'
-threads itself, and the script prints what it chose. (b) calls Predictor on in-memory batches in this process
-with --threads threads (default: all cores).
+All predict the shared CIFAR-10 test split (10,000 images) with the same ResNet-50 (random weights: speed does
+not depend on them) through the same Predictor (evaluation preprocessing), on a local Ray instance with this
+machine's cores. (a) is the inference stage of resnet_ray.evaluate.evaluate with its defaults: on a CPU-only local
+instance the job's own process predicts (eval.in_process_rows null). (a2) is the same job on Ray Data actors
+(eval.in_process_rows 0: the path of a cluster, actor start-up and model load included); the job sizes its actor
+pool (one CPU stays free for Ray Data's reads) and the actors' threads itself, and the script prints what it
+chose. (b) calls Predictor on in-memory batches in this process with --threads threads (default: all cores).
+With --gpu, (a) runs on actors too (one per GPU).
 """
 import argparse
 import glob
@@ -81,25 +83,37 @@ def main():
                             "eval.cpus_per_actor": 1.0})
         pool = size_actor_pool(args.actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
         single_process(model_dir, prepared, args.batch_size, args.threads)  # warm-up
-        job, job_wall, plain = [], [], []
-        for run in range(args.runs):
+        job, actors, job_wall, plain = [], [], [], []
+        for run in range(args.runs):  # (b), (a), (a2): the actors' shutdown must not overlap (b) or (a)
+            plain.append(single_process(model_dir, prepared, args.batch_size, args.threads))
             start = time.perf_counter()
             result = evaluate(cfg, model_dir, split="test", output=os.path.join(tmp, f"eval-{run}"))
             job_wall.append(meta["counts"]["test"] / (time.perf_counter() - start))
             job.append(result["images_per_s"])
             assert result["report"]["total_support"] == meta["counts"]["test"]
-            plain.append(single_process(model_dir, prepared, args.batch_size, args.threads))
-            print(f"run {run + 1}: job {job[-1]:.1f} img/s, loop {plain[-1]:.1f} img/s, "
-                  f"ratio {job[-1] / plain[-1]:.2f}", flush=True)
-    device = "GPU bf16" if args.gpu else (f"CPU ({pool.actors} actor(s) x {pool.threads} threads vs "
-                                          f"{args.threads} threads)")
+            if not args.gpu:
+                on_actors = evaluate(replace(cfg, {"eval.in_process_rows": 0}), model_dir, split="test",
+                                     output=os.path.join(tmp, f"actors-{run}"))
+                actors.append(on_actors["images_per_s"])
+                time.sleep(3)
+            print(f"run {run + 1}: job {job[-1]:.1f} img/s, loop {plain[-1]:.1f} img/s, ratio {job[-1] / plain[-1]:.2f}"
+                  + (f"; on actors {actors[-1]:.1f} img/s, ratio {actors[-1] / plain[-1]:.2f}" if actors else ""),
+                  flush=True)
+    device = "GPU bf16" if args.gpu else (f"CPU ({args.threads} threads in (a) and (b), {pool.actors} actor(s) x "
+                                          f"{pool.threads} threads in (a2))")
     print(f"ResNet-50 at {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{meta['counts']['test']} test images, {device}")
-    a = summary("(a) evaluation job: batch inference stage", job)
+    a = summary("(a) evaluation job: inference stage", job)
     summary("(a') evaluation job: whole call incl. reports", job_wall)
+    if actors:
+        summary("(a2) evaluation job on actors: inference stage", actors)
     b = summary("(b) single-process inference loop", plain)
-    ratios = sorted(x / y for x, y in zip(job, plain))
-    print(f"ratio a/b: median of per-run ratios {ratios[len(ratios) // 2]:.2f} (medians {a / b:.2f})")
+
+    def ratio(xs):
+        return sorted(x / y for x, y in zip(xs, plain))[len(plain) // 2]
+
+    print(f"ratio a/b: median of per-run ratios {ratio(job):.2f} (medians {a / b:.2f})"
+          + (f"; a2/b: {ratio(actors):.2f}" if actors else ""))
 
 
 if __name__ == "__main__":

@@ -272,13 +272,16 @@ class EvalConfig:
     output: Optional[str] = None  # report folder; defaults to <run>/eval-<split> or <model>/eval-<split>
     ece_bins: int = 15
     stall_timeout_s: float = 600.0  # no prediction batch for this long (actors or reads unscheduled): fail
-    # CPU evaluations of at most this many rows run in the job's own process: starting an actor (a process that
-    # imports torch and loads the model) would take longer than the inference. 0: always on Ray Data actors
-    in_process_rows: int = 0
+    # CPU evaluations (no eval.gpus_per_actor) of at most this many rows run in the job's own process, not on Ray
+    # Data actors (a process start, torch and torchvision imports and a model load each: ~5 s on 2 cores).
+    # null: all of them on a local Ray instance that the job started (its actors could only use this machine's
+    # cores), none on a cluster. 0: always actors
+    in_process_rows: Optional[int] = None
 
     def __post_init__(self):
         _choice(self.split, "eval.split", SPLITS)
-        _check(self.in_process_rows >= 0, "eval.in_process_rows", f"must be >= 0, got {self.in_process_rows}")
+        _check(self.in_process_rows is None or self.in_process_rows >= 0, "eval.in_process_rows",
+               f"must be >= 0 or null, got {self.in_process_rows}")
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_actors >= 1, "eval.num_actors", f"must be >= 1, got {self.num_actors}")
         _positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 
 from resnet_ray import metrics, report, storage
 from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
-from resnet_ray.config import Config, parse_overrides, replace, to_dict
+from resnet_ray.config import Config, EvalConfig, parse_overrides, replace, to_dict
 from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, read_split, split_nbytes, split_rows
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.resources import alive_nodes, size_actor_pool
+from resnet_ray.runtime import started_here
 from resnet_ray.watchdog import watched
 
 log = logging.getLogger(__name__)
@@ -114,16 +115,27 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta
                    what, "eval.stall_timeout_s")
 
 
-def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
-    """Prediction batches of a (small) split from a Predictor in this process: the rows of ``load_split``, in
-    batches of eval.batch_size, on this machine's cores."""
+def in_process(cfg: EvalConfig, rows: int) -> bool:
+    """Whether a split of ``rows`` rows is predicted in this process (see EvalConfig.in_process_rows)."""
+    if cfg.gpus_per_actor > 0:
+        return False
+    return started_here() if cfg.in_process_rows is None else rows <= cfg.in_process_rows
+
+
+def predict_here(cfg: Config, model_path: str, split: str, prepared: str, rows: int, what: str):
+    """Prediction batches of a split from a Predictor in this process: the rows of ``load_split``, in batches of
+    eval.batch_size, on this machine's cores, under a progress bar (on a terminal)."""
     from resnet_ray.predict import Predictor
 
     predictor = Predictor(storage.normalize(model_path), threads=os.cpu_count() or 1)
     b = cfg.eval.batch_size
-    for part in read_split(cfg.data, split, prepared):
-        for i in range(0, len(part["label"]), b):
-            yield predictor({key: value[i:i + b] for key, value in part.items()})
+    with report.progress_bar(what) as (start, advance):
+        start(rows)
+        for part in read_split(cfg.data, split, prepared):
+            for i in range(0, len(part["label"]), b):
+                out = predictor({key: value[i:i + b] for key, value in part.items()})
+                advance(len(out["pred"]))
+                yield out
 
 
 def model_config(model_path: str, overrides=()) -> Config:
@@ -153,8 +165,8 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
         ctx.enable_progress_bars = True  # the progress of inference is worth showing
         start = time.perf_counter()
         try:
-            if cfg.eval.gpus_per_actor == 0 and expected <= cfg.eval.in_process_rows:
-                stream = predict_here(cfg, model_path, split, prepared)  # no actor to start for a few rows
+            if in_process(cfg.eval, expected):
+                stream = predict_here(cfg, model_path, split, prepared, expected, f"evaluating {split}")
             else:
                 stream = predict_stream(cfg, model_path, split, prepared, meta, f"evaluation of {split}")
             stats = _consume(stream, os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs)

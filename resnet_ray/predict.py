@@ -29,6 +29,7 @@ class Predictor:
 
     def __init__(self, model_path: str, amp: bool = True, threads: Optional[int] = None, k: int = TOPK,
                  probabilities: bool = False):
+        torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         loaded = load_model(model_path)  # a URI: fetched once per node into the model cache
         info = loaded.info
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,7 +43,6 @@ class Predictor:
         self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
         self.k = min(k, info["num_classes"])
         self.probabilities = probabilities
-        torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

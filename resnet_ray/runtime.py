@@ -15,6 +15,17 @@ NUM_CPUS_ENV = "RESNET_RAY_NUM_CPUS"  # logical CPUs of the local instance (defa
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients (also inside workers) look
 # Ray's own INFO lines and its workers' output stay in the session's log files (logs/ under the Ray session
 # folder, e.g. /tmp/ray/session_latest/logs) instead of the job's output; the driver reports progress itself
+_started_here: Optional[str] = None  # the GCS address of the local instance this process started
+
+
+def started_here() -> bool:
+    """Whether this process is connected to a local Ray instance that it started (``start_local``): the whole
+    instance is this machine, which the job's own process shares with any actor it would start."""
+    import ray
+
+    return ray.is_initialized() and _started_here == ray.get_runtime_context().gcs_address
+
+
 QUIET = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
 
 
@@ -128,8 +139,10 @@ def start_local(num_cpus: Optional[float] = None) -> None:
             port = _free_port()
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
             try:
-                ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=port, **QUIET)
+                context = ray.init(address="local", num_cpus=cpus, include_dashboard=True,
+                                   dashboard_host="127.0.0.1", dashboard_port=port, **QUIET)
+                global _started_here
+                _started_here = context.address_info["gcs_address"]
                 return
             except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its node is slow to start
                 if "timed out during startup" not in str(exc):

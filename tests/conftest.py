@@ -77,6 +77,7 @@ def tiny_config(data_root: str, storage: str, **overrides):
         "train.epochs": 2, "train.batch_size": 32, "train.hflip": False, "train.storage_path": storage,
         "train.evaluate_test": False, "train.keep_checkpoints": 2,
         "scaling.num_workers": 2, "eval.num_actors": 2, "eval.batch_size": 64,
+        "eval.in_process_rows": 0,  # the tests' local instance would otherwise predict in the job's process
     }
     values.update(overrides)
     return load_config(None, values)

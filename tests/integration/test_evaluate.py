@@ -40,15 +40,15 @@ def test_evaluate_other_split_with_two_actors(tiny_run, tmp_path):
     assert json.load(open(tmp_path / "val" / "report.json"))["total_support"] == 144
 
 
-def test_a_small_split_predicted_in_the_job_process_gives_the_actors_report(tiny_run, tmp_path, monkeypatch):
-    """eval.in_process_rows (the local mode's test evaluation): no actor starts, and the report and every
-    prediction equal those of the Ray Data actors."""
+def test_on_a_local_instance_the_job_process_predicts_and_gives_the_actors_report(tiny_run, tmp_path, monkeypatch):
+    """eval.in_process_rows null (the default) on the local Ray instance that this process started: no actor
+    starts, and the report and every prediction equal those of the Ray Data actors."""
     import resnet_ray.evaluate as ev
     from resnet_ray.config import replace
 
     cfg, result = tiny_run
     monkeypatch.setattr(ev, "predict_stream", lambda *a, **k: pytest.fail("started Ray Data actors"))
-    here = evaluate(replace(cfg, {"eval.in_process_rows": 240}), result.run_dir, split="test",
+    here = evaluate(replace(cfg, {"eval.in_process_rows": None}), result.run_dir, split="test",
                     output=str(tmp_path / "here"))
     actors = result.evaluation
     for key in ("accuracy", "total_support", "top5_accuracy", "ece"):

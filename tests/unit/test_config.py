@@ -50,7 +50,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["--data.val_fraction", "0.7"], "data.val_fraction: must be in"),
     (["--train.freeze_backbone_epochs", "50"], "train.freeze_backbone_epochs"),
     (["--eval.split", "dev"], "eval.split: 'dev' is not one of"),
-    (["--eval.in_process_rows", "-1"], "eval.in_process_rows: must be >= 0"),
+    (["--eval.in_process_rows", "-1"], "eval.in_process_rows: must be >= 0 or null"),
     (["--optim.lr"], "--optim.lr: is missing its value"),
     (["optim.lr", "1"], "expected --section.field VALUE"),
 ])

@@ -35,3 +35,19 @@ def test_batch_statistics_without_coarse_labels():
 ])
 def test_default_output_sits_beside_the_run(model, expected):
     assert default_output(model, "test") == expected
+
+
+def test_cpu_evaluations_run_in_the_job_process_only_on_its_own_local_instance_or_below_the_row_limit(monkeypatch):
+    import resnet_ray.evaluate as ev
+    from resnet_ray.config import EvalConfig
+
+    for local, cfg, rows, expected in [
+        (True, EvalConfig(), 10**6, True),                         # default: every row, on its own instance
+        (False, EvalConfig(), 10, False),                          # default on a cluster: actors
+        (True, EvalConfig(gpus_per_actor=1.0), 10, False),         # GPUs: always actors
+        (True, EvalConfig(in_process_rows=0), 10, False),          # 0: always actors
+        (False, EvalConfig(in_process_rows=100), 100, True),       # a limit applies everywhere
+        (False, EvalConfig(in_process_rows=100), 101, False),
+    ]:
+        monkeypatch.setattr(ev, "started_here", lambda: local)
+        assert ev.in_process(cfg, rows) is expected, (local, cfg, rows)

@@ -2,6 +2,7 @@
 import os
 import socket
 import time
+import types
 
 import pytest
 
@@ -87,6 +88,7 @@ def test_a_local_ray_that_times_out_while_starting_is_started_once_more_then_nam
         calls.append(kwargs["dashboard_port"])
         if sum(c != "shutdown" for c in calls) <= failures:
             raise Exception("The current node timed out during startup. This could happen because ...")
+        return types.SimpleNamespace(address_info={"gcs_address": "127.0.0.1:1"})
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
