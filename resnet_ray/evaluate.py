@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from resnet_ray import metrics, report, storage
 from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
 from resnet_ray.config import Config, EvalConfig, parse_overrides, replace, to_dict
-from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, read_split, split_nbytes, split_rows
+from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, read_split, \
+    split_nbytes, split_rows
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.runtime import started_here
@@ -100,6 +101,7 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta
 
     from resnet_ray.predict import Predictor
 
+    quiet_data_progress()  # the caller shows the progress; Ray Data's lines go to its log file
     pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
     # blocks of one batch: every actor gets work even when the split is one file, and predictions arrive
     # batch by batch (an actor returns a task's small outputs as one block, at the end of the task)
@@ -122,20 +124,27 @@ def in_process(cfg: EvalConfig, rows: int) -> bool:
     return started_here() if cfg.in_process_rows is None else rows <= cfg.in_process_rows
 
 
-def predict_here(cfg: Config, model_path: str, split: str, prepared: str, rows: int, what: str):
+def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
     """Prediction batches of a split from a Predictor in this process: the rows of ``load_split``, in batches of
-    eval.batch_size, on this machine's cores, under a progress bar (on a terminal)."""
+    eval.batch_size, on this machine's cores (at most the CPUs that a local instance of this job declares)."""
+    import ray
+
     from resnet_ray.predict import Predictor
 
-    predictor = Predictor(storage.normalize(model_path), threads=os.cpu_count() or 1)
+    threads = os.cpu_count() or 1
+    if started_here():  # --num-cpus / RESNET_RAY_NUM_CPUS
+        threads = max(1, min(threads, int(ray.cluster_resources().get("CPU", threads))))
+    predictor = Predictor(storage.normalize(model_path), threads=threads)
     b = cfg.eval.batch_size
-    with report.progress_bar(what) as (start, advance):
-        start(rows)
-        for part in read_split(cfg.data, split, prepared):
-            for i in range(0, len(part["label"]), b):
-                out = predictor({key: value[i:i + b] for key, value in part.items()})
-                advance(len(out["pred"]))
-                yield out
+    for part in read_split(cfg.data, split, prepared):
+        for i in range(0, len(part["label"]), b):
+            yield predictor({key: value[i:i + b] for key, value in part.items()})
+
+
+def _advancing(batches, advance):
+    for batch in batches:
+        advance(len(batch["row_id"]))
+        yield batch
 
 
 def model_config(model_path: str, overrides=()) -> Config:
@@ -148,8 +157,6 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
 
     Returns {"report": report dict, "output": folder, "seconds": wall time, "images_per_s": throughput}.
     """
-    import ray.data
-
     split = split or cfg.eval.split
     info = verify_model(model_path)[1]  # local weights checked before the actors load them
     prepared, meta = ensure_prepared(cfg.data)
@@ -161,17 +168,15 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins,
                     "fine_to_coarse": meta.get("fine_to_coarse")}
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = True  # the progress of inference is worth showing
         start = time.perf_counter()
-        try:
+        with report.progress_bar(f"evaluating {split}", report.logging_console()) as (begin, advance):
             if in_process(cfg.eval, expected):
-                stream = predict_here(cfg, model_path, split, prepared, expected, f"evaluating {split}")
+                stream = predict_here(cfg, model_path, split, prepared)
             else:
                 stream = predict_stream(cfg, model_path, split, prepared, meta, f"evaluation of {split}")
-            stats = _consume(stream, os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs)
-        finally:
-            ctx.enable_progress_bars = False
+            begin(expected)
+            stats = _consume(_advancing(stream, advance), os.path.join(tmp, "predictions.parquet"), expected,
+                             stats_kwargs)
         seconds = time.perf_counter() - start
         if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
             raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")

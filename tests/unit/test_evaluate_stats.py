@@ -51,3 +51,30 @@ def test_cpu_evaluations_run_in_the_job_process_only_on_its_own_local_instance_o
     ]:
         monkeypatch.setattr(ev, "started_here", lambda: local)
         assert ev.in_process(cfg, rows) is expected, (local, cfg, rows)
+
+
+def test_the_job_process_predicts_with_the_cpus_its_local_instance_declares(monkeypatch):
+    """--num-cpus / RESNET_RAY_NUM_CPUS bound the in-process evaluation's threads, not only the actors'."""
+    import ray
+
+    import resnet_ray.evaluate as ev
+    import resnet_ray.predict
+    from resnet_ray.config import load_config
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model_path, threads):
+            seen.append(threads)
+
+        def __call__(self, batch):
+            return batch
+
+    monkeypatch.setattr(resnet_ray.predict, "Predictor", Recorder)
+    monkeypatch.setattr(ev, "read_split", lambda *a: iter([{"label": np.arange(3), "row_id": np.arange(3)}]))
+    monkeypatch.setattr(ev.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    for local, expected in ((True, 3), (False, 8)):
+        monkeypatch.setattr(ev, "started_here", lambda: local)
+        batches = list(ev.predict_here(load_config(None, {"eval.batch_size": 2}), "model", "test", "prepared"))
+        assert [len(b["label"]) for b in batches] == [2, 1] and seen[-1] == expected
