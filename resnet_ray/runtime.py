@@ -15,6 +15,7 @@ NUM_CPUS_ENV = "RESNET_RAY_NUM_CPUS"  # logical CPUs of the local instance (defa
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients (also inside workers) look
 # Ray's own INFO lines and its workers' output stay in the session's log files (logs/ under the Ray session
 # folder, e.g. /tmp/ray/session_latest/logs) instead of the job's output; the driver reports progress itself
+QUIET = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
 _started_here: Optional[str] = None  # the GCS address of the local instance this process started
 
 
@@ -24,9 +25,6 @@ def started_here() -> bool:
     import ray
 
     return ray.is_initialized() and _started_here == ray.get_runtime_context().gcs_address
-
-
-QUIET = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
 
 
 class RayConnectError(RuntimeError):
