@@ -635,8 +635,8 @@ def progress_bar(description: str, console: Any = None) -> Iterator[tuple]:
     def advance(n: int) -> None:
         if task is not None:
             progress.advance(task, n)
-            speed = progress.tasks[task].speed
-            progress.update(task, rate=f"{speed:.0f} img/s" if speed else "")
+            state = progress.tasks[task]  # the average since start: rich's speed is of the last few updates only
+            progress.update(task, rate=f"{state.completed / state.elapsed:.0f} img/s" if state.elapsed else "")
 
     try:
         yield start, advance

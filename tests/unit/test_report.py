@@ -293,3 +293,23 @@ def test_progress_bar_shows_the_rate_on_a_terminal_only():
     assert log.getvalue() == ""  # a job log gets the closing summary line instead
     with progress_bar("preparing", Console(file=terminal, force_terminal=True)) as (start, advance):
         pass  # work that never started (an already prepared dataset) shows no bar
+
+
+def test_progress_bar_rate_is_the_average_since_the_start():
+    """Not rich's speed over the last updates: two uneven batches must show the run's throughput."""
+    import io
+
+    from rich.console import Console
+
+    from resnet_ray.report import progress_bar
+
+    now = [0.0]
+    terminal = io.StringIO()
+    console = Console(file=terminal, force_terminal=True, width=120, get_time=lambda: now[0])
+    with progress_bar("predicting", console) as (start, advance):
+        start(10)
+        now[0] = 1.0
+        advance(4)
+        now[0] = 2.0
+        advance(6)  # rich's own speed: 6 img/s (the last second)
+    assert "10/10" in terminal.getvalue() and "5 img/s" in terminal.getvalue().split("10/10")[-1]
