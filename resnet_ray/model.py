@@ -62,16 +62,19 @@ def fetch_weights(cfg: ModelConfig) -> None:
     enum = _weights_enum(cfg)
     if enum is not None:
         _fetch_pretrained(enum)
-    elif cfg.weights != "none" and not os.path.isfile(os.path.expanduser(cfg.weights)):
-        raise ModelError(f"model.weights: {cfg.weights!r} is neither imagenet, imagenet_v1, imagenet_v2, none "
+    elif cfg.weights != "none":
+        _require_file(os.path.expanduser(cfg.weights))
+
+
+def _require_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ModelError(f"model.weights: {path!r} is neither imagenet, imagenet_v1, imagenet_v2, none "
                          f"nor an existing file")
 
 
 def load_state_dict(path: str) -> dict:
     """A state_dict from a file, loaded with weights_only=True (no arbitrary unpickling)."""
-    if not os.path.isfile(path):
-        raise ModelError(f"model.weights: {path!r} is neither imagenet, imagenet_v1, imagenet_v2, none "
-                         f"nor an existing file")
+    _require_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
