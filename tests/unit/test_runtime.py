@@ -73,7 +73,6 @@ def test_local_cpus_default_to_the_machines_cores(monkeypatch):
         local_cpus(0.5)
 
 
-
 @pytest.mark.parametrize("failures", [1, 2])
 def test_a_local_ray_that_times_out_while_starting_is_started_once_more_then_named(monkeypatch, failures):
     """Ray's node start waits a fixed 30 s for its raylet; on a loaded machine it gives up with a bare
@@ -93,6 +92,7 @@ def test_a_local_ray_that_times_out_while_starting_is_started_once_more_then_nam
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
     monkeypatch.setenv(runtime.API_SERVER_ENV, "")
+    monkeypatch.setattr(runtime, "_started_here", runtime._started_here)  # the session's instance stays its own
     if failures == 2:
         with pytest.raises(RayConnectError, match="did not start within Ray's 30 s, twice"):
             runtime.start_local(2)
