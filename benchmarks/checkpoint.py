@@ -8,6 +8,7 @@ alternating (a) a synchronous checkpoint every epoch (the first build's behaviou
 is every epoch for runs of up to ten epochs). Prints each run's median `report_s` (rank 0's time in
 ray.train.report per epoch, writing the checkpoint included) and the medians of the runs.
 """
+
 import argparse
 import statistics
 import tempfile
@@ -21,9 +22,16 @@ def run(settings: dict, epochs: int, storage: str, name: str) -> float:
     from resnet_ray.config import load_config
     from resnet_ray.train import fit
 
-    cfg = load_config(os.path.join(ROOT, "configs", "local.yaml"), {
-        "train.epochs": epochs, "train.evaluate_test": False, "train.storage_path": storage, "train.name": name,
-        **settings})
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "local.yaml"),
+        {
+            "train.epochs": epochs,
+            "train.evaluate_test": False,
+            "train.storage_path": storage,
+            "train.name": name,
+            **settings,
+        },
+    )
     history = fit(cfg).history
     report = [h["report_s"] for h in history]
     print(f"  {name}: report_s per epoch {', '.join(f'{r:.2f}' for r in report)}", flush=True)
@@ -44,8 +52,9 @@ def main():
     before, after = [], []
     with tempfile.TemporaryDirectory(prefix="resnet_ray-bench-") as storage:
         for i in range(args.runs):  # interleaved so that drift in machine load hits both alike
-            before.append(run({"train.checkpoint_every": 1, "train.async_checkpoint": False}, args.epochs, storage,
-                              f"sync-{i}"))
+            before.append(
+                run({"train.checkpoint_every": 1, "train.async_checkpoint": False}, args.epochs, storage, f"sync-{i}")
+            )
             after.append(run({}, args.epochs, storage, f"async-{i}"))
     print(f"local mode (ResNet-50, 2 CPU workers), {args.epochs} epochs, checkpoint every epoch in both")
     a = summary("(a) synchronous checkpoint every epoch", before, "s/epoch")

@@ -12,6 +12,7 @@ pool (one CPU stays free for Ray Data's reads) and the actors' threads itself, a
 chose. (b) calls Predictor on in-memory batches in this process with --threads threads (default: all cores).
 With --gpu, (a) runs on actors too (one per GPU).
 """
+
 import argparse
 import glob
 import os
@@ -30,10 +31,24 @@ def make_model(folder, meta, image_size):
     model = build_model(ModelConfig(weights="none", image_size=image_size), len(meta["classes"]))
     ckpt = os.path.join(folder, "ckpt")
     os.makedirs(ckpt)
-    save_training_state(ckpt, {"model": model.state_dict()}, {
-        "arch": "resnet50", "num_classes": len(meta["classes"]), "classes": meta["classes"], "coarse_classes": None,
-        "fine_to_coarse": None, "image_size": image_size, "mean": meta["mean"], "std": meta["std"],
-        "dataset": meta["name"], "epoch": 0, "metrics": {}, "config": to_dict(cfg)})
+    save_training_state(
+        ckpt,
+        {"model": model.state_dict()},
+        {
+            "arch": "resnet50",
+            "num_classes": len(meta["classes"]),
+            "classes": meta["classes"],
+            "coarse_classes": None,
+            "fine_to_coarse": None,
+            "image_size": image_size,
+            "mean": meta["mean"],
+            "std": meta["std"],
+            "dataset": meta["name"],
+            "epoch": 0,
+            "metrics": {},
+            "config": to_dict(cfg),
+        },
+    )
     return cfg, export_model(ckpt, os.path.join(folder, "model"))
 
 
@@ -52,7 +67,7 @@ def single_process(model_dir, prepared, batch_size, threads):
     start = time.perf_counter()
     n = 0
     for i in range(0, len(data["label"]), batch_size):
-        out = predictor({k: v[i:i + batch_size] for k, v in data.items()})
+        out = predictor({k: v[i : i + batch_size] for k, v in data.items()})
         n += len(out["pred"])
     return n / (time.perf_counter() - start)
 
@@ -78,9 +93,15 @@ def main():
     init_ray(local=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg, model_dir = make_model(tmp, meta, args.image_size)
-        cfg = replace(cfg, {"eval.num_actors": args.actors, "eval.batch_size": args.batch_size,
-                            "eval.gpus_per_actor": 1.0 if args.gpu else 0.0,
-                            "eval.cpus_per_actor": 1.0})
+        cfg = replace(
+            cfg,
+            {
+                "eval.num_actors": args.actors,
+                "eval.batch_size": args.batch_size,
+                "eval.gpus_per_actor": 1.0 if args.gpu else 0.0,
+                "eval.cpus_per_actor": 1.0,
+            },
+        )
         pool = size_actor_pool(args.actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
         single_process(model_dir, prepared, args.batch_size, args.threads)  # warm-up
         job, actors, job_wall, plain = [], [], [], []
@@ -92,17 +113,28 @@ def main():
             job.append(result["images_per_s"])
             assert result["report"]["total_support"] == meta["counts"]["test"]
             if not args.gpu:
-                on_actors = evaluate(replace(cfg, {"eval.in_process_rows": 0}), model_dir, split="test",
-                                     output=os.path.join(tmp, f"actors-{run}"))
+                on_actors = evaluate(
+                    replace(cfg, {"eval.in_process_rows": 0}),
+                    model_dir,
+                    split="test",
+                    output=os.path.join(tmp, f"actors-{run}"),
+                )
                 actors.append(on_actors["images_per_s"])
                 time.sleep(3)
-            print(f"run {run + 1}: job {job[-1]:.1f} img/s, loop {plain[-1]:.1f} img/s, ratio {job[-1] / plain[-1]:.2f}"
-                  + (f"; on actors {actors[-1]:.1f} img/s, ratio {actors[-1] / plain[-1]:.2f}" if actors else ""),
-                  flush=True)
-    device = "GPU bf16" if args.gpu else (f"CPU ({args.threads} threads in (a) and (b), {pool.actors} actor(s) x "
-                                          f"{pool.threads} threads in (a2))")
-    print(f"ResNet-50 at {args.image_size}x{args.image_size}, batch {args.batch_size}, "
-          f"{meta['counts']['test']} test images, {device}")
+            print(
+                f"run {run + 1}: job {job[-1]:.1f} img/s, loop {plain[-1]:.1f} img/s, ratio {job[-1] / plain[-1]:.2f}"
+                + (f"; on actors {actors[-1]:.1f} img/s, ratio {actors[-1] / plain[-1]:.2f}" if actors else ""),
+                flush=True,
+            )
+    device = (
+        "GPU bf16"
+        if args.gpu
+        else (f"CPU ({args.threads} threads in (a) and (b), {pool.actors} actor(s) x {pool.threads} threads in (a2))")
+    )
+    print(
+        f"ResNet-50 at {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+        f"{meta['counts']['test']} test images, {device}"
+    )
     a = summary("(a) evaluation job: inference stage", job)
     summary("(a') evaluation job: whole call incl. reports", job_wall)
     if actors:
@@ -112,8 +144,10 @@ def main():
     def ratio(xs):
         return sorted(x / y for x, y in zip(xs, plain))[len(plain) // 2]
 
-    print(f"ratio a/b: median of per-run ratios {ratio(job):.2f} (medians {a / b:.2f})"
-          + (f"; a2/b: {ratio(actors):.2f}" if actors else ""))
+    print(
+        f"ratio a/b: median of per-run ratios {ratio(job):.2f} (medians {a / b:.2f})"
+        + (f"; a2/b: {ratio(actors):.2f}" if actors else "")
+    )
 
 
 if __name__ == "__main__":

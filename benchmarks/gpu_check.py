@@ -11,6 +11,7 @@ eager model and for model.compile. The measured training epoch runs every step u
 torch.cuda.set_sync_debug_mode("error"): a host-device synchronization inside the step fails the stage.
 Exit status 1 when a stage fails. --json PATH also writes the figures as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,12 +58,29 @@ class Stages:
 def make_config(size: dict, compile_model: bool, workdir: str):
     from resnet_ray.config import load_config
 
-    return load_config(None, {
-        "model.arch": size["arch"], "model.weights": "none", "model.image_size": size["image_size"],
-        "model.channels_last": True, "model.compile": compile_model, "optim.name": "sgd", "optim.lr": 0.1,
-        "optim.weight_decay": 5e-5, "optim.label_smoothing": 0.1, "optim.grad_clip_norm": 1.0,
-        "train.epochs": 3, "train.batch_size": size["batch"], "train.augment": "rrc", "train.hflip": True,
-        "train.amp": True, "train.storage_path": workdir, "train.name": "gpu-check", "scaling.num_workers": 1})
+    return load_config(
+        None,
+        {
+            "model.arch": size["arch"],
+            "model.weights": "none",
+            "model.image_size": size["image_size"],
+            "model.channels_last": True,
+            "model.compile": compile_model,
+            "optim.name": "sgd",
+            "optim.lr": 0.1,
+            "optim.weight_decay": 5e-5,
+            "optim.label_smoothing": 0.1,
+            "optim.grad_clip_norm": 1.0,
+            "train.epochs": 3,
+            "train.batch_size": size["batch"],
+            "train.augment": "rrc",
+            "train.hflip": True,
+            "train.amp": True,
+            "train.storage_path": workdir,
+            "train.name": "gpu-check",
+            "scaling.num_workers": 1,
+        },
+    )
 
 
 def synthetic_batches(rows: int, batch: int, seed: int, pin: bool) -> list:
@@ -74,7 +92,7 @@ def synthetic_batches(rows: int, batch: int, seed: int, pin: bool) -> list:
     labels = torch.randint(0, len(CLASSES), (rows,), generator=g)
     out = []
     for i in range(0, rows, batch):
-        b = {"image": images[i:i + batch], "label": labels[i:i + batch]}
+        b = {"image": images[i : i + batch], "label": labels[i : i + batch]}
         out.append({k: v.pin_memory() for k, v in b.items()} if pin else b)
     return out
 
@@ -111,8 +129,11 @@ def train_epoch(session, epoch: int, batches: list, val: list, sync_debug: bool)
     metrics = session.run_epoch(epoch, batches, val)
     assert metrics["val_count"] == session.val_rows and metrics["train_loss"] == metrics["train_loss"]  # not NaN
     guard = ", every step under set_sync_debug_mode('error')" if sync_debug else ""
-    return (f"{metrics['images_per_s']:.0f} img/s, loss {metrics['train_loss']:.3f}, "
-            f"val rows {metrics['val_count']}{guard}", metrics)
+    return (
+        f"{metrics['images_per_s']:.0f} img/s, loss {metrics['train_loss']:.3f}, "
+        f"val rows {metrics['val_count']}{guard}",
+        metrics,
+    )
 
 
 def checkpoint_round_trip(session, cfg, meta, workdir: str):
@@ -130,8 +151,10 @@ def checkpoint_round_trip(session, cfg, meta, workdir: str):
         assert torch.equal(value, session.module.state_dict()[key]), key
     model_dir = export_model(folder, os.path.join(workdir, "model"))
     assert load_model(model_dir).info["epoch"] == session.epoch
-    return f"state.pt {os.path.getsize(os.path.join(folder, 'state.pt')) / 2**20:.0f} MiB, restored, exported", \
-        model_dir
+    return (
+        f"state.pt {os.path.getsize(os.path.join(folder, 'state.pt')) / 2**20:.0f} MiB, restored, exported",
+        model_dir,
+    )
 
 
 def predict(model_dir: str, size: dict, compile_model: bool):
@@ -146,8 +169,14 @@ def predict(model_dir: str, size: dict, compile_model: bool):
     rng = np.random.default_rng(0)
     rows, batch = size["infer"], size["infer_batch"]
     images = rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
-    batches = [{"image": images[i:i + batch], "row_id": np.arange(i, min(i + batch, rows)),
-                "label": np.zeros(min(batch, rows - i), dtype=np.int64)} for i in range(0, rows, batch)]
+    batches = [
+        {
+            "image": images[i : i + batch],
+            "row_id": np.arange(i, min(i + batch, rows)),
+            "label": np.zeros(min(batch, rows - i), dtype=np.int64),
+        }
+        for i in range(0, rows, batch)
+    ]
     for b in batches[:2]:  # warm-up (cuDNN autotuning, compilation)
         predictor(b)
     start = time.perf_counter()
@@ -171,20 +200,36 @@ def run_pass(stages: Stages, size: dict, meta: dict, device, compile_model: bool
     rows = size["steps"] * size["batch"]
     train = synthetic_batches(rows, size["batch"], 0, on_gpu)
     val = synthetic_batches(size["val"], size["infer_batch"], 1, on_gpu)
-    stages.run(f"warm-up epoch (cuDNN autotuning{', compilation' if compile_model else ''}){tag}",
-               train_epoch, session, 1, train, val, False)
+    stages.run(
+        f"warm-up epoch (cuDNN autotuning{', compilation' if compile_model else ''}){tag}",
+        train_epoch,
+        session,
+        1,
+        train,
+        val,
+        False,
+    )
     if not on_gpu:
         stages.skip(f"no host-device sync in the training step{tag}", "needs CUDA (the CPU has nothing to sync)")
-    metrics = stages.run(f"measured epoch{' with no host-device sync' if on_gpu else ''}{tag}",
-                         train_epoch, session, 2, train, val, on_gpu)
+    metrics = stages.run(
+        f"measured epoch{' with no host-device sync' if on_gpu else ''}{tag}",
+        train_epoch,
+        session,
+        2,
+        train,
+        val,
+        on_gpu,
+    )
     figures = {"train_img_s": metrics["images_per_s"] if metrics else None}
     if on_gpu:
         figures["peak_train_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    model_dir = stages.run(f"checkpoint save / load / restore / export{tag}", checkpoint_round_trip,
-                           session, cfg, meta, workdir)
+    model_dir = stages.run(
+        f"checkpoint save / load / restore / export{tag}", checkpoint_round_trip, session, cfg, meta, workdir
+    )
     if model_dir:
-        figures["inference_img_s"] = stages.run(f"Predictor batch inference{tag}", predict, model_dir, size,
-                                                compile_model)
+        figures["inference_img_s"] = stages.run(
+            f"Predictor batch inference{tag}", predict, model_dir, size, compile_model
+        )
     return figures
 
 
@@ -206,25 +251,39 @@ def main() -> int:
         return 2
     size = SIZES["cpu" if args.cpu else "gpu"]
     device = torch.device("cpu" if args.cpu else "cuda:0")
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(0) if not args.cpu else 'CPU'}, "
-          f"'ray' imported: {'ray' in sys.modules}", flush=True)
-    meta = {"name": "synthetic", "classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3,
-            "counts": {"train": size["steps"] * size["batch"], "val": size["val"], "test": size["infer"]}}
+    print(
+        f"torch {torch.__version__}, device {torch.cuda.get_device_name(0) if not args.cpu else 'CPU'}, "
+        f"'ray' imported: {'ray' in sys.modules}",
+        flush=True,
+    )
+    meta = {
+        "name": "synthetic",
+        "classes": CLASSES,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "counts": {"train": size["steps"] * size["batch"], "val": size["val"], "test": size["infer"]},
+    }
     stages = Stages()
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
         stages.run("process group", process_group, process_group_backend(not args.cpu))
         results["eager"] = run_pass(stages, size, meta, device, False, workdir)
         if args.skip_compile or (args.cpu and not args.compile_on_cpu):
-            stages.skip("model.compile pass", "--skip-compile" if args.skip_compile else
-                        "CPU mode (inductor builds C++ for minutes on 2 cores; --compile-on-cpu runs it)")
+            stages.skip(
+                "model.compile pass",
+                "--skip-compile"
+                if args.skip_compile
+                else "CPU mode (inductor builds C++ for minutes on 2 cores; --compile-on-cpu runs it)",
+            )
         else:
             torch.cuda.empty_cache() if not args.cpu else None
             results["compile"] = run_pass(stages, size, meta, device, True, workdir)
     if dist.is_initialized():
         dist.destroy_process_group()
-    print(f"\n{size['arch']} at {size['image_size']} px, batch {size['batch']}, "
-          f"{'bf16 autocast, channels_last' if not args.cpu else 'fp32'}; 'ray' imported: {'ray' in sys.modules}")
+    print(
+        f"\n{size['arch']} at {size['image_size']} px, batch {size['batch']}, "
+        f"{'bf16 autocast, channels_last' if not args.cpu else 'fp32'}; 'ray' imported: {'ray' in sys.modules}"
+    )
     for name, figures in results.items():
         shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         print(f"  {name:<8} {shown}")

@@ -7,6 +7,7 @@ Ray Data is measured twice: streaming from Parquet (every epoch re-reads the fil
 store (what the training job iterates from the second epoch on, data.cache=true). Prints images/s per run, the
 medians, and the ratio streamed Ray Data / DataLoader measured in this run.
 """
+
 import argparse
 import glob
 import os
@@ -48,8 +49,9 @@ def dataloader_epoch(folder, batch_size, workers):
     import torch
 
     start = time.perf_counter()
-    loader = torch.utils.data.DataLoader(ParquetImages(folder), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        ParquetImages(folder), batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=False
+    )
     n = sum(len(labels) for _, labels in loader)
     return n / (time.perf_counter() - start), n
 
@@ -88,8 +90,10 @@ def main():
     summary("  same, cached in the object store (data.cache)", cached_runs)
     b = summary(f"PyTorch DataLoader ({args.workers} workers, map-style)", loader_runs)
     ratios = [x / y for x, y in zip(ray_runs, loader_runs)]
-    print(f"ratio Ray Data / DataLoader: median of per-run ratios {sorted(ratios)[len(ratios) // 2]:.2f} "
-          f"(medians {a / b:.2f})")
+    print(
+        f"ratio Ray Data / DataLoader: median of per-run ratios {sorted(ratios)[len(ratios) // 2]:.2f} "
+        f"(medians {a / b:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ storage path; the digits data is prepared once before the first run, as a user's
 - rest: everything else (Python and Ray start, data loading, worker start, export, the final summary, shutdown).
 "outside the epochs" = wall - epochs (issue 13's target: <= 30 s on the 2-core dev machine).
 """
+
 import argparse
 import json
 import os
@@ -24,8 +25,18 @@ from _common import ROOT, summary
 
 
 def one_run(storage: str, root: str, name: str, extra: list) -> dict:
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--local", "--data.root", root,
-           "--train.storage_path", storage, "--train.name", name, *extra]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "jobs", "train.py"),
+        "--local",
+        "--data.root",
+        root,
+        "--train.storage_path",
+        storage,
+        "--train.name",
+        name,
+        *extra,
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -34,14 +45,19 @@ def one_run(storage: str, root: str, name: str, extra: list) -> dict:
     run_dir = os.path.join(storage, name)
     history = [json.loads(line) for line in open(os.path.join(run_dir, "history.jsonl"))]
     report = json.load(open(os.path.join(run_dir, "eval-test", "report.json")))
-    parts = {"wall": wall, "epochs": sum(h["epoch_s"] for h in history),
-             "validation + report": sum(h["val_s"] + h.get("report_s", 0.0) for h in history),
-             "evaluation": report["total_support"] / report["images_per_s"]}
+    parts = {
+        "wall": wall,
+        "epochs": sum(h["epoch_s"] for h in history),
+        "validation + report": sum(h["val_s"] + h.get("report_s", 0.0) for h in history),
+        "evaluation": report["total_support"] / report["images_per_s"],
+    }
     parts["rest"] = wall - parts["epochs"] - parts["validation + report"] - parts["evaluation"]
     parts["outside the epochs"] = wall - parts["epochs"]
     parts["accuracy"] = report["accuracy"]
-    print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if k == "accuracy" else f"{k} {v:.1f} s"
-                                    for k, v in parts.items()), flush=True)
+    print(
+        f"  {name}: " + ", ".join(f"{k} {v:.3f}" if k == "accuracy" else f"{k} {v:.1f} s" for k, v in parts.items()),
+        flush=True,
+    )
     return parts
 
 
@@ -62,8 +78,10 @@ def main():
     print(f"python jobs/train.py --local {' '.join(args.extra)}: {args.runs} runs")
     for key in runs[0]:
         if key == "accuracy":
-            print(f"{'test accuracy':<48} median {statistics.median(r[key] for r in runs):10.4f}     runs: "
-                  + ", ".join(f"{r[key]:.4f}" for r in runs))
+            print(
+                f"{'test accuracy':<48} median {statistics.median(r[key] for r in runs):10.4f}     runs: "
+                + ", ".join(f"{r[key]:.4f}" for r in runs)
+            )
         else:
             summary(key, [r[key] for r in runs], unit="s")
 

@@ -10,6 +10,7 @@ the output Parquet) on a local Ray instance with this machine's cores; it sizes 
 every file with resnet_ray.data.images.decode and calls Predictor on batches in this process with --threads
 threads (default: all cores). Runs are interleaved; per-run figures, medians and the ratio a/b.
 """
+
 import argparse
 import glob
 import os
@@ -17,7 +18,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import summary
 from prepare import make_photos
 
@@ -28,16 +28,32 @@ def make_model(folder, arch, image_size, size, classes):
     from resnet_ray.data.images import ResizeSpec
     from resnet_ray.model import build_model
 
-    cfg = load_config(None, {"model.arch": arch, "model.weights": "none", "model.image_size": image_size,
-                             "data.image_size": size})
+    cfg = load_config(
+        None, {"model.arch": arch, "model.weights": "none", "model.image_size": image_size, "data.image_size": size}
+    )
     model = build_model(cfg.model, classes)
     ckpt = os.path.join(folder, "ckpt")
     os.makedirs(ckpt)
     names = [f"class{i:02d}" for i in range(classes)]
-    save_training_state(ckpt, {"model": model.state_dict()}, {
-        "arch": arch, "num_classes": classes, "classes": names, "coarse_classes": None, "fine_to_coarse": None,
-        "image_size": image_size, "mean": [0.5] * 3, "std": [0.25] * 3, "dataset": "photos", "epoch": 0,
-        "metrics": {}, "config": to_dict(cfg), "resize": ResizeSpec(size).record()})
+    save_training_state(
+        ckpt,
+        {"model": model.state_dict()},
+        {
+            "arch": arch,
+            "num_classes": classes,
+            "classes": names,
+            "coarse_classes": None,
+            "fine_to_coarse": None,
+            "image_size": image_size,
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "dataset": "photos",
+            "epoch": 0,
+            "metrics": {},
+            "config": to_dict(cfg),
+            "resize": ResizeSpec(size).record(),
+        },
+    )
     return cfg, export_model(ckpt, os.path.join(folder, "model"))
 
 
@@ -54,7 +70,7 @@ def single_process(model_dir, photos, size, batch_size, threads):
     start = time.perf_counter()
     n = 0
     for i in range(0, len(files), batch_size):
-        images = np.stack([decode(open(f, "rb").read(), spec) for f in files[i:i + batch_size]])
+        images = np.stack([decode(open(f, "rb").read(), spec) for f in files[i : i + batch_size]])
         n += len(predictor({"image": images})["pred"])
     return n / (time.perf_counter() - start)
 
@@ -80,16 +96,17 @@ def main():
         make_photos(photos, args.images, 10, 200, 500)
         cfg, model_dir = make_model(tmp, args.arch, args.image_size, args.size, 10)
         cfg = replace(cfg, {"eval.batch_size": args.batch_size})
-        print(f"{args.images} photos; {args.arch} at {args.image_size} px from {args.size} px; "
-              f"{os.cpu_count()} cores", flush=True)
+        print(
+            f"{args.images} photos; {args.arch} at {args.image_size} px from {args.size} px; {os.cpu_count()} cores",
+            flush=True,
+        )
         job, loop, ratios = [], [], []
         for run in range(args.runs):
             result = predict(cfg, model_dir, photos, output=os.path.join(tmp, f"p{run}.parquet"))
             job.append(result["images_per_s"])
             loop.append(single_process(model_dir, photos, args.size, args.batch_size, args.threads))
             ratios.append(job[-1] / loop[-1])
-            print(f"run {run + 1}: prediction job {job[-1]:.1f} img/s, single process {loop[-1]:.1f} img/s",
-                  flush=True)
+            print(f"run {run + 1}: prediction job {job[-1]:.1f} img/s, single process {loop[-1]:.1f} img/s", flush=True)
         summary("(a) prediction job (Ray Data, actors)", job)
         summary(f"(b) single process, {args.threads} threads", loop)
         summary("ratio a/b", ratios, unit="x")

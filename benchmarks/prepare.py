@@ -13,6 +13,7 @@ are photo-sized), then per run, each in a fresh Python process:
     loop, no Parquet, no splits.
 Runs are interleaved; the script prints per-run figures, medians and the ratio a/b.
 """
+
 import argparse
 import json
 import os
@@ -78,8 +79,13 @@ def make_photos(folder: str, n: int, classes: int, min_px: int, max_px: int) -> 
 
 
 def child(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                         env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+    )
     if out.returncode:
         sys.exit(f"child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,20 +105,29 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         photos = os.path.join(tmp, "photos")
         size = make_photos(photos, args.images, args.classes, args.min_px, args.max_px)
-        print(f"{args.images} JPEG photos of {args.min_px}-{args.max_px} px, {size / 2 ** 20:.0f} MiB, "
-              f"{args.classes} classes; stored size {args.size}; {os.cpu_count()} cores; "
-              f"prepare on {'Ray tasks' if args.ray else 'local threads'}", flush=True)
+        print(
+            f"{args.images} JPEG photos of {args.min_px}-{args.max_px} px, {size / 2**20:.0f} MiB, "
+            f"{args.classes} classes; stored size {args.size}; {os.cpu_count()} cores; "
+            f"prepare on {'Ray tasks' if args.ray else 'local threads'}",
+            flush=True,
+        )
         prepared, plain, rss, ratios = [], [], [], []
         for run in range(args.runs):
-            a = child(CHILD_PREPARE.format(root=ROOT, ray=args.ray, path=photos, out=os.path.join(tmp, f"root{run}"),
-                                           size=args.size))
+            a = child(
+                CHILD_PREPARE.format(
+                    root=ROOT, ray=args.ray, path=photos, out=os.path.join(tmp, f"root{run}"), size=args.size
+                )
+            )
             b = child(CHILD_PIL.format(path=photos, size=args.size))
             prepared.append(args.images / a["seconds"])
             plain.append(args.images / b["seconds"])
             rss.append(a["peak_rss_mib"])
             ratios.append(prepared[-1] / plain[-1])
-            print(f"run {run + 1}: prepare {prepared[-1]:.0f} img/s (driver peak RSS {rss[-1]:.0f} MiB), "
-                  f"PIL loop {plain[-1]:.0f} img/s", flush=True)
+            print(
+                f"run {run + 1}: prepare {prepared[-1]:.0f} img/s (driver peak RSS {rss[-1]:.0f} MiB), "
+                f"PIL loop {plain[-1]:.0f} img/s",
+                flush=True,
+            )
         summary("(a) prepare (streamed image folder)", prepared)
         summary("(b) single-process PIL loop", plain)
         summary("driver peak RSS of (a)", rss, unit="MiB")

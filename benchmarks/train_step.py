@@ -7,8 +7,10 @@ python benchmarks/train_step.py --gpu [--image-size 224 --batch-size 256 --steps
 Both run the product's worker session (resnet_ray.engine.Session) on the same prepared shared CIFAR-10 training
 images with the same model, optimizer and augmentation; (b) is the product's own Ray Train worker
 (train.train_fn_per_worker via fit), whose reported images_per_s covers the training epoch only; (b) takes its
-second epoch, (a) runs after a warm-up epoch, so both are measured in a warm process. Prints images/s per run, medians and the ratio b/a.
+second epoch, (a) runs after a warm-up epoch, so both are measured in a warm process. Prints images/s per run,
+medians and the ratio b/a.
 """
+
 import argparse
 import time
 
@@ -16,11 +18,22 @@ from _common import shared_cifar10_config, summary
 
 
 def config(args):
-    values = {"model.weights": "none", "model.image_size": args.image_size, "data.limit": args.steps * args.batch_size,
-              "optim.name": "sgd", "optim.lr": 0.01, "train.epochs": 2, "train.batch_size": args.batch_size,
-              "train.evaluate_test": False, "train.storage_path": "/tmp/resnet_ray_bench", "train.keep_checkpoints": 1,
-              "scaling.num_workers": 1, "scaling.use_gpu": args.gpu, "scaling.cpus_per_worker": args.threads,
-              "eval.batch_size": 512}
+    values = {
+        "model.weights": "none",
+        "model.image_size": args.image_size,
+        "data.limit": args.steps * args.batch_size,
+        "optim.name": "sgd",
+        "optim.lr": 0.01,
+        "train.epochs": 2,
+        "train.batch_size": args.batch_size,
+        "train.evaluate_test": False,
+        "train.storage_path": "/tmp/resnet_ray_bench",
+        "train.keep_checkpoints": 1,
+        "scaling.num_workers": 1,
+        "scaling.use_gpu": args.gpu,
+        "scaling.cpus_per_worker": args.threads,
+        "eval.batch_size": 512,
+    }
     return shared_cifar10_config(**values)
 
 
@@ -42,9 +55,15 @@ def plain_loop(cfg, meta, prepared, threads):
     data = {k: v.copy() for k, v in table_to_batch(table.slice(0, cfg.data.limit), 32).items()}  # writable
     session = Session(cfg, meta, device)
     b, on_gpu = cfg.train.batch_size, device.type == "cuda"
-    batches = [{"image": torch.from_numpy(data["image"][i:i + b]).pin_memory() if on_gpu
-                else torch.from_numpy(data["image"][i:i + b]), "label": torch.from_numpy(data["label"][i:i + b])}
-               for i in range(0, session.steps * b, b)]
+    batches = [
+        {
+            "image": torch.from_numpy(data["image"][i : i + b]).pin_memory()
+            if on_gpu
+            else torch.from_numpy(data["image"][i : i + b]),
+            "label": torch.from_numpy(data["label"][i : i + b]),
+        }
+        for i in range(0, session.steps * b, b)
+    ]
     result = session.train(1, batches)
     return result["count"] / result["seconds"]
 
@@ -56,8 +75,11 @@ def ray_train(cfg, run):
 
     result = fit(replace(cfg, {"train.name": f"bench-{time.time_ns()}-{run}"}))
     warm = result.history[1]  # epoch 2: the fresh worker process has warmed up, as (a) has
-    print(f"  (b) run {run}: epoch 2 {warm['images_per_s']:.1f} img/s, waited {warm['data_wait_s']:.2f} s "
-          f"of {warm['epoch_s']:.2f} s for data", flush=True)
+    print(
+        f"  (b) run {run}: epoch 2 {warm['images_per_s']:.1f} img/s, waited {warm['data_wait_s']:.2f} s "
+        f"of {warm['epoch_s']:.2f} s for data",
+        flush=True,
+    )
     return warm["images_per_s"]
 
 

@@ -11,6 +11,7 @@ python benchmarks/transfer.py [--runs 3] [--pretrain-per-class 1000] [--finetune
    evaluation job on all 5,000 B test images. Repeated with --runs seeds (the pretraining is done once).
 Prints every run's two test accuracies, their medians and the median of the per-run differences.
 """
+
 import argparse
 import json
 import os
@@ -43,8 +44,11 @@ def subset(out_dir: str, classes: range, per_class: dict, seed: int = 0) -> str:
             if n is not None:
                 rows = rng.choice(rows, size=n, replace=False)
             part = table.take(pa.array(np.sort(rows)))
-            parts.append(part.set_column(part.column_names.index("label"), "label",
-                                         pa.array(np.full(len(part), new, dtype=np.int64))))
+            parts.append(
+                part.set_column(
+                    part.column_names.index("label"), "label", pa.array(np.full(len(part), new, dtype=np.int64))
+                )
+            )
         pq.write_table(pa.concat_tables(parts), os.path.join(out_dir, f"{split}.parquet"))
     with open(os.path.join(out_dir, "classes.json"), "w") as f:
         json.dump([names[i] for i in classes], f)
@@ -56,13 +60,32 @@ def train(source: str, name: str, root: str, weights: str, epochs: int, seed: in
     from resnet_ray.config import load_config
     from resnet_ray.train import fit
 
-    cfg = load_config(None, {
-        "data.source": "parquet", "data.path": source, "data.name": os.path.basename(source), "data.root": root,
-        "model.arch": "resnet18", "model.weights": weights, "model.image_size": 32, "optim.name": "adamw",
-        "optim.lr": 0.002, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.label_smoothing": 0.1,
-        "optim.reference_batch_size": 64, "train.epochs": epochs, "train.batch_size": 32, "train.seed": seed,
-        "train.storage_path": os.path.join(root, "runs"), "train.name": name, "train.keep_checkpoints": 1,
-        "scaling.num_workers": 2, "eval.num_actors": 1})
+    cfg = load_config(
+        None,
+        {
+            "data.source": "parquet",
+            "data.path": source,
+            "data.name": os.path.basename(source),
+            "data.root": root,
+            "model.arch": "resnet18",
+            "model.weights": weights,
+            "model.image_size": 32,
+            "optim.name": "adamw",
+            "optim.lr": 0.002,
+            "optim.weight_decay": 0.05,
+            "optim.warmup_epochs": 1,
+            "optim.label_smoothing": 0.1,
+            "optim.reference_batch_size": 64,
+            "train.epochs": epochs,
+            "train.batch_size": 32,
+            "train.seed": seed,
+            "train.storage_path": os.path.join(root, "runs"),
+            "train.name": name,
+            "train.keep_checkpoints": 1,
+            "scaling.num_workers": 2,
+            "eval.num_actors": 1,
+        },
+    )
     result = fit(cfg)
     return {"accuracy": result.evaluation["report"]["accuracy"], "model": os.path.join(result.model_dir, "model.pt")}
 
@@ -89,17 +112,22 @@ def main():
         print(f"pretrained on classes {A.start}-{A.stop - 1}: test top-1 {pretrained['accuracy']:.4f}", flush=True)
         tuned, scratch = [], []
         for seed in range(args.runs):
-            tuned.append(train(source_b, f"finetune-{seed}", root, pretrained["model"], args.finetune_epochs,
-                               seed)["accuracy"])
+            tuned.append(
+                train(source_b, f"finetune-{seed}", root, pretrained["model"], args.finetune_epochs, seed)["accuracy"]
+            )
             scratch.append(train(source_b, f"scratch-{seed}", root, "none", args.finetune_epochs, seed)["accuracy"])
             print(f"  run {seed}: fine-tuned {tuned[-1]:.4f}, random init {scratch[-1]:.4f}", flush=True)
-    print(f"target: classes {B.start}-{B.stop - 1}, {args.finetune_per_class} training images per class "
-          f"(10% of them for validation), {args.finetune_epochs} epochs; test: all their test images")
+    print(
+        f"target: classes {B.start}-{B.stop - 1}, {args.finetune_per_class} training images per class "
+        f"(10% of them for validation), {args.finetune_epochs} epochs; test: all their test images"
+    )
     for name, values in (("fine-tuned from the pretrained ResNet-18", tuned), ("the same from random init", scratch)):
-        print(f"{name:<48} median top-1 {statistics.median(values):.4f}   runs: "
-              + ", ".join(f"{v:.4f}" for v in values))
-    print(f"median difference (fine-tuned - random init): "
-          f"{statistics.median(t - s for t, s in zip(tuned, scratch)):+.4f}")
+        print(
+            f"{name:<48} median top-1 {statistics.median(values):.4f}   runs: " + ", ".join(f"{v:.4f}" for v in values)
+        )
+    print(
+        f"median difference (fine-tuned - random init): {statistics.median(t - s for t, s in zip(tuned, scratch)):+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ python jobs/compare.py EVAL_A EVAL_B [--output DIR] [--alpha 0.05]
 EVAL_A, EVAL_B: evaluation output folders of jobs/evaluate.py (report.json + predictions.parquet), local or URI.
 Writes comparison.json and comparison.md into --output (default: the current directory). No Ray needed.
 """
+
 import argparse
 import os
 import sys

@@ -3,6 +3,7 @@
 python jobs/evaluate.py --model RUN_DIR_OR_MODEL_FOLDER [--split test] [--config CFG] [--eval.num_actors 4 ...]
 Without --config, the config saved with the model is used (overrides still apply), also with --local.
 """
+
 import os
 import sys
 
@@ -28,8 +29,10 @@ def main() -> int:
     init_ray(local=args.local, num_cpus=args.num_cpus)
     result = evaluate(cfg, args.model, split=args.split, output=args.output)
     print_summary(result["report"])
-    print(f"{result['report']['rows']} images in {result['seconds']:.1f} s ({result['images_per_s']:.0f} img/s); "
-          f"report in {result['output']}")
+    print(
+        f"{result['report']['rows']} images in {result['seconds']:.1f} s ({result['images_per_s']:.0f} img/s); "
+        f"report in {result['output']}"
+    )
     return 0
 
 

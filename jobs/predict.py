@@ -5,6 +5,7 @@ python jobs/predict.py --model RUN_OR_MODEL --input PATH_OR_URI [--output OUT.pa
 Images are resized like the model's training data (model.json). Without --config, the model's own config is
 used (overrides still apply: --eval.num_actors 4, --data.on_bad_image skip, ...), also with --local.
 """
+
 import os
 import sys
 
@@ -32,11 +33,21 @@ def main() -> int:
     cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     with progress_bar("predicting") as (start, advance):
-        result = predict(cfg, args.model, args.input, output=args.output, k=args.top_k,
-                         image_column=args.image_column, on_start=start, on_rows=advance)
+        result = predict(
+            cfg,
+            args.model,
+            args.input,
+            output=args.output,
+            k=args.top_k,
+            image_column=args.image_column,
+            on_start=start,
+            on_rows=advance,
+        )
     skipped = f", {len(result['skipped'])} skipped (unreadable)" if result["skipped"] else ""
-    print(f"{result['rows']} images{skipped} in {result['seconds']:.1f} s ({result['images_per_s']:.3g} img/s); "
-          f"predictions in {result['output']}")
+    print(
+        f"{result['rows']} images{skipped} in {result['seconds']:.1f} s ({result['images_per_s']:.3g} img/s); "
+        f"predictions in {result['output']}"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 An image folder is prepared in parallel shard tasks: on the Ray cluster when there is one to join (RAY_ADDRESS,
 as inside `ray job submit`, or a running `ray start`; never with --local), else on this machine's cores.
 """
+
 import os
 import sys
 

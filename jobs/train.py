@@ -2,6 +2,7 @@
 
 --local runs the offline single-node test mode (configs/local.yaml); --resume RUN_DIR continues a stopped run.
 """
+
 import os
 import sys
 

@@ -3,6 +3,7 @@
 python jobs/tune.py --config configs/tune-cifar10.yaml      --local: configs/tune-local.yaml on this machine
 python jobs/tune.py --resume EXPERIMENT_DIR                 continue an interrupted search (path or URI)
 """
+
 import os
 import sys
 

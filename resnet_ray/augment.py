@@ -13,6 +13,7 @@ gets one rectangle (2-33% of its area, aspect 0.3-3.3) replaced by per-pixel nor
 Every random number is drawn on the images' device from the generator passed in (one on that device).
 Images are float (B, 3, H, W) in [0, 1] for ``trivial_augment``.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,11 +21,34 @@ import math
 import torch
 import torch.nn.functional as F
 
-OPS = ("identity", "brightness", "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast",
-       "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-MAX_MAGNITUDE = {"brightness": 0.99, "color": 0.99, "contrast": 0.99, "sharpness": 0.99, "posterize": 6.0,
-                 "solarize": 1.0, "rotate": 135.0, "shear_x": 0.99, "shear_y": 0.99, "translate_x": 32 / 224,
-                 "translate_y": 32 / 224}
+OPS = (
+    "identity",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "autocontrast",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+MAX_MAGNITUDE = {
+    "brightness": 0.99,
+    "color": 0.99,
+    "contrast": 0.99,
+    "sharpness": 0.99,
+    "posterize": 6.0,
+    "solarize": 1.0,
+    "rotate": 135.0,
+    "shear_x": 0.99,
+    "shear_y": 0.99,
+    "translate_x": 32 / 224,
+    "translate_y": 32 / 224,
+}
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _LIMITS: dict = {}  # (device, dtype) -> the magnitude limits of OPS on that device, copied there once
 
@@ -122,8 +146,9 @@ def trivial_augment(x: torch.Tensor, generator=None) -> torch.Tensor:
     return apply_ops(x, op, magnitude)
 
 
-def random_erasing(x: torch.Tensor, probability: float, generator=None, area=(0.02, 1 / 3),
-                   aspect=(0.3, 1 / 0.3)) -> torch.Tensor:
+def random_erasing(
+    x: torch.Tensor, probability: float, generator=None, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)
+) -> torch.Tensor:
     """With ``probability`` per image, one rectangle replaced by standard normal noise (normalized images)."""
     b, _, h, w = x.shape
     dev = x.device
@@ -137,7 +162,12 @@ def random_erasing(x: torch.Tensor, probability: float, generator=None, area=(0.
     left = (rand() * (w - ew + 1)).floor()
     rows = torch.arange(h, device=dev).view(1, h, 1)
     cols = torch.arange(w, device=dev).view(1, 1, w)
-    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1)) &
-              (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)) & erase.view(-1, 1, 1))
+    inside = (
+        (rows >= top.view(-1, 1, 1))
+        & (rows < (top + eh).view(-1, 1, 1))
+        & (cols >= left.view(-1, 1, 1))
+        & (cols < (left + ew).view(-1, 1, 1))
+        & erase.view(-1, 1, 1)
+    )
     noise = torch.randn(x.shape, device=dev, generator=generator, dtype=x.dtype)
     return torch.where(inside.unsqueeze(1), noise, x)

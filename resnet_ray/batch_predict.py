@@ -9,6 +9,7 @@ are seen exactly as the training images were.
 The output Parquet has one row per input row (``row_id`` = the input order), written to a temporary file and
 published atomically only after every row id came back exactly once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,9 @@ import posixpath
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -87,7 +89,7 @@ def glob_regex(pattern: str) -> re.Pattern:
             if end < 0:
                 out, i = out + re.escape("["), i + 1
             else:
-                out, i = out + "[" + pattern[i + 1:end].replace("!", "^", 1) + "]", end + 1
+                out, i = out + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out + r"\Z")
@@ -102,14 +104,17 @@ def _list_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     entries skipped) or a glob."""
     match = _GLOB_CHARS.search(path)
     if match:
-        head = path[:match.start()]
-        base, rest = (head.rsplit("/", 1)[0], path[len(head.rsplit("/", 1)[0]):]) if "/" in head else (".", path)
+        head = path[: match.start()]
+        base, rest = (head.rsplit("/", 1)[0], path[len(head.rsplit("/", 1)[0]) :]) if "/" in head else (".", path)
         fs, fs_base = storage.resolve(base or "/")
         fs_pattern = fs_base.rstrip("/") + "/" + rest.lstrip("/")
         regex = glob_regex(fs_pattern)
         infos = fs.get_file_info(pafs.FileSelector(fs_base, recursive=True, allow_not_found=True))
-        found = [i.path for i in infos if i.type == pafs.FileType.File and regex.match(i.path)
-                 and _visible(i.path[len(fs_base):].lstrip("/"))]
+        found = [
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File and regex.match(i.path) and _visible(i.path[len(fs_base) :].lstrip("/"))
+        ]
         if not found:
             raise DataError(f"--input {path}: no file matches")
         return fs, sorted(found)
@@ -120,8 +125,9 @@ def _list_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type == pafs.FileType.File:
         return fs, [fs_path]
     infos = fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
-    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File
-                      and _visible(i.path[len(fs_path):].lstrip("/")))
+    return fs, sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and _visible(i.path[len(fs_path) :].lstrip("/"))
+    )
 
 
 def _row_groups(fs: pafs.FileSystem, files: list[str], path: str, image_column: str) -> tuple[list[dict], int]:
@@ -137,14 +143,21 @@ def _row_groups(fs: pafs.FileSystem, files: list[str], path: str, image_column: 
         except Exception as exc:
             raise DataError(f"{shown}: not a readable Parquet file ({exc})") from None
         if image_column not in names:
-            raise DataError(f"{shown}: no image column {image_column!r} (--image-column); "
-                            f"columns: {', '.join(names)}")
+            raise DataError(f"{shown}: no image column {image_column!r} (--image-column); columns: {', '.join(names)}")
         first = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
             for skip in range(0, rows, ROWS_PER_READ):  # a big row group is read in slices by several tasks
-                items.append({"row_id": row_id + skip, "path": shown, "row_group": group, "row": first + skip,
-                              "skip": skip, "take": min(ROWS_PER_READ, rows - skip)})
+                items.append(
+                    {
+                        "row_id": row_id + skip,
+                        "path": shown,
+                        "row_group": group,
+                        "row": first + skip,
+                        "skip": skip,
+                        "take": min(ROWS_PER_READ, rows - skip),
+                    }
+                )
             row_id, first = row_id + rows, first + rows
     return items, row_id
 
@@ -155,14 +168,17 @@ def list_inputs(path: str, image_column: str = "image") -> Inputs:
     parquet = [f for f in files if f.endswith(".parquet")]
     images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     if parquet and images:
-        raise DataError(f"--input {path}: holds both Parquet files ({_display(path, parquet[0])}, ...) and image "
-                        f"files ({_display(path, images[0])}, ...); point it at one kind")
+        raise DataError(
+            f"--input {path}: holds both Parquet files ({_display(path, parquet[0])}, ...) and image "
+            f"files ({_display(path, images[0])}, ...); point it at one kind"
+        )
     if parquet:
         items, rows = _row_groups(fs, parquet, path, image_column)
         return Inputs("parquet", items, rows)
     if not images:
-        raise DataError(f"--input {path}: no image files ({', '.join(IMAGE_EXTENSIONS[:6])}, ...) or Parquet "
-                        f"files found")
+        raise DataError(
+            f"--input {path}: no image files ({', '.join(IMAGE_EXTENSIONS[:6])}, ...) or Parquet files found"
+        )
     return Inputs("files", [{"row_id": i, "path": _display(path, f)} for i, f in enumerate(images)], len(images))
 
 
@@ -197,8 +213,13 @@ def read_image_files(batch: dict, spec: dict, base: str) -> dict:
         except Exception as exc:  # vanished, unreadable: the bad-image policy decides
             blobs.append(BadImage(f"cannot read ({type(exc).__name__}: {exc})"))
     images, errors = _decoded(blobs, spec)
-    return {"row_id": np.asarray(batch["row_id"], dtype=np.int64), "path": np.asarray(batch["path"], dtype=object),
-            "row": np.full(len(blobs), -1, dtype=np.int64), "image": images, "error": np.asarray(errors, dtype=object)}
+    return {
+        "row_id": np.asarray(batch["row_id"], dtype=np.int64),
+        "path": np.asarray(batch["path"], dtype=object),
+        "row": np.full(len(blobs), -1, dtype=np.int64),
+        "image": images,
+        "error": np.asarray(errors, dtype=object),
+    }
 
 
 def read_row_groups(batch: dict, spec: dict, base: str, image_column: str) -> dict:
@@ -208,15 +229,25 @@ def read_row_groups(batch: dict, spec: dict, base: str, image_column: str) -> di
 
     fs, _ = storage.resolve(base)
     parts = []
-    for row_id, path, group, first, skip, take in zip(batch["row_id"], batch["path"], batch["row_group"],
-                                                      batch["row"], batch["skip"], batch["take"]):
-        blobs = [b for chunk in image_rows(fs, _inner(str(path)), [int(group)], int(skip), int(take), image_column)
-                 for b in chunk]
+    for row_id, path, group, first, skip, take in zip(
+        batch["row_id"], batch["path"], batch["row_group"], batch["row"], batch["skip"], batch["take"]
+    ):
+        blobs = [
+            b
+            for chunk in image_rows(fs, _inner(str(path)), [int(group)], int(skip), int(take), image_column)
+            for b in chunk
+        ]
         images, errors = _decoded([BadImage("image is null") if b is None else b for b in blobs], spec)
         n = len(errors)
-        parts.append({"row_id": int(row_id) + np.arange(n, dtype=np.int64), "path": np.full(n, str(path), dtype=object),
-                      "row": int(first) + np.arange(n, dtype=np.int64), "image": images,
-                      "error": np.asarray(errors, dtype=object)})
+        parts.append(
+            {
+                "row_id": int(row_id) + np.arange(n, dtype=np.int64),
+                "path": np.full(n, str(path), dtype=object),
+                "row": int(first) + np.arange(n, dtype=np.int64),
+                "image": images,
+                "error": np.asarray(errors, dtype=object),
+            }
+        )
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -255,42 +286,58 @@ def model_sha256(folder: str, info: dict) -> str:
 
 def resize_of(info: dict, cfg: Config) -> ResizeSpec:
     """The model's training-data resize (model.json), or for older models the one its config implies."""
-    return ResizeSpec.from_record(info.get("resize"), cfg.data.image_size) if info.get("resize") else \
-        ResizeSpec(cfg.data.image_size, cfg.data.resize)
+    return (
+        ResizeSpec.from_record(info.get("resize"), cfg.data.image_size)
+        if info.get("resize")
+        else ResizeSpec(cfg.data.image_size, cfg.data.resize)
+    )
 
 
 def default_output(model_path: str, input_path: str) -> str:
     """<run>/predict-<input name>.parquet (beside eval-<split>), else <model folder>/predict-<input name>.parquet."""
     location = storage.normalize(model_path).rstrip("/")
     parent = location.rsplit("/", 1)[0] if location.endswith("/model") else location
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", posixpath.basename(_GLOB_CHARS.split(input_path.rstrip("/"))[0].rstrip("/"))
-                  or "input")
+    name = re.sub(
+        r"[^A-Za-z0-9_.-]+",
+        "_",
+        posixpath.basename(_GLOB_CHARS.split(input_path.rstrip("/"))[0].rstrip("/")) or "input",
+    )
     return storage.join(parent, f"predict-{name.removesuffix('.parquet') or 'input'}.parquet")
 
 
-def _stream(cfg: Config, inputs: Inputs, model_folder: str, spec: ResizeSpec, base: str, k: int,
-            image_column: str):
+def _stream(cfg: Config, inputs: Inputs, model_folder: str, spec: ResizeSpec, base: str, k: int, image_column: str):
     import ray.data
 
     fn_kwargs = {"spec": spec.record(), "base": base}
     blocks = max(1, math.ceil(len(inputs.items) / FILES_PER_TASK)) if inputs.kind == "files" else len(inputs.items)
     # no more actors than input blocks: an actor without a block would only load the model
-    pool = size_actor_pool(min(cfg.eval.num_actors, blocks), cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor,
-                           alive_nodes())
+    pool = size_actor_pool(
+        min(cfg.eval.num_actors, blocks), cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes()
+    )
     if inputs.kind == "files":
         decoded = ray.data.from_items(inputs.items, override_num_blocks=blocks).map_batches(
-            read_image_files, fn_kwargs=fn_kwargs, batch_size=FILES_PER_TASK, batch_format="numpy")
+            read_image_files, fn_kwargs=fn_kwargs, batch_size=FILES_PER_TASK, batch_format="numpy"
+        )
     else:
         decoded = ray.data.from_items(inputs.items, override_num_blocks=blocks).map_batches(
-            read_row_groups, fn_kwargs={**fn_kwargs, "image_column": image_column}, batch_size=1,
-            batch_format="numpy")
+            read_row_groups, fn_kwargs={**fn_kwargs, "image_column": image_column}, batch_size=1, batch_format="numpy"
+        )
     predictions = decoded.map_batches(
-        ImagePredictor, fn_constructor_kwargs={"model_path": model_folder, "threads": pool.threads, "k": k},
-        batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_gpus=cfg.eval.gpus_per_actor, num_cpus=cfg.eval.cpus_per_actor)
+        ImagePredictor,
+        fn_constructor_kwargs={"model_path": model_folder, "threads": pool.threads, "k": k},
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=cfg.eval.gpus_per_actor,
+        num_cpus=cfg.eval.cpus_per_actor,
+    )
     log.debug("prediction: %d actor(s) x %d thread(s)", pool.actors, pool.threads)
-    return watched(predictions.iter_batches(batch_size=None, batch_format="numpy"), cfg.eval.stall_timeout_s,
-                   "prediction", "eval.stall_timeout_s")
+    return watched(
+        predictions.iter_batches(batch_size=None, batch_format="numpy"),
+        cfg.eval.stall_timeout_s,
+        "prediction",
+        "eval.stall_timeout_s",
+    )
 
 
 def _where(batch: dict, i: int, kind: str) -> str:
@@ -317,8 +364,15 @@ def _table(batch: dict, classes: list, sha: str, kind: str) -> pa.Table:
     return pa.table(columns)
 
 
-def _consume(batches, path: str, inputs: Inputs, classes: list, sha: str, on_bad_image: str,
-             on_rows: Optional[Callable[[int], None]]) -> list[dict]:
+def _consume(
+    batches,
+    path: str,
+    inputs: Inputs,
+    classes: list,
+    sha: str,
+    on_bad_image: str,
+    on_rows: Optional[Callable[[int], None]],
+) -> list[dict]:
     """Write prediction batches to the local Parquet file ``path``; returns the skipped rows [{file, reason}].
 
     Raises DataError at the first bad image under on_bad_image=error, PredictionError unless every row id
@@ -329,14 +383,17 @@ def _consume(batches, path: str, inputs: Inputs, classes: list, sha: str, on_bad
     try:
         for batch in batches:
             ids = batch["row_id"]
-            if len(ids) and (ids.min() < 0 or ids.max() >= inputs.rows or seen[ids].any()
-                             or len(np.unique(ids)) != len(ids)):
+            if len(ids) and (
+                ids.min() < 0 or ids.max() >= inputs.rows or seen[ids].any() or len(np.unique(ids)) != len(ids)
+            ):
                 raise PredictionError("an input row was predicted twice or a row id is outside the input")
             seen[ids] = True
             for i in np.flatnonzero(batch["pred"] < 0):
                 if on_bad_image == "error":
-                    raise DataError(f"{_where(batch, i, inputs.kind)}: {batch['error'][i]} (data.on_bad_image=error; "
-                                    f"--data.on_bad_image skip leaves such images out of the predictions)")
+                    raise DataError(
+                        f"{_where(batch, i, inputs.kind)}: {batch['error'][i]} (data.on_bad_image=error; "
+                        f"--data.on_bad_image skip leaves such images out of the predictions)"
+                    )
                 skipped.append({"file": _where(batch, i, inputs.kind), "reason": str(batch["error"][i])})
             table = _table(batch, classes, sha, inputs.kind)
             writer = writer or pq.ParquetWriter(path, table.schema)
@@ -349,15 +406,36 @@ def _consume(batches, path: str, inputs: Inputs, classes: list, sha: str, on_bad
     if not seen.all():
         raise PredictionError(f"{int((~seen).sum())} of {inputs.rows} input rows were never predicted")
     if writer is None:  # an input of zero rows (empty Parquet files): an empty table of the same schema
-        pq.write_table(_table({"row_id": np.zeros(0, np.int64), "path": [], "row": np.zeros(0, np.int64),
-                               "pred": np.zeros(0, np.int64), "top5": [], "top_probs": [], "error": []},
-                              classes, sha, inputs.kind), path)
+        pq.write_table(
+            _table(
+                {
+                    "row_id": np.zeros(0, np.int64),
+                    "path": [],
+                    "row": np.zeros(0, np.int64),
+                    "pred": np.zeros(0, np.int64),
+                    "top5": [],
+                    "top_probs": [],
+                    "error": [],
+                },
+                classes,
+                sha,
+                inputs.kind,
+            ),
+            path,
+        )
     return skipped
 
 
-def predict(cfg: Config, model_path: str, input_path: str, output: Optional[str] = None, k: int = 5,
-            image_column: Optional[str] = None, on_start: Optional[Callable[[int], None]] = None,
-            on_rows: Optional[Callable[[int], None]] = None) -> dict:
+def predict(
+    cfg: Config,
+    model_path: str,
+    input_path: str,
+    output: Optional[str] = None,
+    k: int = 5,
+    image_column: Optional[str] = None,
+    on_start: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Predict the top-k classes of every image of ``input_path`` with the model at ``model_path``.
 
     ``cfg``: the model's config (eval.* sizes the actor pool, data.on_bad_image decides about undecodable
@@ -367,16 +445,27 @@ def predict(cfg: Config, model_path: str, input_path: str, output: Optional[str]
     folder, info = verify_model(model_path)  # local weights checked before the actors load them
     spec = resize_of(info, cfg)
     if info.get("resize") and cfg.data.resize != spec.policy:
-        log.warning("data.resize %s ignored: images are resized like the model's training data (%s, recorded in "
-                    "its model.json)", cfg.data.resize, spec.policy)
+        log.warning(
+            "data.resize %s ignored: images are resized like the model's training data (%s, recorded in "
+            "its model.json)",
+            cfg.data.resize,
+            spec.policy,
+        )
     sha = model_sha256(folder, info)
     classes = list(info.get("classes") or [str(i) for i in range(info["num_classes"])])
     if k < 1:
         raise DataError(f"--top-k must be >= 1, got {k}")
     inputs = list_inputs(input_path, image_column or cfg.data.image_column)
     output = output or default_output(model_path, input_path)
-    log.info("predicting %d images of %s with %s (%s at %d px) -> %s", inputs.rows, input_path, folder,
-             spec.policy, spec.size, output)
+    log.info(
+        "predicting %d images of %s with %s (%s at %d px) -> %s",
+        inputs.rows,
+        input_path,
+        folder,
+        spec.policy,
+        spec.size,
+        output,
+    )
     if on_start:
         on_start(inputs.rows)
     # where the read tasks open their filesystem: the input's folder part (a URI keeps its scheme and options)
@@ -385,15 +474,30 @@ def predict(cfg: Config, model_path: str, input_path: str, output: Optional[str]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="resnet_ray-predict-") as tmp:
         local = os.path.join(tmp, "predictions.parquet")
-        stream = _stream(cfg, inputs, storage.normalize(folder), spec, base, k,
-                         image_column or cfg.data.image_column) if inputs.rows else iter(())
+        stream = (
+            _stream(cfg, inputs, storage.normalize(folder), spec, base, k, image_column or cfg.data.image_column)
+            if inputs.rows
+            else iter(())
+        )
         skipped = _consume(stream, local, inputs, classes, sha, cfg.data.on_bad_image, on_rows)
         seconds = time.perf_counter() - start
         storage.upload_file(local, output)
     if skipped:
-        log.warning("%d image(s) could not be read and have no prediction (data.on_bad_image=skip), e.g. %s: %s; "
-                    "their rows in %s say why (column error)", len(skipped), skipped[0]["file"],
-                    skipped[0]["reason"], output)
-    return {"output": output, "rows": inputs.rows, "predicted": inputs.rows - len(skipped), "skipped": skipped,
-            "seconds": seconds, "images_per_s": inputs.rows / seconds if seconds > 0 else 0.0,
-            "model_sha256": sha, "resize": spec.record()}
+        log.warning(
+            "%d image(s) could not be read and have no prediction (data.on_bad_image=skip), e.g. %s: %s; "
+            "their rows in %s say why (column error)",
+            len(skipped),
+            skipped[0]["file"],
+            skipped[0]["reason"],
+            output,
+        )
+    return {
+        "output": output,
+        "rows": inputs.rows,
+        "predicted": inputs.rows - len(skipped),
+        "skipped": skipped,
+        "seconds": seconds,
+        "images_per_s": inputs.rows / seconds if seconds > 0 else 0.0,
+        "model_sha256": sha,
+        "resize": spec.record(),
+    }

@@ -9,6 +9,7 @@ Models on remote storage (URIs) are fetched file by file: an exported model's ``
 only, verified once per node and cached under ``<cache>/models/<sha256>/`` (``RESNET_RAY_CACHE``, default
 ``~/.cache/resnet_ray``); a training checkpoint's two files into a temporary folder that is deleted after use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -83,8 +84,23 @@ def export_model(checkpoint_folder: str, out_dir: str) -> str:
     os.chmod(tmp, 0o777 & ~umask)  # a folder like any other (mkdtemp's 0700 would hide it from other users)
     try:
         torch.save(model_weights(state), os.path.join(tmp, MODEL))
-        info = {key: meta[key] for key in ("arch", "num_classes", "classes", "coarse_classes", "fine_to_coarse",
-                                           "image_size", "mean", "std", "dataset", "epoch", "metrics", "config")}
+        info = {
+            key: meta[key]
+            for key in (
+                "arch",
+                "num_classes",
+                "classes",
+                "coarse_classes",
+                "fine_to_coarse",
+                "image_size",
+                "mean",
+                "std",
+                "dataset",
+                "epoch",
+                "metrics",
+                "config",
+            )
+        }
         if meta.get("resize"):  # how new images reach the stored size (data/images.py); absent in older runs
             info["resize"] = meta["resize"]
         info["sha256"] = _sha256(os.path.join(tmp, MODEL))
@@ -135,8 +151,10 @@ def _locate(path: str) -> tuple[str, str]:
                 return candidate, MODEL_INFO if name == MODEL_INFO else META
     if not storage.exists(path):
         raise CheckpointError(f"{path}: no such model folder, checkpoint or run folder")
-    raise CheckpointError(f"{path}: neither an exported model ({MODEL_INFO}), a training checkpoint ({STATE}) "
-                          f"nor a run folder with model/")
+    raise CheckpointError(
+        f"{path}: neither an exported model ({MODEL_INFO}), a training checkpoint ({STATE}) "
+        f"nor a run folder with model/"
+    )
 
 
 def _read_json(folder: str, name: str) -> dict:
@@ -262,8 +280,10 @@ def load_model(path: str) -> LoadedModel:
     try:
         model.load_state_dict(weights, assign=True)  # strict: no meta tensor is left
     except RuntimeError as exc:
-        raise CheckpointError(f"{folder}: weights do not fit {info['arch']} with {info['num_classes']} classes: "
-                              f"{str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{folder}: weights do not fit {info['arch']} with {info['num_classes']} classes: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     return LoadedModel(model.eval(), info, folder)
 
 

@@ -1,11 +1,12 @@
 """Shared command-line handling for the jobs: --config/--local, dotted overrides, logging, clean errors."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from resnet_ray.config import Config, ConfigError, load_config
 
@@ -40,18 +41,26 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=description,
         epilog="Any config field can be overridden with --section.field VALUE, e.g. --optim.lr 0.01 --train.epochs 5",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--local", action="store_true",
-                   help="single-node test mode: configs/local.yaml, a local Ray instance on this machine")
-    p.add_argument("--num-cpus", type=float, metavar="N",
-                   help="logical CPUs of the local Ray instance (default: $RESNET_RAY_NUM_CPUS or this "
-                        "machine's cores)")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="single-node test mode: configs/local.yaml, a local Ray instance on this machine",
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=float,
+        metavar="N",
+        help="logical CPUs of the local Ray instance (default: $RESNET_RAY_NUM_CPUS or this machine's cores)",
+    )
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-          local_config: str | None = LOCAL_CONFIG) -> tuple[argparse.Namespace, list]:
+def parse(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None = None, local_config: str | None = LOCAL_CONFIG
+) -> tuple[argparse.Namespace, list]:
     """Known options and the remaining ``--section.field value`` overrides.
 
     ``--local`` without ``--config`` means ``local_config`` (None: the job finds its config elsewhere).

@@ -9,6 +9,7 @@ The accuracy difference is tested with McNemar's exact test on the paired predic
 that both models are equally accurate, the rows that exactly one of them gets right are equally likely to favour
 either, so the count favouring B is Binomial(discordant rows, 1/2); the p-value is two-sided. No Ray, no torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,18 @@ from resnet_ray.report import default_console, fmt, fmt_ci, md_table, print_tabl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ComparisonError", "Evaluation", "load_evaluation", "check_comparable", "mcnemar_exact", "compare",
-           "compare_folders", "verdict_line", "write_comparison", "print_comparison"]
+__all__ = [
+    "ComparisonError",
+    "Evaluation",
+    "load_evaluation",
+    "check_comparable",
+    "mcnemar_exact",
+    "compare",
+    "compare_folders",
+    "verdict_line",
+    "write_comparison",
+    "print_comparison",
+]
 
 PREDICTION_COLUMNS = ("row_id", "label", "pred")
 REPORT_KEYS = ("dataset", "split", "rows", "accuracy", "per_class")
@@ -58,8 +69,10 @@ def _folder(path: str) -> str:
 def _read_report(folder: str) -> dict:
     path = storage.join(folder, "report.json")
     if not storage.exists(path):
-        raise ComparisonError(f"{path} not found: give an evaluation output folder (report.json and "
-                              "predictions.parquet, written by jobs/evaluate.py)")
+        raise ComparisonError(
+            f"{path} not found: give an evaluation output folder (report.json and "
+            "predictions.parquet, written by jobs/evaluate.py)"
+        )
     try:
         report = storage.read_json(path)
     except ValueError as exc:
@@ -107,8 +120,10 @@ def load_evaluation(path: str) -> Evaluation:
         raise ComparisonError(f"{where}: row_id {row_id[duplicate[0]]} appears more than once")
     accuracy = float(np.mean(label == pred)) if len(row_id) else float("nan")
     if not abs(accuracy - report["accuracy"]) <= 1e-9:
-        raise ComparisonError(f"{where} gives accuracy {accuracy:.6f} but report.json says "
-                              f"{report['accuracy']:.6f}: the two files are not from the same evaluation")
+        raise ComparisonError(
+            f"{where} gives accuracy {accuracy:.6f} but report.json says "
+            f"{report['accuracy']:.6f}: the two files are not from the same evaluation"
+        )
     return Evaluation(folder, report, row_id, label, pred)
 
 
@@ -116,23 +131,31 @@ def check_comparable(a: Evaluation, b: Evaluation) -> None:
     """Refuse two evaluations of different datasets, splits, rows, classes or labels (ComparisonError)."""
     for key, what in (("dataset", "datasets"), ("split", "splits"), ("rows", "row counts")):
         if a.report[key] != b.report[key]:
-            raise ComparisonError(f"the evaluations are of different {what}: A has {a.report[key]!r} ({a.folder}), "
-                                  f"B has {b.report[key]!r} ({b.folder})")
+            raise ComparisonError(
+                f"the evaluations are of different {what}: A has {a.report[key]!r} ({a.folder}), "
+                f"B has {b.report[key]!r} ({b.folder})"
+            )
     classes_a = [r["class"] for r in a.report["per_class"]]
     classes_b = [r["class"] for r in b.report["per_class"]]
     if classes_a != classes_b:
-        raise ComparisonError(f"the evaluations have different classes: A has {len(classes_a)} "
-                              f"({', '.join(classes_a[:5])}, ...), B has {len(classes_b)} "
-                              f"({', '.join(classes_b[:5])}, ...)")
+        raise ComparisonError(
+            f"the evaluations have different classes: A has {len(classes_a)} "
+            f"({', '.join(classes_a[:5])}, ...), B has {len(classes_b)} "
+            f"({', '.join(classes_b[:5])}, ...)"
+        )
     if not np.array_equal(a.row_id, b.row_id):
         first = int(np.flatnonzero(a.row_id != b.row_id)[0])
-        raise ComparisonError(f"the evaluations cover different rows: in row id order, A has row_id "
-                              f"{a.row_id[first]} where B has {b.row_id[first]}")
+        raise ComparisonError(
+            f"the evaluations cover different rows: in row id order, A has row_id "
+            f"{a.row_id[first]} where B has {b.row_id[first]}"
+        )
     differ = np.flatnonzero(a.label != b.label)
     if differ.size:
         i = int(differ[0])
-        raise ComparisonError(f"row_id {a.row_id[i]} has label {a.label[i]} in A but {b.label[i]} in B "
-                              f"({differ.size} rows differ): not the same split")
+        raise ComparisonError(
+            f"row_id {a.row_id[i]} has label {a.label[i]} in A but {b.label[i]} in B "
+            f"({differ.size} rows differ): not the same split"
+        )
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
@@ -160,14 +183,24 @@ def verdict_line(difference: float, p_value: float, alpha: float = 0.05) -> str:
     if p_value < alpha and difference != 0:
         better, worse = ("B", "A") if difference > 0 else ("A", "B")
         return f"{better} is better than {worse}: +{abs(points):.2f} points of accuracy, p = {p_value:.3g}"
-    return (f"no significant difference at the {alpha:.0%} level: B - A = {points:+.2f} points of accuracy, "
-            f"p = {p_value:.3g}")
+    return (
+        f"no significant difference at the {alpha:.0%} level: B - A = {points:+.2f} points of accuracy, "
+        f"p = {p_value:.3g}"
+    )
 
 
 def _per_class(a: dict, b: dict) -> list[dict]:
-    rows = [{"class": ra["class"], "index": ra["index"], "f1_a": ra["f1"], "f1_b": rb["f1"],
-             "difference": rb["f1"] - ra["f1"], "support": ra["support"]}
-            for ra, rb in zip(a["per_class"], b["per_class"])]
+    rows = [
+        {
+            "class": ra["class"],
+            "index": ra["index"],
+            "f1_a": ra["f1"],
+            "f1_b": rb["f1"],
+            "difference": rb["f1"] - ra["f1"],
+            "support": ra["support"],
+        }
+        for ra, rb in zip(a["per_class"], b["per_class"])
+    ]
     return sorted(rows, key=lambda r: (r["difference"], r["index"]))
 
 
@@ -188,18 +221,36 @@ def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05) -> dict:
     p_value = mcnemar_exact(a_only, b_only)
     macro_a, macro_b = a.report.get("macro avg", {}), b.report.get("macro avg", {})
     return {
-        "a": a.folder, "b": b.folder,
-        "dataset": a.report["dataset"], "split": a.report["split"], "rows": int(a.report["rows"]),
-        "accuracy": {"a": a.report["accuracy"], "b": b.report["accuracy"], "difference": difference,
-                     "a_ci": a.report.get("accuracy_ci"), "b_ci": b.report.get("accuracy_ci")},
-        "pairs": {"both_right": int((right_a & right_b).sum()), "a_only": a_only, "b_only": b_only,
-                  "both_wrong": int((~right_a & ~right_b).sum())},
+        "a": a.folder,
+        "b": b.folder,
+        "dataset": a.report["dataset"],
+        "split": a.report["split"],
+        "rows": int(a.report["rows"]),
+        "accuracy": {
+            "a": a.report["accuracy"],
+            "b": b.report["accuracy"],
+            "difference": difference,
+            "a_ci": a.report.get("accuracy_ci"),
+            "b_ci": b.report.get("accuracy_ci"),
+        },
+        "pairs": {
+            "both_right": int((right_a & right_b).sum()),
+            "a_only": a_only,
+            "b_only": b_only,
+            "both_wrong": int((~right_a & ~right_b).sum()),
+        },
         "test": "McNemar's exact test (two-sided binomial test on the rows only one model gets right)",
-        "p_value": p_value, "alpha": alpha, "significant": bool(p_value < alpha and difference != 0),
+        "p_value": p_value,
+        "alpha": alpha,
+        "significant": bool(p_value < alpha and difference != 0),
         "verdict": verdict_line(difference, p_value, alpha),
-        "macro_f1": {"a": macro_a.get("f1"), "b": macro_b.get("f1"),
-                     "difference": (macro_b["f1"] - macro_a["f1"]) if "f1" in macro_a and "f1" in macro_b else None,
-                     "a_ci": macro_a.get("f1_ci"), "b_ci": macro_b.get("f1_ci")},
+        "macro_f1": {
+            "a": macro_a.get("f1"),
+            "b": macro_b.get("f1"),
+            "difference": (macro_b["f1"] - macro_a["f1"]) if "f1" in macro_a and "f1" in macro_b else None,
+            "a_ci": macro_a.get("f1_ci"),
+            "b_ci": macro_b.get("f1_ci"),
+        },
         "per_class": _per_class(a.report, b.report),
     }
 
@@ -207,8 +258,14 @@ def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05) -> dict:
 def compare_folders(path_a: str, path_b: str, alpha: float = 0.05) -> dict:
     """:func:`compare` of two evaluation folders (local paths or URIs, or their report.json paths)."""
     result = compare(load_evaluation(path_a), load_evaluation(path_b), alpha)
-    log.debug("compared %s and %s on %s/%s: %s", result["a"], result["b"], result["dataset"], result["split"],
-             result["verdict"])
+    log.debug(
+        "compared %s and %s on %s/%s: %s",
+        result["a"],
+        result["b"],
+        result["dataset"],
+        result["split"],
+        result["verdict"],
+    )
     return result
 
 
@@ -216,33 +273,56 @@ def _headline(result: dict) -> list[tuple[str, str, str, str]]:
     """(measure, A, B, B - A) rows shared by the terminal and Markdown tables."""
     acc, macro, pairs = result["accuracy"], result["macro_f1"], result["pairs"]
     return [
-        ("Accuracy", f"{fmt(acc['a'])} {fmt_ci(acc['a_ci'])}", f"{fmt(acc['b'])} {fmt_ci(acc['b_ci'])}",
-         f"{100 * acc['difference']:+.2f} points"),
-        ("Macro-F1", f"{fmt(macro['a'])} {fmt_ci(macro['a_ci'])}", f"{fmt(macro['b'])} {fmt_ci(macro['b_ci'])}",
-         "n/a" if macro["difference"] is None else f"{100 * macro['difference']:+.2f} points"),
-        ("Rows only this model gets right", str(pairs["a_only"]), str(pairs["b_only"]),
-         f"{pairs['b_only'] - pairs['a_only']:+d}"),
+        (
+            "Accuracy",
+            f"{fmt(acc['a'])} {fmt_ci(acc['a_ci'])}",
+            f"{fmt(acc['b'])} {fmt_ci(acc['b_ci'])}",
+            f"{100 * acc['difference']:+.2f} points",
+        ),
+        (
+            "Macro-F1",
+            f"{fmt(macro['a'])} {fmt_ci(macro['a_ci'])}",
+            f"{fmt(macro['b'])} {fmt_ci(macro['b_ci'])}",
+            "n/a" if macro["difference"] is None else f"{100 * macro['difference']:+.2f} points",
+        ),
+        (
+            "Rows only this model gets right",
+            str(pairs["a_only"]),
+            str(pairs["b_only"]),
+            f"{pairs['b_only'] - pairs['a_only']:+d}",
+        ),
     ]
 
 
 def _class_row(r: dict) -> list[str]:
-    return [str(r["index"]), r["class"], fmt(r["f1_a"]), fmt(r["f1_b"]), f"{r['difference']:+.4f}",
-            str(r["support"])]
+    return [str(r["index"]), r["class"], fmt(r["f1_a"]), fmt(r["f1_b"]), f"{r['difference']:+.4f}", str(r["support"])]
 
 
 def markdown(result: dict) -> str:
     """comparison.md: the inputs, the verdict, the headline table and every class's F1 difference."""
-    lines = ["# Comparison of two evaluations", "",
-             f"- **A:** {result['a']}", f"- **B:** {result['b']}",
-             f"- **Dataset / split / rows:** {result['dataset']} / {result['split']} / {result['rows']}",
-             f"- **Test:** {result['test']}, p = {result['p_value']:.3g}; both right "
-             f"{result['pairs']['both_right']}, both wrong {result['pairs']['both_wrong']}",
-             "", f"**Verdict: {result['verdict']}**", ""]
+    lines = [
+        "# Comparison of two evaluations",
+        "",
+        f"- **A:** {result['a']}",
+        f"- **B:** {result['b']}",
+        f"- **Dataset / split / rows:** {result['dataset']} / {result['split']} / {result['rows']}",
+        f"- **Test:** {result['test']}, p = {result['p_value']:.3g}; both right "
+        f"{result['pairs']['both_right']}, both wrong {result['pairs']['both_wrong']}",
+        "",
+        f"**Verdict: {result['verdict']}**",
+        "",
+    ]
     lines += md_table(["Measure", "A", "B", "B - A"], [list(row) for row in _headline(result)])
-    lines += ["", "Intervals are 95% (Wilson for accuracy, bootstrap for macro-F1).", "",
-              "## Per-class F1 (largest drop first; no test per class)", ""]
-    lines += md_table(["Index", "Class", "F1 A", "F1 B", "B - A", "Support"],
-                      [_class_row(r) for r in result["per_class"]])
+    lines += [
+        "",
+        "Intervals are 95% (Wilson for accuracy, bootstrap for macro-F1).",
+        "",
+        "## Per-class F1 (largest drop first; no test per class)",
+        "",
+    ]
+    lines += md_table(
+        ["Index", "Class", "F1 A", "F1 B", "B - A", "Support"], [_class_row(r) for r in result["per_class"]]
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@
 (``["--optim.lr", "0.01"]`` or ``{"optim.lr": 0.01}``) into the defaults below
 and validates everything before any Ray work starts. Errors name the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,9 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import yaml
 
@@ -83,8 +85,11 @@ class DataConfig:
         if self.limit is not None:
             _positive(self.limit, "data.limit")
         if self.name is not None:
-            _check(self.name.replace("-", "").replace("_", "").isalnum(), "data.name",
-                   f"{self.name!r} may hold only letters, digits, '-' and '_'")
+            _check(
+                self.name.replace("-", "").replace("_", "").isalnum(),
+                "data.name",
+                f"{self.name!r} may hold only letters, digits, '-' and '_'",
+            )
 
     @property
     def dataset_name(self) -> str:
@@ -129,13 +134,17 @@ class OptimConfig:
         _positive(self.lr, "optim.lr")
         _positive(self.backbone_lr_scale, "optim.backbone_lr_scale", allow_zero=True)
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
-               "Nesterov SGD needs optim.momentum > 0")
+        _check(
+            not (self.nesterov and self.name == "sgd" and self.momentum == 0),
+            "optim.nesterov",
+            "Nesterov SGD needs optim.momentum > 0",
+        )
         _positive(self.weight_decay, "optim.weight_decay", allow_zero=True)
         _positive(self.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing",
-               f"must be in [0, 1), got {self.label_smoothing}")
+        _check(
+            0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
+        )
         _positive(self.grad_clip_norm, "optim.grad_clip_norm", allow_zero=True)
         _positive(self.reference_batch_size, "optim.reference_batch_size")
 
@@ -176,22 +185,33 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _choice(self.augment, "train.augment", AUGMENTS)
         _choice(self.auto_augment, "train.auto_augment", AUTO_AUGMENTS)
-        _check(0.0 <= self.random_erasing <= 1.0, "train.random_erasing",
-               f"must be a probability in [0, 1], got {self.random_erasing}")
+        _check(
+            0.0 <= self.random_erasing <= 1.0,
+            "train.random_erasing",
+            f"must be a probability in [0, 1], got {self.random_erasing}",
+        )
         _positive(self.crop_padding, "train.crop_padding", allow_zero=True)
         _positive(self.mixup_alpha, "train.mixup_alpha", allow_zero=True)
         _positive(self.cutmix_alpha, "train.cutmix_alpha", allow_zero=True)
-        _check(0 <= self.freeze_backbone_epochs <= self.epochs, "train.freeze_backbone_epochs",
-               f"must be in [0, train.epochs={self.epochs}], got {self.freeze_backbone_epochs}")
+        _check(
+            0 <= self.freeze_backbone_epochs <= self.epochs,
+            "train.freeze_backbone_epochs",
+            f"must be in [0, train.epochs={self.epochs}], got {self.freeze_backbone_epochs}",
+        )
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         if self.ema_decay is not None:
             _check(0.0 < self.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         if self.checkpoint_every is not None:
             _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _check(self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        _check(
+            self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}"
+        )
         if self.fail_at_epoch is not None:
-            _check(1 <= self.fail_at_epoch < self.epochs, "train.fail_at_epoch",
-                   f"must be in [1, train.epochs), got {self.fail_at_epoch}")
+            _check(
+                1 <= self.fail_at_epoch < self.epochs,
+                "train.fail_at_epoch",
+                f"must be in [1, train.epochs), got {self.fail_at_epoch}",
+            )
         _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
         _positive(self.stall_timeout_s, "train.stall_timeout_s")
         if self.name is not None:
@@ -199,7 +219,6 @@ class TrainConfig:
         for name in ("mlflow_tracking_uri", "mlflow_experiment"):  # whether mlflow is installed: tracking.check_mlflow
             value = getattr(self, name)
             _check(value is None or bool(value.strip()), f"train.{name}", "must not be empty (null turns it off)")
-
 
     def checkpoint_due(self, epoch: int) -> bool:
         """Whether ``epoch`` ends with a checkpoint: every checkpoint_every epochs (default: about ten per run),
@@ -251,8 +270,11 @@ class TuneConfig:
     def __post_init__(self):
         for name in ("num_samples", "max_concurrent_trials", "max_epochs", "grace_period"):
             _check(getattr(self, name) >= 1, f"tune.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _check(self.trial_workers is None or self.trial_workers >= 1, "tune.trial_workers",
-               f"must be >= 1, got {self.trial_workers}")
+        _check(
+            self.trial_workers is None or self.trial_workers >= 1,
+            "tune.trial_workers",
+            f"must be >= 1, got {self.trial_workers}",
+        )
         _check(self.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
         _check(self.grace_period <= self.max_epochs, "tune.grace_period", "must be <= tune.max_epochs")
         _choice(self.mode, "tune.mode", ("max", "min"))
@@ -280,8 +302,11 @@ class EvalConfig:
 
     def __post_init__(self):
         _choice(self.split, "eval.split", SPLITS)
-        _check(self.in_process_rows is None or self.in_process_rows >= 0, "eval.in_process_rows",
-               f"must be >= 0 or null, got {self.in_process_rows}")
+        _check(
+            self.in_process_rows is None or self.in_process_rows >= 0,
+            "eval.in_process_rows",
+            f"must be >= 0 or null, got {self.in_process_rows}",
+        )
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_actors >= 1, "eval.num_actors", f"must be >= 1, got {self.num_actors}")
         _positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)
@@ -331,8 +356,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     elif tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
     elif tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
-               f"expected a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}"
+        )
         value = float(value)
     elif tp is str:
         _check(isinstance(value, str), name, f"expected a string, got {value!r}")
@@ -394,7 +420,7 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
         node = node.setdefault(part, {})
         _check(isinstance(node, dict), key, "cannot set a field below a value")
         if part == "search_space":  # its keys are themselves dotted config paths
-            node[".".join(parts[parts.index(part) + 1:])] = value
+            node[".".join(parts[parts.index(part) + 1 :])] = value
             return
     node[parts[-1]] = value
 
@@ -468,8 +494,11 @@ def replace(cfg: Config, overrides: Mapping[str, Any]) -> Config:
 
 def _validate_search_spec(key: str, spec: Any) -> None:
     name = f"tune.search_space.{key}"
-    _check(isinstance(spec, dict) and spec.get("type") in SEARCH_TYPES, name,
-           f"must be a mapping with type one of {', '.join(SEARCH_TYPES)}")
+    _check(
+        isinstance(spec, dict) and spec.get("type") in SEARCH_TYPES,
+        name,
+        f"must be a mapping with type one of {', '.join(SEARCH_TYPES)}",
+    )
     parts = key.split(".")
     section = {f.name: f for f in dataclasses.fields(Config)}.get(parts[0])
     _check(section is not None and len(parts) == 2, name, "must name a config field as section.field")
@@ -481,7 +510,10 @@ def _validate_search_spec(key: str, spec: Any) -> None:
     else:
         _check(set(spec) == {"type", "low", "high"}, name, f"{spec['type']} needs exactly 'low' and 'high'")
         low, high = spec["low"], spec["high"]
-        _check(isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high, name,
-               f"needs numeric low < high, got {low!r}, {high!r}")
+        _check(
+            isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high,
+            name,
+            f"needs numeric low < high, got {low!r}, {high!r}",
+        )
         if spec["type"] == "loguniform":
             _check(low > 0, name, "loguniform needs low > 0")

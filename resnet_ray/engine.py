@@ -7,11 +7,13 @@ with collectives on tensors of the training device, so they work under every bac
 tensors only); GPU process groups are created as ``cpu:gloo,cuda:nccl`` so that a CPU tensor cannot crash
 a run either.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -56,15 +58,22 @@ def global_metrics(tr: dict, ev: Optional[dict], val_rows: int, device: torch.de
     ``ev`` is None when there is no validation (a refit on train+val): the metrics then have no val_* keys."""
     ev = ev or {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0}
     loss_sum, correct, count, v_loss, v_top1, v_top5, v_count = all_reduce(
-        [tr["loss_sum"], tr["correct"], tr["count"], ev["loss_sum"], ev["top1"], ev["top5"], ev["count"]], device)
+        [tr["loss_sum"], tr["correct"], tr["count"], ev["loss_sum"], ev["top1"], ev["top5"], ev["count"]], device
+    )
     seconds, data_wait = all_reduce([tr["seconds"], tr["data_wait_s"]], device, op="max")
     if int(v_count) != val_rows:
         raise RuntimeError(f"validation saw {int(v_count)} rows, the split has {val_rows}")
-    metrics = {"train_loss": loss_sum / count, "train_acc": correct / count, "images_per_s": count / seconds,
-               "epoch_s": seconds, "data_wait_s": data_wait}
+    metrics = {
+        "train_loss": loss_sum / count,
+        "train_acc": correct / count,
+        "images_per_s": count / seconds,
+        "epoch_s": seconds,
+        "data_wait_s": data_wait,
+    }
     if val_rows:
-        metrics.update(val_loss=v_loss / v_count, val_top1=v_top1 / v_count, val_top5=v_top5 / v_count,
-                       val_count=int(v_count))
+        metrics.update(
+            val_loss=v_loss / v_count, val_top1=v_top1 / v_count, val_top5=v_top5 / v_count, val_count=int(v_count)
+        )
     return metrics
 
 
@@ -82,8 +91,9 @@ class Session:
     dict per completed epoch.
     """
 
-    def __init__(self, cfg: Config, meta: dict, device: torch.device, rank: int = 0, world: int = 1,
-                 ddp: Optional[bool] = None):
+    def __init__(
+        self, cfg: Config, meta: dict, device: torch.device, rank: int = 0, world: int = 1, ddp: Optional[bool] = None
+    ):
         self.cfg, self.meta, self.device, self.rank, self.world = cfg, meta, device, rank, world
         on_gpu = device.type == "cuda"
         if on_gpu:
@@ -106,17 +116,38 @@ class Session:
         self.step_model = torch.compile(model) if cfg.model.compile else model
         mean, std = normalization(cfg.model, meta)
         self.settings = StepSettings(
-            preprocess=Preprocess(cfg.model.image_size, mean, std, cfg.train.augment, cfg.train.crop_padding,
-                                  cfg.train.hflip, on_gpu and cfg.model.channels_last, cfg.train.auto_augment,
-                                  cfg.train.random_erasing),
-            num_classes=num_classes, device=device, label_smoothing=cfg.optim.label_smoothing,
-            grad_clip_norm=cfg.optim.grad_clip_norm, mixup_alpha=cfg.train.mixup_alpha,
-            cutmix_alpha=cfg.train.cutmix_alpha, amp_dtype=torch.bfloat16 if on_gpu and cfg.train.amp else None)
-        self.model_meta = {"config": to_dict(cfg), "arch": cfg.model.arch, "num_classes": num_classes,
-                           "classes": meta["classes"], "coarse_classes": meta.get("coarse_classes"),
-                           "fine_to_coarse": meta.get("fine_to_coarse"), "image_size": cfg.model.image_size,
-                           "mean": list(mean), "std": list(std), "dataset": meta["name"],
-                           "resize": meta.get("resize") or ResizeSpec(cfg.data.image_size, cfg.data.resize).record()}
+            preprocess=Preprocess(
+                cfg.model.image_size,
+                mean,
+                std,
+                cfg.train.augment,
+                cfg.train.crop_padding,
+                cfg.train.hflip,
+                on_gpu and cfg.model.channels_last,
+                cfg.train.auto_augment,
+                cfg.train.random_erasing,
+            ),
+            num_classes=num_classes,
+            device=device,
+            label_smoothing=cfg.optim.label_smoothing,
+            grad_clip_norm=cfg.optim.grad_clip_norm,
+            mixup_alpha=cfg.train.mixup_alpha,
+            cutmix_alpha=cfg.train.cutmix_alpha,
+            amp_dtype=torch.bfloat16 if on_gpu and cfg.train.amp else None,
+        )
+        self.model_meta = {
+            "config": to_dict(cfg),
+            "arch": cfg.model.arch,
+            "num_classes": num_classes,
+            "classes": meta["classes"],
+            "coarse_classes": meta.get("coarse_classes"),
+            "fine_to_coarse": meta.get("fine_to_coarse"),
+            "image_size": cfg.model.image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "dataset": meta["name"],
+            "resize": meta.get("resize") or ResizeSpec(cfg.data.image_size, cfg.data.resize).record(),
+        }
         self.ema = self._new_ema()
         self.epoch, self.history = 0, []
 
@@ -169,8 +200,13 @@ class Session:
         set_schedule_step(self.scheduler, self.epoch * self.steps)
         log.info("rank %d resumed after epoch %d", self.rank, self.epoch)
 
-    def train(self, epoch: int, batches: Iterable[dict], on_step: Optional[Callable[[int, float], None]] = None,
-              log_every: int = 0) -> dict:
+    def train(
+        self,
+        epoch: int,
+        batches: Iterable[dict],
+        on_step: Optional[Callable[[int, float], None]] = None,
+        log_every: int = 0,
+    ) -> dict:
         """One training epoch on this rank's batches (this rank's sums, see loop.train_epoch): seeds the epoch's
         augmentation generators (on the device, and on the CPU for per-batch scalars) and freezes the backbone
         while train.freeze_backbone_epochs lasts."""
@@ -180,25 +216,39 @@ class Session:
         s.host_generator = torch.Generator().manual_seed(seed)
         if epoch <= self.cfg.train.freeze_backbone_epochs:
             s.frozen = [p for n, p in self.model.named_parameters() if not is_head(n)]
-            s.frozen_norms = [m for n, m in self.model.named_modules()
-                              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_head(n)]
+            s.frozen_norms = [
+                m
+                for n, m in self.model.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_head(n)
+            ]
         else:
             s.frozen, s.frozen_norms = [], []
-        return train_epoch(self.step_model, batches, self.optimizer, self.scheduler, s, on_step=on_step,
-                           log_every=log_every)
+        return train_epoch(
+            self.step_model, batches, self.optimizer, self.scheduler, s, on_step=on_step, log_every=log_every
+        )
 
-    def run_epoch(self, epoch: int, train_batches: Iterable[dict], val_batches: Iterable[dict],
-                  on_step: Optional[Callable[[int, float], None]] = None, log_every: int = 0) -> dict:
+    def run_epoch(
+        self,
+        epoch: int,
+        train_batches: Iterable[dict],
+        val_batches: Iterable[dict],
+        on_step: Optional[Callable[[int, float], None]] = None,
+        log_every: int = 0,
+    ) -> dict:
         """Train one epoch on this rank's batches, validate on this rank's part of the validation rows (not in a
         refit on train+val), reduce the metrics over all ranks (every validation row must be seen once), append
         them to the history."""
         tr = self.train(epoch, train_batches, on_step, log_every)
         val_start = time.perf_counter()
         ev = evaluate_epoch(self.eval_model, val_batches, self.settings) if self.val_rows else None
-        metrics = {"epoch": epoch, **global_metrics(tr, ev, self.val_rows, self.device),
-                   "lr": self.optimizer.param_groups[0]["lr"], "val_s": time.perf_counter() - val_start,
-                   "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs,
-                   "finished_at": time.time()}  # wall clock: which attempt of a restarted run trained it
+        metrics = {
+            "epoch": epoch,
+            **global_metrics(tr, ev, self.val_rows, self.device),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "val_s": time.perf_counter() - val_start,
+            "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs,
+            "finished_at": time.time(),
+        }  # wall clock: which attempt of a restarted run trained it
         self.epoch = epoch
         self.history.append(metrics)
         return metrics

@@ -1,4 +1,5 @@
 """Distributed evaluation: Ray Data batch inference on actors -> summed confusion matrices -> report files."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,15 @@ import pyarrow.parquet as pq
 from resnet_ray import metrics, report, storage
 from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
 from resnet_ray.config import Config, EvalConfig, parse_overrides, replace, to_dict
-from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, read_split, \
-    split_nbytes, split_rows
+from resnet_ray.data.load import (
+    IN_MEMORY_BYTES,
+    load_split,
+    load_split_in_memory,
+    quiet_data_progress,
+    read_split,
+    split_nbytes,
+    split_rows,
+)
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.runtime import started_here
@@ -37,8 +45,10 @@ def default_output(model_path: str, split: str) -> str:
 
 def check_model_fits(info: dict, meta: dict, model_path: str) -> None:
     if info["num_classes"] != len(meta["classes"]):
-        raise CheckpointError(f"{model_path}: the model has {info['num_classes']} classes, dataset "
-                              f"{meta['name']} has {len(meta['classes'])}")
+        raise CheckpointError(
+            f"{model_path}: the model has {info['num_classes']} classes, dataset "
+            f"{meta['name']} has {len(meta['classes'])}"
+        )
     if list(info.get("classes") or meta["classes"]) != list(meta["classes"]):
         raise CheckpointError(f"{model_path}: the model's class names differ from dataset {meta['name']}'s")
 
@@ -75,8 +85,12 @@ def _consume(batches, path: str, expected_rows: int, stats_kwargs: dict) -> dict
     try:
         for batch in batches:
             ids = batch["row_id"]
-            if ids.min(initial=0) < 0 or ids.max(initial=0) >= expected_rows or seen[ids].any() \
-                    or len(np.unique(ids)) != len(ids):
+            if (
+                ids.min(initial=0) < 0
+                or ids.max(initial=0) >= expected_rows
+                or seen[ids].any()
+                or len(np.unique(ids)) != len(ids)
+            ):
                 raise EvaluationError("a row was predicted twice or a row id is outside the split")
             seen[ids] = True
             for key, value in batch_statistics(batch, **stats_kwargs).items():
@@ -109,12 +123,21 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta
     rows = (load_split_in_memory if small else load_split)(cfg.data, split, prepared)  # small: no read tasks
     rows = rows.repartition(target_num_rows_per_block=cfg.eval.batch_size)
     predictions = rows.map_batches(
-        Predictor, fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
-        batch_size=cfg.eval.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_gpus=cfg.eval.gpus_per_actor, num_cpus=cfg.eval.cpus_per_actor)
+        Predictor,
+        fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=cfg.eval.gpus_per_actor,
+        num_cpus=cfg.eval.cpus_per_actor,
+    )
     log.debug("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
-    return watched(predictions.iter_batches(batch_size=None, batch_format="numpy"), cfg.eval.stall_timeout_s,
-                   what, "eval.stall_timeout_s")
+    return watched(
+        predictions.iter_batches(batch_size=None, batch_format="numpy"),
+        cfg.eval.stall_timeout_s,
+        what,
+        "eval.stall_timeout_s",
+    )
 
 
 def in_process(cfg: EvalConfig, rows: int) -> bool:
@@ -138,7 +161,7 @@ def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
     b = cfg.eval.batch_size
     for part in read_split(cfg.data, split, prepared):
         for i in range(0, len(part["label"]), b):
-            yield predictor({key: value[i:i + b] for key, value in part.items()})
+            yield predictor({key: value[i : i + b] for key, value in part.items()})
 
 
 def _advancing(batches, advance):
@@ -165,8 +188,11 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     output = output or cfg.eval.output or default_output(model_path, split)
     classes = list(meta["classes"])
 
-    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins,
-                    "fine_to_coarse": meta.get("fine_to_coarse")}
+    stats_kwargs = {
+        "num_classes": len(classes),
+        "ece_bins": cfg.eval.ece_bins,
+        "fine_to_coarse": meta.get("fine_to_coarse"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         with report.progress_bar(f"evaluating {split}", report.logging_console()) as (begin, advance):
@@ -175,35 +201,55 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
             else:
                 stream = predict_stream(cfg, model_path, split, prepared, meta, f"evaluation of {split}")
             begin(expected)
-            stats = _consume(_advancing(stream, advance), os.path.join(tmp, "predictions.parquet"), expected,
-                             stats_kwargs)
+            stats = _consume(
+                _advancing(stream, advance), os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs
+            )
         seconds = time.perf_counter() - start
         if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
             raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")
         result = _report(stats, info, meta, cfg, model_path, split, expected, seconds)
-        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=stats.get("coarse_cm"),
-                             calibration=stats["calibration"])
+        report.write_outputs(
+            result, stats["cm"], classes, tmp, coarse_cm=stats.get("coarse_cm"), calibration=stats["calibration"]
+        )
         storage.upload_dir(tmp, output)
-    log.debug("evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s", model_path, meta["name"],
-             split, result["accuracy"], expected, seconds, output)
+    log.debug(
+        "evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s",
+        model_path,
+        meta["name"],
+        split,
+        result["accuracy"],
+        expected,
+        seconds,
+        output,
+    )
     return {"report": result, "output": output, "seconds": seconds, "images_per_s": expected / seconds}
 
 
-def _report(stats: dict, info: dict, meta: dict, cfg: Config, model_path: str, split: str, expected: int,
-            seconds: float) -> dict:
+def _report(
+    stats: dict, info: dict, meta: dict, cfg: Config, model_path: str, split: str, expected: int, seconds: float
+) -> dict:
     """The report dict: per-class and averaged metrics, top-5, ECE, confused pairs (and superclass tables)."""
     classes = list(meta["classes"])
     result = metrics.classification_report(stats["cm"], classes, zero_division=0.0)
-    result.update({
-        "model": storage.normalize(model_path),
-        "model_info": {"arch": info["arch"], "sha256": info.get("sha256"), "epoch": info.get("epoch"),
-                       "val_metrics": info.get("metrics")},
-        "dataset": meta["name"], "split": split, "rows": expected,
-        "top5_accuracy": float(stats["top5"]) / expected,
-        "ece": metrics.expected_calibration_error(stats["calibration"]),
-        "confused_pairs": metrics.most_confused_pairs(stats["cm"], classes, k=10),
-        "images_per_s": expected / seconds, "config": to_dict(cfg),
-    })
+    result.update(
+        {
+            "model": storage.normalize(model_path),
+            "model_info": {
+                "arch": info["arch"],
+                "sha256": info.get("sha256"),
+                "epoch": info.get("epoch"),
+                "val_metrics": info.get("metrics"),
+            },
+            "dataset": meta["name"],
+            "split": split,
+            "rows": expected,
+            "top5_accuracy": float(stats["top5"]) / expected,
+            "ece": metrics.expected_calibration_error(stats["calibration"]),
+            "confused_pairs": metrics.most_confused_pairs(stats["cm"], classes, k=10),
+            "images_per_s": expected / seconds,
+            "config": to_dict(cfg),
+        }
+    )
     if "coarse_cm" in stats:
         coarse = metrics.classification_report(stats["coarse_cm"], meta["coarse_classes"], zero_division=0.0)
         coarse["confused_pairs"] = metrics.most_confused_pairs(stats["coarse_cm"], meta["coarse_classes"], k=10)

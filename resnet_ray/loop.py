@@ -5,14 +5,16 @@ device and read once at the end of the epoch (and at the logging points of ``on_
 randomness comes from a generator on the device. ``StepSettings.sync_debug`` proves it on a GPU: every step
 runs under ``torch.cuda.set_sync_debug_mode("error")``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import itertools
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,12 @@ class WeightEMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
-                         itertools.chain(model.parameters(), model.buffers())))
+        pairs = list(
+            zip(
+                itertools.chain(self.module.parameters(), self.module.buffers()),
+                itertools.chain(model.parameters(), model.buffers()),
+            )
+        )
         self._floats = [(e, m) for e, m in pairs if e.is_floating_point()]
         self._others = [(e, m) for e, m in pairs if not e.is_floating_point()]
 
@@ -88,12 +94,19 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
     return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(
-        1, labels[:, None], 1.0 - smoothing + off)
+        1, labels[:, None], 1.0 - smoothing + off
+    )
 
 
-def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
-                scheduler, s: StepSettings, on_step: Optional[Callable[[int, float], None]] = None,
-                log_every: int = 0) -> dict:
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    s: StepSettings,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    log_every: int = 0,
+) -> dict:
     """One pass over ``batches`` ({"image": uint8 BxHxWx3, "label": int64 B}); returns sums and timings.
 
     Returned keys: loss_sum, correct, count (images seen on this process), seconds, data_wait_s (time
@@ -120,12 +133,19 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.opti
         tick = time.perf_counter()
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
-    return {"loss_sum": float(loss_sum), "correct": int(correct), "count": count,
-            "seconds": time.perf_counter() - start, "data_wait_s": wait, "steps": steps}
+    return {
+        "loss_sum": float(loss_sum),
+        "correct": int(correct),
+        "count": count,
+        "seconds": time.perf_counter() - start,
+        "data_wait_s": wait,
+        "steps": steps,
+    }
 
 
-def _train_step(model, batch, optimizer, scheduler, s: StepSettings, loss_sum: torch.Tensor,
-                correct: torch.Tensor) -> torch.Tensor:
+def _train_step(
+    model, batch, optimizer, scheduler, s: StepSettings, loss_sum: torch.Tensor, correct: torch.Tensor
+) -> torch.Tensor:
     """One optimizer step; adds the batch's loss and hits to the device sums; returns the (device) loss."""
     labels = batch["label"].to(s.device, non_blocking=True)
     x = s.preprocess(batch["image"].to(s.device, non_blocking=True), s.generator)
@@ -164,7 +184,12 @@ def evaluate_epoch(model: nn.Module, batches: Iterable[dict], s: StepSettings) -
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(1).sum().double()])
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(1).sum().double(),
+            ]
+        )
         count += labels.shape[0]
     return {**dict(zip(("loss_sum", "top1", "top5"), sums.tolist())), "count": count}

@@ -50,11 +50,13 @@ The evaluation job adds ``model``, ``dataset``, ``split``, ``config``,
 ``top5_accuracy``, ``ece``, ``confused_pairs`` and ``coarse`` (a nested report
 of this same structure plus its own ``confused_pairs``) on top.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -85,19 +87,14 @@ def _as_int_labels(values: Any, name: str, num_classes: int) -> np.ndarray:
         if np.issubdtype(arr.dtype, np.floating):
             bad = ~np.isfinite(arr) | (arr != np.round(arr))
             if bad.any():
-                raise ValueError(
-                    f"{name} must be integer class indices, got {arr[bad][0]!r}"
-                )
+                raise ValueError(f"{name} must be integer class indices, got {arr[bad][0]!r}")
         else:
             raise ValueError(f"{name} must be integer class indices, got dtype {arr.dtype}")
     out_of_range = (arr < 0) | (arr >= num_classes)
     if out_of_range.any():
         pos = int(np.flatnonzero(out_of_range)[0])
         value = arr[pos].item()
-        raise ValueError(
-            f"{name}[{pos}] = {value} is outside the valid class range "
-            f"[0, {num_classes})"
-        )
+        raise ValueError(f"{name}[{pos}] = {value} is outside the valid class range [0, {num_classes})")
     return arr.astype(np.int64, copy=False)
 
 
@@ -124,9 +121,7 @@ def confusion_matrix(labels: Any, preds: Any, num_classes: int) -> np.ndarray:
     y = _as_int_labels(labels, "labels", num_classes)
     p = _as_int_labels(preds, "preds", num_classes)
     if y.shape[0] != p.shape[0]:
-        raise ValueError(
-            f"labels and preds have different lengths: {y.shape[0]} != {p.shape[0]}"
-        )
+        raise ValueError(f"labels and preds have different lengths: {y.shape[0]} != {p.shape[0]}")
     flat = np.bincount(y * num_classes + p, minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes).astype(np.int64, copy=False)
 
@@ -162,9 +157,7 @@ def calibration_counts(confidence: Any, correct: Any, n_bins: int = 15) -> np.nd
     conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
     corr = np.asarray(correct, dtype=np.float64).reshape(-1)
     if conf.shape[0] != corr.shape[0]:
-        raise ValueError(
-            f"confidence and correct have different lengths: {conf.shape[0]} != {corr.shape[0]}"
-        )
+        raise ValueError(f"confidence and correct have different lengths: {conf.shape[0]} != {corr.shape[0]}")
     out = np.zeros((n_bins, 3), dtype=np.float64)
     if conf.size == 0:
         return out
@@ -218,8 +211,13 @@ def calibration_bins(counts: Any) -> list[dict]:
     mean_conf = _divide(c[:, 1], c[:, 0], math.nan)
     accuracy = _divide(c[:, 2], c[:, 0], math.nan)
     return [
-        {"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(round(c[b, 0])),
-         "confidence": float(mean_conf[b]), "accuracy": float(accuracy[b])}
+        {
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "count": int(round(c[b, 0])),
+            "confidence": float(mean_conf[b]),
+            "accuracy": float(accuracy[b]),
+        }
         for b in range(c.shape[0])
     ]
 
@@ -466,13 +464,13 @@ def classification_report(
         "accuracy": micro["precision"],
         "accuracy_ci": _pairs(*wilson_interval(tp.sum(), total, confidence))[0],
         "total_support": total,
-        "intervals": {"confidence": float(confidence), "accuracy": "wilson", "precision": "wilson",
-                      "recall": "wilson"},
+        "intervals": {"confidence": float(confidence), "accuracy": "wilson", "precision": "wilson", "recall": "wilson"},
     }
     if n_resamples:
         report["macro avg"]["f1_ci"] = list(bootstrap_macro_f1(cm, n_resamples, confidence, seed, zd))
-        report["intervals"].update(macro_f1="percentile bootstrap of the rows", resamples=int(n_resamples),
-                                   seed=int(seed))
+        report["intervals"].update(
+            macro_f1="percentile bootstrap of the rows", resamples=int(n_resamples), seed=int(seed)
+        )
 
     if topk_correct is not None:
         mapping = {5: topk_correct} if isinstance(topk_correct, (int, np.integer)) else topk_correct

@@ -1,4 +1,5 @@
 """ResNet backbones from torchvision with a new classification head."""
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,9 @@ def _weights_enum(cfg: ModelConfig):
         return enum.DEFAULT
     name = "IMAGENET1K_V1" if cfg.weights == "imagenet_v1" else "IMAGENET1K_V2"
     if not hasattr(enum, name):
-        raise ModelError(f"model.weights: {cfg.arch} has no {name} weights; available: "
-                         f"{', '.join(w.name for w in enum)}")
+        raise ModelError(
+            f"model.weights: {cfg.arch} has no {name} weights; available: {', '.join(w.name for w in enum)}"
+        )
     return getattr(enum, name)
 
 
@@ -44,8 +46,7 @@ def _fetch_pretrained(weights) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     hash_prefix = torch.hub.HASH_REGEX.search(filename)
     try:
-        torch.hub.download_url_to_file(weights.url, path, hash_prefix.group(1) if hash_prefix else None,
-                                       progress=False)
+        torch.hub.download_url_to_file(weights.url, path, hash_prefix.group(1) if hash_prefix else None, progress=False)
     except Exception as exc:  # no network, proxy, hash mismatch: all end the same way for the user
         raise ModelError(
             f"model.weights: cannot download {weights.url} ({type(exc).__name__}: {exc}). torchvision caches "
@@ -68,8 +69,9 @@ def fetch_weights(cfg: ModelConfig) -> None:
 
 def _require_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise ModelError(f"model.weights: {path!r} is neither imagenet, imagenet_v1, imagenet_v2, none "
-                         f"nor an existing file")
+        raise ModelError(
+            f"model.weights: {path!r} is neither imagenet, imagenet_v1, imagenet_v2, none nor an existing file"
+        )
 
 
 def load_state_dict(path: str) -> dict:
@@ -92,16 +94,21 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     model = torchvision.models.get_model(cfg.arch, weights=None, zero_init_residual=True)
     if cfg.weights != "none":
         enum = _weights_enum(cfg)
-        state = torch.load(_fetch_pretrained(enum), map_location="cpu", weights_only=True) if enum \
+        state = (
+            torch.load(_fetch_pretrained(enum), map_location="cpu", weights_only=True)
+            if enum
             else load_state_dict(os.path.expanduser(cfg.weights))
+        )
         state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
         expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
         if missing or unexpected or mismatched:
-            raise ModelError(f"model.weights: {cfg.weights} does not fit {cfg.arch}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shape {mismatched[:5]}")
+            raise ModelError(
+                f"model.weights: {cfg.weights} does not fit {cfg.arch}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {mismatched[:5]}"
+            )
         model.load_state_dict(state, strict=False)
         log.info("loaded %s weights into %s", cfg.weights, cfg.arch)
     model.fc = nn.Linear(model.fc.in_features, num_classes)

@@ -1,4 +1,5 @@
 """Optimizer with separate backbone/head learning rates, and warmup + cosine schedule."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
         key = (head, decay)
         if key not in groups:
             groups[key] = {
-                "params": [], "name": f"{'head' if head else 'backbone'}{'' if decay else '_no_decay'}",
+                "params": [],
+                "name": f"{'head' if head else 'backbone'}{'' if decay else '_no_decay'}",
                 "lr": lr if head else lr * cfg.backbone_lr_scale,
                 "weight_decay": cfg.weight_decay if decay else 0.0,
             }
@@ -57,12 +59,14 @@ class WarmupCosine:
         return lr_factor(step, self.total_steps, self.warmup_steps, self.min_ratio)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR: call ``scheduler.step()`` after every optimizer step."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(steps_per_epoch * epochs, warmup, cfg.min_lr_ratio))
+        optimizer, WarmupCosine(steps_per_epoch * epochs, warmup, cfg.min_lr_ratio)
+    )
 
 
 def load_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:

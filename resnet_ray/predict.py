@@ -1,4 +1,5 @@
 """Batch inference callable for ``Dataset.map_batches``: one model per actor, the evaluation preprocessing."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ class Predictor:
     top_probs (their probabilities).
     """
 
-    def __init__(self, model_path: str, amp: bool = True, threads: Optional[int] = None, k: int = TOPK,
-                 probabilities: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        amp: bool = True,
+        threads: Optional[int] = None,
+        k: int = TOPK,
+        probabilities: bool = False,
+    ):
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         loaded = load_model(model_path)  # a URI: fetched once per node into the model cache
         info = loaded.info
@@ -38,8 +45,7 @@ class Predictor:
         if on_gpu:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]),
-                                     channels_last=on_gpu)
+        self.preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]), channels_last=on_gpu)
         self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
         self.k = min(k, info["num_classes"])
         self.probabilities = probabilities
@@ -53,8 +59,11 @@ class Predictor:
         top = probs.topk(self.k, dim=1)
         values = top.values.cpu().numpy().astype(np.float64)
         out = {key: value for key, value in batch.items() if key != "image"}
-        out.update(pred=top.indices[:, 0].cpu().numpy().astype(np.int64), confidence=values[:, 0],
-                   top5=top.indices.cpu().numpy().astype(np.int64))
+        out.update(
+            pred=top.indices[:, 0].cpu().numpy().astype(np.int64),
+            confidence=values[:, 0],
+            top5=top.indices.cpu().numpy().astype(np.int64),
+        )
         if self.probabilities:
             out["top_probs"] = values
         return out

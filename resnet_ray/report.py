@@ -23,6 +23,7 @@ sibling, then a move), into a local folder:
 cut to 80 columns. No ray/torch imports; matplotlib is imported lazily with
 the Agg backend.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,20 +33,42 @@ import json
 import logging
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from resnet_ray import storage
 from resnet_ray.metrics import calibration_bins, expected_calibration_error, most_confused_pairs
 
-__all__ = ["write_outputs", "write_history_plot", "write_reliability_plot", "print_summary",
-           "print_training_summary", "print_search_summary", "print_table", "default_console", "to_jsonable",
-           "md_table", "fmt", "fmt_ci"]
+__all__ = [
+    "write_outputs",
+    "write_history_plot",
+    "write_reliability_plot",
+    "print_summary",
+    "print_training_summary",
+    "print_search_summary",
+    "print_table",
+    "default_console",
+    "to_jsonable",
+    "md_table",
+    "fmt",
+    "fmt_ci",
+]
 
 _AVERAGES = ("macro avg", "weighted avg", "micro avg")
-_CSV_FIELDS = ("class", "index", "precision", "recall", "f1", "support",
-               "precision_ci_low", "precision_ci_high", "recall_ci_low", "recall_ci_high")
+_CSV_FIELDS = (
+    "class",
+    "index",
+    "precision",
+    "recall",
+    "f1",
+    "support",
+    "precision_ci_low",
+    "precision_ci_high",
+    "recall_ci_low",
+    "recall_ci_high",
+)
 _UNBOUNDED = 100_000  # columns: the width a table may take where the output is not a terminal
 F1_CHART_MIN_CLASSES = 21  # per_class_f1.png for more classes than a confusion matrix shows legibly
 
@@ -132,17 +155,34 @@ def _report_sections(report: dict, cm: Optional[np.ndarray], names: Sequence[str
     for key in _AVERAGES:
         if key in report:
             a = report[key]
-            rows.append([key, fmt(a.get("precision")), fmt(a.get("recall")), fmt(a.get("f1")),
-                         fmt_ci(a["f1_ci"]) if "f1_ci" in a else "", fmt(a.get("support"))])
+            rows.append(
+                [
+                    key,
+                    fmt(a.get("precision")),
+                    fmt(a.get("recall")),
+                    fmt(a.get("f1")),
+                    fmt_ci(a["f1_ci"]) if "f1_ci" in a else "",
+                    fmt(a.get("support")),
+                ]
+            )
     lines += md_table(["Average", "Precision", "Recall", "F1", "F1 95% CI", "Support"], rows)
     lines += ["", f"{level} Per-class", ""]
     rows = [
-        [fmt(r["index"]), r["class"], fmt(r["precision"]), fmt_ci(r.get("precision_ci")), fmt(r["recall"]),
-         fmt_ci(r.get("recall_ci")), fmt(r["f1"]), fmt(r["support"])]
+        [
+            fmt(r["index"]),
+            r["class"],
+            fmt(r["precision"]),
+            fmt_ci(r.get("precision_ci")),
+            fmt(r["recall"]),
+            fmt_ci(r.get("recall_ci")),
+            fmt(r["f1"]),
+            fmt(r["support"]),
+        ]
         for r in report.get("per_class", [])
     ]
-    lines += md_table(["Index", "Class", "Precision", "Precision 95% CI", "Recall", "Recall 95% CI", "F1",
-                       "Support"], rows)
+    lines += md_table(
+        ["Index", "Class", "Precision", "Precision 95% CI", "Recall", "Recall 95% CI", "F1", "Support"], rows
+    )
     pairs = _pairs_for(report, cm, names)
     lines += ["", f"{level} Most confused pairs (top 10)", ""]
     if pairs:
@@ -158,19 +198,26 @@ def _intervals_note(report: dict) -> list[str]:
     spec = report.get("intervals")
     if not spec:
         return []
-    text = (f"Intervals: {spec.get('confidence', 0.95):.0%} Wilson score intervals for accuracy, precision and "
-            "recall")
+    text = f"Intervals: {spec.get('confidence', 0.95):.0%} Wilson score intervals for accuracy, precision and recall"
     if "resamples" in spec:
-        text += (f"; macro-F1: percentile bootstrap of the rows ({spec['resamples']} resamples of the confusion "
-                 f"counts, seed {spec['seed']})")
+        text += (
+            f"; macro-F1: percentile bootstrap of the rows ({spec['resamples']} resamples of the confusion "
+            f"counts, seed {spec['seed']})"
+        )
     return [text + ".", ""]
 
 
 def _calibration_section(bins: Sequence[dict]) -> list[str]:
-    rows = [[f"({b['low']:.3f}, {b['high']:.3f}]", fmt(b["count"]), fmt(b["confidence"]), fmt(b["accuracy"])]
-            for b in bins if b["count"] > 0]
-    return ["## Calibration (reliability.png)", ""] + md_table(
-        ["Confidence bin", "Count", "Mean confidence", "Accuracy"], rows) + [""]
+    rows = [
+        [f"({b['low']:.3f}, {b['high']:.3f}]", fmt(b["count"]), fmt(b["confidence"]), fmt(b["accuracy"])]
+        for b in bins
+        if b["count"] > 0
+    ]
+    return (
+        ["## Calibration (reliability.png)", ""]
+        + md_table(["Confidence bin", "Count", "Mean confidence", "Accuracy"], rows)
+        + [""]
+    )
 
 
 def _markdown(report: dict, cm: np.ndarray, names: Sequence[str], coarse_cm: Optional[np.ndarray]) -> str:
@@ -209,8 +256,14 @@ def _markdown(report: dict, cm: np.ndarray, names: Sequence[str], coarse_cm: Opt
         lines += _report_sections(coarse, coarse_cm, coarse_names, "###")
 
     if "config" in report:
-        lines += ["## Configuration", "", "```json",
-                  json.dumps(to_jsonable(report["config"]), indent=2, sort_keys=True), "```", ""]
+        lines += [
+            "## Configuration",
+            "",
+            "```json",
+            json.dumps(to_jsonable(report["config"]), indent=2, sort_keys=True),
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -224,8 +277,12 @@ def _write_csv(path: str, per_class: Sequence[dict]) -> None:
     w.writerow(_CSV_FIELDS)
     for r in per_class:
         bounds = [b for key in ("precision_ci", "recall_ci") for b in (r.get(key) or (None, None))]
-        w.writerow([r["class"], int(r["index"])] + [repr(float(r[k])) for k in ("precision", "recall", "f1")]
-                   + [int(r["support"])] + [_csv_number(b) for b in bounds])
+        w.writerow(
+            [r["class"], int(r["index"])]
+            + [repr(float(r[k])) for k in ("precision", "recall", "f1")]
+            + [int(r["support"])]
+            + [_csv_number(b) for b in bounds]
+        )
     storage.write_text(path, fh.getvalue())
 
 
@@ -265,8 +322,9 @@ def _plot_confusion(path: str, cm: np.ndarray, names: Sequence[str], title: str)
         ticks = np.arange(C)
         ax.set_xticks(ticks)
         ax.set_yticks(ticks)
-        ax.set_xticklabels([str(n) for n in names], rotation=90 if C > 12 else 45,
-                           ha="center" if C > 12 else "right", fontsize=tick_fs)
+        ax.set_xticklabels(
+            [str(n) for n in names], rotation=90 if C > 12 else 45, ha="center" if C > 12 else "right", fontsize=tick_fs
+        )
         ax.set_yticklabels([str(n) for n in names], fontsize=tick_fs)
         ax.set_xlabel("Predicted")
         ax.set_ylabel("True")
@@ -276,8 +334,15 @@ def _plot_confusion(path: str, cm: np.ndarray, names: Sequence[str], title: str)
                 for j in range(C):
                     v = norm[i, j]
                     if v > 0:
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=max(tick_fs - 1, 5),
-                                color="white" if v > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{v:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=max(tick_fs - 1, 5),
+                            color="white" if v > 0.5 else "black",
+                        )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Fraction of true class")
 
 
@@ -331,12 +396,32 @@ def write_reliability_plot(calibration: Any, path: str) -> str:
     used = count > 0
     acc = np.array([b["accuracy"] for b in bins])[used]
     conf = np.array([b["confidence"] for b in bins])[used]
-    with _figure(path, nrows=2, figsize=(6, 7), dpi=120, sharex=True,
-                 gridspec_kw={"height_ratios": [3, 1]}) as (fig, (top, bottom)):
-        top.bar(low[used], acc, width=width[used], align="edge", color="tab:blue", edgecolor="black",
-                linewidth=0.5, label="accuracy")
-        top.bar(low[used], conf - acc, bottom=acc, width=width[used], align="edge", color="tab:red", alpha=0.3,
-                edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+    with _figure(path, nrows=2, figsize=(6, 7), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}) as (
+        fig,
+        (top, bottom),
+    ):
+        top.bar(
+            low[used],
+            acc,
+            width=width[used],
+            align="edge",
+            color="tab:blue",
+            edgecolor="black",
+            linewidth=0.5,
+            label="accuracy",
+        )
+        top.bar(
+            low[used],
+            conf - acc,
+            bottom=acc,
+            width=width[used],
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            edgecolor="tab:red",
+            hatch="//",
+            label="gap to mean confidence",
+        )
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
@@ -353,8 +438,9 @@ def write_reliability_plot(calibration: Any, path: str) -> str:
 
 
 def _history_series(history: Sequence[dict], key: str) -> tuple[list, list]:
-    points = [(row["epoch"], row[key]) for row in history
-              if row.get(key) is not None and math.isfinite(float(row[key]))]
+    points = [
+        (row["epoch"], row[key]) for row in history if row.get(key) is not None and math.isfinite(float(row[key]))
+    ]
     return [e for e, _ in points], [float(v) for _, v in points]
 
 
@@ -373,10 +459,14 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
     missing = [i for i, row in enumerate(history) if "epoch" not in row]
     if missing:
         raise ValueError(f"history row {missing[0]} has no 'epoch'")
-    panels = (("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
-              ("Accuracy", (("train_acc", "train top-1"), ("val_top1", "validation top-1"),
-                            ("val_top5", "validation top-5"))),
-              ("Learning rate", (("lr", "lr"),)))
+    panels = (
+        ("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
+        (
+            "Accuracy",
+            (("train_acc", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")),
+        ),
+        ("Learning rate", (("lr", "lr"),)),
+    )
     from matplotlib.ticker import MaxNLocator
 
     with _figure(path, ncols=3, figsize=(15, 4.2), dpi=110) as (fig, axes):
@@ -384,8 +474,14 @@ def write_history_plot(history: Sequence[dict], path: str) -> str:
             for key, label in series:
                 epochs, values = _history_series(history, key)
                 if epochs:
-                    ax.plot(epochs, values, marker="o", markersize=3,
-                            linestyle=":" if key == "val_top5" else "-", label=label)
+                    ax.plot(
+                        epochs,
+                        values,
+                        marker="o",
+                        markersize=3,
+                        linestyle=":" if key == "val_top5" else "-",
+                        label=label,
+                    )
             ax.set_title(title)
             ax.set_xlabel("Epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -463,8 +559,9 @@ def write_outputs(
     if has_coarse and coarse_cm is not None:
         coarse_names = [r["class"] for r in coarse["per_class"]]
         paths["coarse_png"] = os.path.join(out_dir, "coarse_confusion_matrix.png")
-        _plot_confusion(paths["coarse_png"], np.asarray(coarse_cm), coarse_names,
-                        "Coarse confusion matrix (row-normalised)")
+        _plot_confusion(
+            paths["coarse_png"], np.asarray(coarse_cm), coarse_names, "Coarse confusion matrix (row-normalised)"
+        )
     return paths
 
 
@@ -478,22 +575,36 @@ def _summary_table(report: dict, title: str, worst: int) -> Any:
     ranked = sorted(candidates, key=lambda r: (r["f1"] if math.isfinite(r["f1"]) else math.inf, r["index"]))
     worst_idx = {r["index"] for r in ranked[: max(int(worst), 0)]}
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_lines=False, pad_edge=False,
-                  caption=f"red = {len(worst_idx)} lowest-F1 classes" if worst_idx else None)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_lines=False,
+        pad_edge=False,
+        caption=f"red = {len(worst_idx)} lowest-F1 classes" if worst_idx else None,
+    )
     table.add_column("#", justify="right", style="dim")
     table.add_column("Class", overflow="fold")
     for col in ("Precision", "95% CI", "Recall", "95% CI", "F1", "Support"):
         table.add_column(col, justify="right", style="dim" if col == "95% CI" else None)
     for r in per_class:
-        table.add_row(str(r["index"]), str(r["class"]), fmt(r["precision"]), fmt_ci(r.get("precision_ci")),
-                      fmt(r["recall"]), fmt_ci(r.get("recall_ci")), fmt(r["f1"]), fmt(r["support"]),
-                      style="bold red" if r["index"] in worst_idx else None)
+        table.add_row(
+            str(r["index"]),
+            str(r["class"]),
+            fmt(r["precision"]),
+            fmt_ci(r.get("precision_ci")),
+            fmt(r["recall"]),
+            fmt_ci(r.get("recall_ci")),
+            fmt(r["f1"]),
+            fmt(r["support"]),
+            style="bold red" if r["index"] in worst_idx else None,
+        )
     table.add_section()
     for key in _AVERAGES:
         if key in report:
             a = report[key]
-            table.add_row("", key, fmt(a["precision"]), "", fmt(a["recall"]), "", fmt(a["f1"]), fmt(a["support"]),
-                          style="bold")
+            table.add_row(
+                "", key, fmt(a["precision"]), "", fmt(a["recall"]), "", fmt(a["f1"]), fmt(a["support"]), style="bold"
+            )
     return table
 
 
@@ -538,8 +649,10 @@ def print_summary(report: dict, console: Any = None, worst: int = 5) -> None:
     if isinstance(coarse, dict) and "per_class" in coarse:
         print_table(_summary_table(coarse, "Coarse (superclass) metrics", worst), console)
 
-    parts = [f"accuracy {fmt(report.get('accuracy'))}"
-             + (f" {fmt_ci(report['accuracy_ci'])}" if "accuracy_ci" in report else "")]
+    parts = [
+        f"accuracy {fmt(report.get('accuracy'))}"
+        + (f" {fmt_ci(report['accuracy_ci'])}" if "accuracy_ci" in report else "")
+    ]
     macro = report.get("macro avg", {})
     if "f1_ci" in macro:
         parts.append(f"macro-F1 {fmt(macro['f1'])} {fmt_ci(macro['f1_ci'])}")
@@ -552,8 +665,11 @@ def print_summary(report: dict, console: Any = None, worst: int = 5) -> None:
     parts.append(f"total support {fmt(report.get('total_support'))}")
     console.print("[bold]" + " | ".join(parts) + "[/bold]", highlight=False, soft_wrap=True)
     if "accuracy_ci" in report:
-        console.print("[dim]\\[low, high] = 95% interval (Wilson; macro-F1: bootstrap of the rows)[/dim]",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            "[dim]\\[low, high] = 95% interval (Wilson; macro-F1: bootstrap of the rows)[/dim]",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_training_summary(result: Any, console: Any = None) -> None:
@@ -564,15 +680,24 @@ def print_training_summary(result: Any, console: Any = None) -> None:
     console = default_console(console)
     best_epoch = result.best.get("epoch")
     table = Table(title=f"Training run {result.run_dir}", box=box.SIMPLE_HEAD)
-    columns = [("epoch", "Epoch", "{}"), ("train_loss", "Train loss", "{:.4f}"), ("train_acc", "Train acc", "{:.4f}"),
-               ("val_loss", "Val loss", "{:.4f}"), ("val_top1", "Val top-1", "{:.4f}"),
-               ("val_top5", "Val top-5", "{:.4f}"), ("lr", "LR", "{:.2e}"), ("images_per_s", "img/s", "{:.0f}"),
-               ("epoch_s", "Time (s)", "{:.1f}")]
+    columns = [
+        ("epoch", "Epoch", "{}"),
+        ("train_loss", "Train loss", "{:.4f}"),
+        ("train_acc", "Train acc", "{:.4f}"),
+        ("val_loss", "Val loss", "{:.4f}"),
+        ("val_top1", "Val top-1", "{:.4f}"),
+        ("val_top5", "Val top-5", "{:.4f}"),
+        ("lr", "LR", "{:.2e}"),
+        ("images_per_s", "img/s", "{:.0f}"),
+        ("epoch_s", "Time (s)", "{:.1f}"),
+    ]
     for _, header, _ in columns:
         table.add_column(header, justify="right")
     for row in result.history:
-        table.add_row(*(pattern.format(row[key]) if key in row else "-" for key, _, pattern in columns),
-                      style="bold green" if row["epoch"] == best_epoch else None)
+        table.add_row(
+            *(pattern.format(row[key]) if key in row else "-" for key, _, pattern in columns),
+            style="bold green" if row["epoch"] == best_epoch else None,
+        )
     print_table(table, console)
     if "val_top1" in result.best:
         chosen = f"best epoch {best_epoch}: val top-1 {result.best['val_top1']:.4f}"
@@ -596,17 +721,30 @@ def print_search_summary(result: Any, console: Any = None) -> None:
     for header in ("Trial", "Status", "Epochs", "Best epoch", metric, *keys):
         table.add_column(header, justify="right")
     for row in sorted(result.trials, key=lambda r: -(r[metric] if r[metric] is not None else -math.inf)):
-        table.add_row(row["trial_id"], row["status"], str(row["epochs"]), str(row["best_epoch"]),
-                      fmt(row[metric]), *(f"{row['params'].get(k):.3g}" if isinstance(row["params"].get(k), float)
-                                           else str(row["params"].get(k)) for k in keys),
-                      style="bold green" if row is result.best else None)
+        table.add_row(
+            row["trial_id"],
+            row["status"],
+            str(row["epochs"]),
+            str(row["best_epoch"]),
+            fmt(row[metric]),
+            *(
+                f"{row['params'].get(k):.3g}" if isinstance(row["params"].get(k), float) else str(row["params"].get(k))
+                for k in keys
+            ),
+            style="bold green" if row is result.best else None,
+        )
     print_table(table, console)
     console.print(f"best trial {result.best['trial_id']}: {metric} {fmt(result.best[metric])}", soft_wrap=True)
-    console.print(f"best config: {result.best_config_path}  (python jobs/train.py --config {result.best_config_path})",
-                  soft_wrap=True)
+    console.print(
+        f"best config: {result.best_config_path}  (python jobs/train.py --config {result.best_config_path})",
+        soft_wrap=True,
+    )
     if result.evaluation:
-        console.print(f"test accuracy of the best model: {fmt(result.evaluation['report']['accuracy'])} "
-                      f"(report in {result.evaluation['output']})", soft_wrap=True)
+        console.print(
+            f"test accuracy of the best model: {fmt(result.evaluation['report']['accuracy'])} "
+            f"(report in {result.evaluation['output']})",
+            soft_wrap=True,
+        )
 
 
 @contextlib.contextmanager
@@ -617,13 +755,25 @@ def progress_bar(description: str, console: Any = None) -> Iterator[tuple]:
     file the caller's closing summary line says it all.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = console or Console(stderr=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
     task = None
 
     def start(total: int) -> None:

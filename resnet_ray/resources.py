@@ -5,6 +5,7 @@ reports them), so that every rule is unit-tested without Ray. A request that can
 ResourceError with the numbers; where a smaller request does the job (fewer evaluation actors, fewer
 concurrent trials), the job sizes itself down with a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ def alive_nodes() -> list[dict]:
 
 def describe(nodes: list[dict]) -> str:
     """'1 node: 2 CPU' / '3 nodes: 8 CPU + 1 GPU, ...' for error messages."""
+
     def one(res: dict) -> str:
         shown = [f"{res.get(k, 0):g} {k}" for k in ("CPU", "GPU") if res.get(k, 0) or k == "CPU"]
         return " + ".join(shown)
@@ -46,7 +48,7 @@ def fit_count(request: dict, node: dict) -> int:
     """How many copies of request (e.g. one worker's {"CPU": 1, "GPU": 1}) fit on one node."""
     needed = _needed(request)
     if not needed:
-        return 10 ** 9
+        return 10**9
     return min(int(node.get(k, 0.0) / v + EPS) for k, v in needed.items())
 
 
@@ -62,14 +64,18 @@ def check_training(num_workers: int, per_worker: dict, nodes: list[dict], stream
     """
     fits = sum(fit_count(per_worker, n) for n in nodes)
     if fits < num_workers:
-        raise ResourceError(f"scaling: {num_workers} workers x {_fmt(per_worker)} do not fit; at most {fits} "
-                            f"fit on this cluster ({describe(nodes)}); lower scaling.num_workers or the "
-                            "per-worker resources")
+        raise ResourceError(
+            f"scaling: {num_workers} workers x {_fmt(per_worker)} do not fit; at most {fits} "
+            f"fit on this cluster ({describe(nodes)}); lower scaling.num_workers or the "
+            "per-worker resources"
+        )
     cpus = num_workers * per_worker.get("CPU", 0.0)
     if streaming_reads and total(nodes, "CPU") - cpus < READ_CPUS - EPS:
-        raise ResourceError(f"scaling: {num_workers} workers x {per_worker.get('CPU', 0.0):g} CPU take every CPU "
-                            f"({describe(nodes)}), and with data.cache false Ray Data reads during training "
-                            f"need {READ_CPUS:g} more; lower scaling.cpus_per_worker or set data.cache true")
+        raise ResourceError(
+            f"scaling: {num_workers} workers x {per_worker.get('CPU', 0.0):g} CPU take every CPU "
+            f"({describe(nodes)}), and with data.cache false Ray Data reads during training "
+            f"need {READ_CPUS:g} more; lower scaling.cpus_per_worker or set data.cache true"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,9 @@ class ActorPool:
     threads: int  # torch intra-op threads per actor
 
 
-def size_actor_pool(num_actors: int, cpus_per_actor: float, gpus_per_actor: float, nodes: list[dict],
-                    field: str = "eval") -> ActorPool:
+def size_actor_pool(
+    num_actors: int, cpus_per_actor: float, gpus_per_actor: float, nodes: list[dict], field: str = "eval"
+) -> ActorPool:
     """Fit num_actors actors on the nodes while leaving READ_CPUS for Ray Data's reads; fewer with a warning.
 
     CPU actors run (cluster CPUs / actors) intra-op threads, at least one per CPU they hold: the CPU kept
@@ -94,21 +101,31 @@ def size_actor_pool(num_actors: int, cpus_per_actor: float, gpus_per_actor: floa
     if cpus_per_actor > 0:
         fits = min(fits, int((cpus - READ_CPUS) / cpus_per_actor + EPS))
     if fits < 1:
-        raise ResourceError(f"{field}: one actor needs {_fmt(per_actor)} and Ray Data's reads {READ_CPUS:g} CPU "
-                            f"besides; the cluster has {describe(nodes)}; lower {field}.cpus_per_actor "
-                            f"/ {field}.gpus_per_actor")
+        raise ResourceError(
+            f"{field}: one actor needs {_fmt(per_actor)} and Ray Data's reads {READ_CPUS:g} CPU "
+            f"besides; the cluster has {describe(nodes)}; lower {field}.cpus_per_actor "
+            f"/ {field}.gpus_per_actor"
+        )
     actors = min(num_actors, fits)
     if actors < num_actors:
-        log.warning("%s.num_actors: %d actors x %s plus %g CPU for Ray Data's reads do not fit on %s; "
-                    "using %d", field, num_actors, _fmt(per_actor), READ_CPUS, describe(nodes), actors)
+        log.warning(
+            "%s.num_actors: %d actors x %s plus %g CPU for Ray Data's reads do not fit on %s; using %d",
+            field,
+            num_actors,
+            _fmt(per_actor),
+            READ_CPUS,
+            describe(nodes),
+            actors,
+        )
     threads = max(1, math.ceil(cpus_per_actor))
     if gpus_per_actor == 0:
         threads = max(threads, int(cpus // actors))
     return ActorPool(actors, threads)
 
 
-def trial_concurrency(max_concurrent: int, num_workers: int, per_worker: dict, nodes: list[dict],
-                      streaming_reads: bool) -> int:
+def trial_concurrency(
+    max_concurrent: int, num_workers: int, per_worker: dict, nodes: list[dict], streaming_reads: bool
+) -> int:
     """How many Tune trials can run at once: each holds TRIAL_DRIVER_CPUS plus its Train workers.
 
     Raises ResourceError when not even one trial fits; lowers max_concurrent with a warning when fewer fit.
@@ -120,12 +137,22 @@ def trial_concurrency(max_concurrent: int, num_workers: int, per_worker: dict, n
     if per_worker.get("GPU", 0.0) > 0:
         fits = min(fits, int(total(nodes, "GPU") / (num_workers * per_worker["GPU"]) + EPS))
     if fits < 1:
-        raise ResourceError(f"tune: one trial needs {per_trial_cpu:g} CPU ({TRIAL_DRIVER_CPUS:g} for its driver + "
-                            f"{num_workers} workers x {_fmt(per_worker)}); the cluster has {describe(nodes)}")
+        raise ResourceError(
+            f"tune: one trial needs {per_trial_cpu:g} CPU ({TRIAL_DRIVER_CPUS:g} for its driver + "
+            f"{num_workers} workers x {_fmt(per_worker)}); the cluster has {describe(nodes)}"
+        )
     if fits < max_concurrent:
-        log.warning("tune.max_concurrent_trials: %d trials x %g CPU (%g driver + %d workers x %s) do not fit "
-                    "on %s; running %d at a time", max_concurrent, per_trial_cpu, TRIAL_DRIVER_CPUS,
-                    num_workers, _fmt(per_worker), describe(nodes), fits)
+        log.warning(
+            "tune.max_concurrent_trials: %d trials x %g CPU (%g driver + %d workers x %s) do not fit "
+            "on %s; running %d at a time",
+            max_concurrent,
+            per_trial_cpu,
+            TRIAL_DRIVER_CPUS,
+            num_workers,
+            _fmt(per_worker),
+            describe(nodes),
+            fits,
+        )
     return min(max_concurrent, fits)
 
 
@@ -144,8 +171,12 @@ def release_train_reservations() -> int:
 
     try:
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-        stale = ray.get(coordinator.__ray_call__.remote(
-            lambda actor: [r for r in actor._ongoing_reqs if str(r).startswith("train-")]), timeout=10)
+        stale = ray.get(
+            coordinator.__ray_call__.remote(
+                lambda actor: [r for r in actor._ongoing_reqs if str(r).startswith("train-")]
+            ),
+            timeout=10,
+        )
         ray.get([coordinator.cancel_request.remote(r) for r in stale], timeout=10)
     except ValueError:  # no coordinator: nothing reserved
         return 0

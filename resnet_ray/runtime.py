@@ -1,4 +1,5 @@
 """Starting or joining Ray, the same way for every job, within a bounded time."""
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,10 @@ def _host_port(address: str) -> tuple[str, int]:
 def _advice(source: str) -> str:
     if source == "RAY_ADDRESS":
         return "point RAY_ADDRESS at a running cluster's head (host:port), unset it, or run with --local"
-    return (f"the cluster that wrote it is gone: run `ray stop` or delete {marker_file()}, start the cluster "
-            "again with `ray start --head`, or run with --local")
+    return (
+        f"the cluster that wrote it is gone: run `ray stop` or delete {marker_file()}, start the cluster "
+        "again with `ray start --head`, or run with --local"
+    )
 
 
 def probe(address: str, source: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -84,8 +87,10 @@ def probe(address: str, source: str, timeout_s: float = CONNECT_TIMEOUT_S) -> No
                 return
         except OSError as exc:
             if isinstance(exc, ConnectionRefusedError) or time.monotonic() >= deadline:
-                raise RayConnectError(f"cannot reach the Ray cluster at {address} (from {source}): "
-                                      f"{exc.strerror or exc}; {_advice(source)}") from None
+                raise RayConnectError(
+                    f"cannot reach the Ray cluster at {address} (from {source}): "
+                    f"{exc.strerror or exc}; {_advice(source)}"
+                ) from None
             time.sleep(0.5)
 
 
@@ -137,8 +142,14 @@ def start_local(num_cpus: Optional[float] = None) -> None:
             port = _free_port()
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
             try:
-                context = ray.init(address="local", num_cpus=cpus, include_dashboard=True,
-                                   dashboard_host="127.0.0.1", dashboard_port=port, **QUIET)
+                context = ray.init(
+                    address="local",
+                    num_cpus=cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    **QUIET,
+                )
                 global _started_here
                 _started_here = context.address_info["gcs_address"]
                 return
@@ -147,11 +158,14 @@ def start_local(num_cpus: Optional[float] = None) -> None:
                     raise
                 ray.shutdown()  # stop what did start before trying again
                 if attempt == 2:
-                    raise RayConnectError("the local Ray instance did not start within Ray's 30 s, twice (its "
-                                          "raylet or dashboard agent was too slow: is the machine busy?); "
-                                          "try again when it is less loaded") from None
-                log.warning("the local Ray instance did not start within Ray's 30 s (a busy machine?); "
-                            "starting it again")
+                    raise RayConnectError(
+                        "the local Ray instance did not start within Ray's 30 s, twice (its "
+                        "raylet or dashboard agent was too slow: is the machine busy?); "
+                        "try again when it is less loaded"
+                    ) from None
+                log.warning(
+                    "the local Ray instance did not start within Ray's 30 s (a busy machine?); starting it again"
+                )
     finally:
         notice.setLevel(level)
 
@@ -168,8 +182,9 @@ def check_cluster(local: bool = False, connect_timeout_s: float = CONNECT_TIMEOU
     return address
 
 
-def init_ray(local: bool = False, num_cpus: Optional[float] = None,
-             connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def init_ray(
+    local: bool = False, num_cpus: Optional[float] = None, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> None:
     """Join the cluster (``RAY_ADDRESS`` / a running ``ray start``) or start a local instance.
 
     ``local`` (or RAY_ADDRESS=local, or no cluster found) starts a fresh instance with ``num_cpus`` logical
@@ -193,5 +208,6 @@ def init_ray(local: bool = False, num_cpus: Optional[float] = None,
             raise RayConnectError(
                 f"the Ray cluster at {address} refused this process's credentials: it uses token authentication "
                 "(what `ray start` turns on in Ray 2.60); run the job with RAY_AUTH_MODE=token and the cluster's "
-                "token in ~/.ray/auth_token or $RAY_AUTH_TOKEN, or submit it with `ray job submit`") from None
+                "token in ~/.ray/auth_token or $RAY_AUTH_TOKEN, or submit it with `ray job submit`"
+            ) from None
     log.debug("Ray resources: %s", ray.cluster_resources())

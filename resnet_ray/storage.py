@@ -3,6 +3,7 @@
 S3-compatible stores other than AWS are reached through the standard ``AWS_ENDPOINT_URL`` variable (read by
 pyarrow >= 15, in every process that opens a filesystem, Ray workers included).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,8 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
@@ -148,6 +150,7 @@ def local_file(path: str, suffix: str = "") -> Iterator[str]:
 
 def upload_file(local: str, path: str) -> None:
     """Stream the local file ``local`` to ``path`` (local path or URI) atomically, never holding it in memory."""
+
     def copy(out):
         with open(local, "rb") as src:
             for chunk in iter(lambda: src.read(1 << 22), b""):
@@ -206,8 +209,9 @@ def _log_wait(path: str, holder: Optional[dict], deadline: float, wait_s: float)
 
 
 def _timeout(path: str, holder: Optional[dict], wait_s: float) -> LockTimeout:
-    return LockTimeout(f"{path}: still locked by {_who(holder)} after {wait_s:.0f} s; if that process is gone, "
-                       f"delete {path} and retry")
+    return LockTimeout(
+        f"{path}: still locked by {_who(holder)} after {wait_s:.0f} s; if that process is gone, delete {path} and retry"
+    )
 
 
 @contextlib.contextmanager

@@ -2,12 +2,14 @@
 
 Per epoch: every metric of the history row (train/, val/, time/ and lr scalars, x = epoch); sparsely per step:
 the training loss and learning rate at the logging points (x = global step); and the run's hyperparameters
-(``hparams/``, with its best and last validation top-1, or its last training accuracy in a refit). On URI storage the events are written to a local
-folder and uploaded after every epoch. ``tensorboard --logdir <run or storage folder>`` shows them.
+(``hparams/``, with its best and last validation top-1, or its last training accuracy in a refit). On URI
+storage the events are written to a local folder and uploaded after every epoch.
+``tensorboard --logdir <run or storage folder>`` shows them.
 
 With ``train.mlflow_tracking_uri`` set (the ``mlflow`` extra), rank 0 also logs the hyperparameters and every
 epoch's metrics to MLflow through Ray's ``setup_mlflow``.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +26,19 @@ from resnet_ray.config import Config, ConfigError, to_dict
 log = logging.getLogger(__name__)
 
 FOLDER = "tensorboard"
-EPOCH_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_top1": "val/top1",
-              "val_top5": "val/top5", "lr": "lr", "images_per_s": "time/images_per_s", "epoch_s": "time/epoch_s",
-              "data_wait_s": "time/data_wait_s", "val_s": "time/val_s", "report_s": "time/report_s"}
+EPOCH_TAGS = {
+    "train_loss": "train/loss",
+    "train_acc": "train/acc",
+    "val_loss": "val/loss",
+    "val_top1": "val/top1",
+    "val_top5": "val/top5",
+    "lr": "lr",
+    "images_per_s": "time/images_per_s",
+    "epoch_s": "time/epoch_s",
+    "data_wait_s": "time/data_wait_s",
+    "val_s": "time/val_s",
+    "report_s": "time/report_s",
+}
 HPARAM_SECTIONS = ("model", "optim", "train", "scaling")
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run folder: the MLflow run that a restart or a resume continues
 
@@ -34,8 +46,12 @@ MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run folder: the MLflow run that a 
 def hyperparameters(cfg: Config) -> dict:
     """The scalar settings of the model, optimizer, training and scaling sections, as dotted keys."""
     tree = to_dict(cfg)
-    return {f"{section}.{key}": value for section in HPARAM_SECTIONS for key, value in tree[section].items()
-            if isinstance(value, (int, float, str, bool))}
+    return {
+        f"{section}.{key}": value
+        for section in HPARAM_SECTIONS
+        for key, value in tree[section].items()
+        if isinstance(value, (int, float, str, bool))
+    }
 
 
 class TensorBoard:
@@ -61,8 +77,10 @@ class TensorBoard:
             from tensorboardX import SummaryWriter
 
             suffix = f".{time.time_ns()}"  # files opened within the same second: distinct names, in order
-            self.writers = tuple(SummaryWriter(folder, purge_step=self.purge_step, filename_suffix=suffix)
-                                 for folder in (self.local, os.path.join(self.local, "hparams")))
+            self.writers = tuple(
+                SummaryWriter(folder, purge_step=self.purge_step, filename_suffix=suffix)
+                for folder in (self.local, os.path.join(self.local, "hparams"))
+            )
             self.purge_step = None  # the purge marker belongs only in the first files after a restart
         return self.writers
 
@@ -74,15 +92,18 @@ class TensorBoard:
         writer.add_scalar("step/lr", lr, step)
 
     def epoch(self, history: list) -> None:
-        """The last history row's metrics (x = epoch) and the hyperparameters with their metrics; then the epoch's files are closed (and uploaded on URI storage)."""
+        """The last history row's metrics (x = epoch) and the hyperparameters with their metrics; then the epoch's
+        files are closed (and uploaded on URI storage)."""
         writer, hparams_writer = self._open()
         row = history[-1]
         for key, tag in EPOCH_TAGS.items():
             if isinstance(row.get(key), (int, float)):
                 writer.add_scalar(tag, row[key], row["epoch"])
         if "val_top1" in row:
-            metrics = {"hparams/best_val_top1": max(h["val_top1"] for h in history),
-                       "hparams/last_val_top1": row["val_top1"]}
+            metrics = {
+                "hparams/best_val_top1": max(h["val_top1"] for h in history),
+                "hparams/last_val_top1": row["val_top1"],
+            }
         else:  # a refit on train+val has no validation
             metrics = {"hparams/last_train_acc": row["train_acc"]}
         if not self.hparams_written:  # the HParams dashboard's session record, once per run
@@ -124,8 +145,10 @@ def check_mlflow(cfg: Config) -> None:
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise ConfigError(f"train.mlflow_tracking_uri: is set ({uri!r}) but mlflow is not installed; "
-                          "pip install 'resnet-ray[mlflow]' (or mlflow-skinny), or leave it unset") from None
+        raise ConfigError(
+            f"train.mlflow_tracking_uri: is set ({uri!r}) but mlflow is not installed; "
+            "pip install 'resnet-ray[mlflow]' (or mlflow-skinny), or leave it unset"
+        ) from None
     try:
         client = MlflowClient(uri)
         if client.get_experiment_by_name(mlflow_experiment(cfg)) is None:
@@ -150,10 +173,15 @@ class MLflow:
         logged = self._continue(uri, id_file)  # None: a new MLflow run
         params = hyperparameters(cfg)
         # a new MLflow run, or the one continued above (setup_mlflow returns the active run)
-        self.mlflow = setup_mlflow(config={k: v for k, v in params.items() if logged is None or k not in logged},
-                                   tracking_uri=uri, experiment_name=mlflow_experiment(cfg), run_name=cfg.train.name,
-                                   create_experiment_if_not_exists=True, tags={"resnet_ray.run_dir": run_dir},
-                                   rank_zero_only=True)
+        self.mlflow = setup_mlflow(
+            config={k: v for k, v in params.items() if logged is None or k not in logged},
+            tracking_uri=uri,
+            experiment_name=mlflow_experiment(cfg),
+            run_name=cfg.train.name,
+            create_experiment_if_not_exists=True,
+            tags={"resnet_ray.run_dir": run_dir},
+            rank_zero_only=True,
+        )
         if logged:
             self.mlflow.set_tags({f"resumed.{k}": v for k, v in params.items() if k in logged and logged[k] != str(v)})
         self.run_id = self.mlflow.active_run().info.run_id
@@ -178,8 +206,9 @@ class MLflow:
     def epoch(self, history: list) -> None:
         """The last history row's metrics, at step = its epoch."""
         row = history[-1]
-        self.mlflow.log_metrics({key: row[key] for key in EPOCH_TAGS if isinstance(row.get(key), (int, float))},
-                                step=row["epoch"])
+        self.mlflow.log_metrics(
+            {key: row[key] for key in EPOCH_TAGS if isinstance(row.get(key), (int, float))}, step=row["epoch"]
+        )
 
     def close(self) -> None:
         """End the MLflow run (status FINISHED)."""

@@ -1,4 +1,5 @@
 """Ray Train (TorchTrainer, DDP) fine-tuning: the per-worker function and ``fit(cfg)``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,9 @@ def _report(session: Session, metrics: dict) -> None:
         save_training_state(folder, session.state(), session.checkpoint_meta())
         checkpoint = ray.train.Checkpoint.from_directory(folder)
     mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True)
+    ray.train.report(
+        metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True
+    )
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
@@ -94,13 +96,18 @@ def train_fn_per_worker(loop_config: dict) -> None:
     progress = loop_config.get("progress") if rank == 0 else None  # the driver's live bar, on a terminal
     for epoch in range(session.epoch + 1, cfg.train.epochs + 1):
         batches = train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, drop_last=True, prefetch_batches=cfg.train.prefetch_batches,
+            batch_size=cfg.train.batch_size,
+            drop_last=True,
+            prefetch_batches=cfg.train.prefetch_batches,
             local_shuffle_buffer_size=4 * cfg.train.batch_size if cfg.data.shuffle else None,
-            local_shuffle_seed=epoch_seed(cfg, epoch), device="cpu", pin_memory=pin)
+            local_shuffle_seed=epoch_seed(cfg, epoch),
+            device="cpu",
+            pin_memory=pin,
+        )
         if progress:
             batches = counted(batches, lambda step, e=epoch: progress.update.remote(e, step, session.steps))
 
-        def on_step(step, loss):
+        def on_step(step, loss, epoch=epoch):
             if board:
                 board.step((epoch - 1) * session.steps + step, loss, session.optimizer.param_groups[0]["lr"])
 
@@ -122,8 +129,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
         mlflow_run.close()
 
 
-def _maybe_inject_failure(cfg: Config, epoch: int, rank: int, world: int, run_dir: str,
-                          timeout_s: float = 120.0) -> None:
+def _maybe_inject_failure(
+    cfg: Config, epoch: int, rank: int, world: int, run_dir: str, timeout_s: float = 120.0
+) -> None:
     """Debug hook (train.fail_at_epoch): the last rank dies once, after reporting that epoch and, when the epoch
     is checkpointed, once Ray Train has registered its checkpoint (uploaded in the background: a worker that
     died before would make the restart replay from the previous checkpoint, which is not what this proves)."""
@@ -180,9 +188,21 @@ def with_run_name(cfg: Config) -> Config:
 
 
 # what a resumed run cannot change: the weights and the data it was trained on would no longer fit
-RESUME_FIXED = ("model.arch", "model.image_size", "data.source", "data.path", "data.name", "data.image_size",
-                "data.resize", "data.on_bad_image",
-                "data.classes", "data.val_fraction", "data.test_fraction", "data.seed", "data.limit")
+RESUME_FIXED = (
+    "model.arch",
+    "model.image_size",
+    "data.source",
+    "data.path",
+    "data.name",
+    "data.image_size",
+    "data.resize",
+    "data.on_bad_image",
+    "data.classes",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.seed",
+    "data.limit",
+)
 
 
 def config_for_resume(run_dir: str, overrides=()) -> Config:
@@ -201,8 +221,10 @@ def config_for_resume(run_dir: str, overrides=()) -> Config:
     for key in RESUME_FIXED:
         section, name = key.split(".")
         if old[section][name] != new[section][name]:
-            raise ConfigError(f"{key}: a resumed run keeps {old[section][name]!r} (it was trained with it); "
-                              f"start a new run to change it")
+            raise ConfigError(
+                f"{key}: a resumed run keeps {old[section][name]!r} (it was trained with it); "
+                f"start a new run to change it"
+            )
     new["train"].update(zip(("storage_path", "name"), storage.split(run_dir)))
     return from_dict(new)
 
@@ -210,9 +232,11 @@ def config_for_resume(run_dir: str, overrides=()) -> Config:
 def _check_batches(cfg: Config, meta: dict) -> None:
     rows = training_rows(cfg, meta)
     if rows // cfg.scaling.num_workers < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} per worker is more than the "
-                          f"{rows // cfg.scaling.num_workers} training rows each of the "
-                          f"{cfg.scaling.num_workers} workers gets")
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} per worker is more than the "
+            f"{rows // cfg.scaling.num_workers} training rows each of the "
+            f"{cfg.scaling.num_workers} workers gets"
+        )
 
 
 def write_history(run_dir: str, history: list) -> None:
@@ -273,8 +297,7 @@ def read_history(run_dir: str) -> list:
     return [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, "history.jsonl")).splitlines()]
 
 
-def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: Optional[list] = None,
-                  progress=None):
+def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: Optional[list] = None, progress=None):
     """The TorchTrainer of a run: workers, process-group backend (cpu:gloo,cuda:nccl on GPUs), storage,
     checkpoint ranking, failure policy and the Ray Data ingest of ``datasets`` (train split per worker)."""
     import ray.data
@@ -288,14 +311,22 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
         train_fn_per_worker,
         train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir_of(cfg), "progress": progress},
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=cfg.scaling.resources_per_worker),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.resources_per_worker,
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.train.name, storage_path=storage.normalize(cfg.train.storage_path), callbacks=callbacks,
+            name=cfg.train.name,
+            storage_path=storage.normalize(cfg.train.storage_path),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(  # the latest K in a refit (no validation metric)
-                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_order="max",
-                checkpoint_score_attribute=None if cfg.train.refit_on_val else METRIC),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_order="max",
+                checkpoint_score_attribute=None if cfg.train.refit_on_val else METRIC,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options),
     )
@@ -343,16 +374,29 @@ class EpochLog:
         self.progress, self.bar, self.task, self.bar_epoch = progress, None, None, 0
         self.lock = threading.Lock()
         if progress is not None and console is not None and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                                transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("steps"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="epoch-log", daemon=True)
 
-    def __enter__(self) -> "EpochLog":
+    def __enter__(self) -> EpochLog:
         if self.bar:
             self.bar.start()
         self.thread.start()
@@ -407,10 +451,22 @@ class EpochLog:
                 self.shown = row["epoch"]
                 per_epoch = row["epoch_s"] + row["val_s"] + row.get("report_s", 0.0)
                 eta = time.strftime("%H:%M:%S", time.gmtime(per_epoch * (self.epochs - row["epoch"])))
-                val = (f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f}"
-                       if "val_top1" in row else "")
-                log.info("epoch %d/%d  train loss %.4f acc %.4f%s | lr %.2e | %.0f img/s | ETA %s", row["epoch"],
-                         self.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["images_per_s"], eta)
+                val = (
+                    f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f}"
+                    if "val_top1" in row
+                    else ""
+                )
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.4f%s | lr %.2e | %.0f img/s | ETA %s",
+                    row["epoch"],
+                    self.epochs,
+                    row["train_loss"],
+                    row["train_acc"],
+                    val,
+                    row["lr"],
+                    row["images_per_s"],
+                    eta,
+                )
 
 
 def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -> FitResult:
@@ -429,11 +485,16 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     console = report.logging_console()
     progress = step_progress_actor() if epoch_log and console is not None and console.is_terminal else None
     try:
-        with EpochLog(run_dir, cfg.train.epochs, progress=progress, console=console) if epoch_log \
-                else contextlib.nullcontext():
+        with (
+            EpochLog(run_dir, cfg.train.epochs, progress=progress, console=console)
+            if epoch_log
+            else contextlib.nullcontext()
+        ):
             # fails with a diagnosis instead of hanging
-            result = watch_fit(build_trainer(cfg, meta, training_datasets(cfg, prepared, meta), callbacks, progress),
-                               cfg.train.stall_timeout_s)
+            result = watch_fit(
+                build_trainer(cfg, meta, training_datasets(cfg, prepared, meta), callbacks, progress),
+                cfg.train.stall_timeout_s,
+            )
     finally:
         if progress is not None:
             import ray

@@ -5,6 +5,7 @@ Nothing here synchronizes the host with the device: per-image randomness is draw
 the generator passed in (a generator on that device), and the normalization constants are created on the
 device once and cached.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ class Preprocess:
     random_erasing: float = 0.0  # probability per image (after normalization)
     _constants: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
-    def eval(self) -> "Preprocess":
+    def eval(self) -> Preprocess:
         """The evaluation twin of a training preprocess."""
         return Preprocess(self.image_size, self.mean, self.std, channels_last=self.channels_last)
 
@@ -41,8 +42,9 @@ class Preprocess:
         """(mean, std) as (1, 3, 1, 1) tensors on ``device``, built once per device and dtype."""
         key = (str(device), dtype)
         if key not in self._constants:
-            self._constants[key] = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device)
-                                         for v in (self.mean, self.std))
+            self._constants[key] = tuple(
+                torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device) for v in (self.mean, self.std)
+            )
         return self._constants[key]
 
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -84,8 +86,9 @@ def random_crop(x: torch.Tensor, padding: int, generator=None) -> torch.Tensor:
     return out.gather(3, cols)
 
 
-def random_resized_crop(x: torch.Tensor, size: int, generator=None, scale=(0.25, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+def random_resized_crop(
+    x: torch.Tensor, size: int, generator=None, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)
+) -> torch.Tensor:
     """Per-image random area/aspect crop, resampled bilinearly to size x size in one grid_sample."""
     b = x.shape[0]
     area = scale[0] + (scale[1] - scale[0]) * _rand(b, x.device, generator)
@@ -115,8 +118,9 @@ def _host_generator(generator, host_generator):
     raise ValueError("mix_batch with a device generator needs a CPU host_generator for its per-batch draws")
 
 
-def mix_batch(x: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
-              generator=None, host_generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_batch(
+    x: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, generator=None, host_generator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or CutMix (one of them, chosen at random when both are on) on soft targets (B, C).
 
     The pairing permutation is drawn on the images' device from ``generator``; the per-batch scalars (which of

@@ -6,6 +6,7 @@ Each trial is a function trainable that launches a TorchTrainer through ``train.
 everything is written through pyarrow filesystems, and the best checkpoint is found through Ray Train's own
 record of the trial's run (``ray.train.Result.from_path``), never by listing folders.
 """
+
 from __future__ import annotations
 
 import csv
@@ -72,11 +73,18 @@ def config_for_resume(exp_dir: str, overrides=()) -> Config:
 
 def trial_config(base: Config, params: dict, trial_id: str, exp_dir: str) -> Config:
     """The trial's full config: base <- sampled params, tune.max_epochs and tune.trial_workers, its own folder."""
-    return replace(base, {**params, "train.epochs": base.tune.max_epochs,
-                          "scaling.num_workers": base.tune.trial_workers or base.scaling.num_workers,
-                          "train.name": trial_id,
-                          "train.storage_path": storage.join(exp_dir, TRIALS_FOLDER),
-                          "train.evaluate_test": False, "train.fail_at_epoch": None})
+    return replace(
+        base,
+        {
+            **params,
+            "train.epochs": base.tune.max_epochs,
+            "scaling.num_workers": base.tune.trial_workers or base.scaling.num_workers,
+            "train.name": trial_id,
+            "train.storage_path": storage.join(exp_dir, TRIALS_FOLDER),
+            "train.evaluate_test": False,
+            "train.fail_at_epoch": None,
+        },
+    )
 
 
 def run_trial(params: dict, base: dict, exp_dir: str) -> None:
@@ -130,10 +138,17 @@ def _trial_log_class():
             elif outcome == "finished":
                 outcome = f"completed {epochs} epochs"
             value = result.get(self.metric)
-            params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in sorted(trial.config.items()))
-            log.info("trial %s %s: %s %s | %s", trial.trial_id, outcome, self.metric,
-                     "-" if value is None else f"{value:.4f}", params)
+            params = ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(trial.config.items())
+            )
+            log.info(
+                "trial %s %s: %s %s | %s",
+                trial.trial_id,
+                outcome,
+                self.metric,
+                "-" if value is None else f"{value:.4f}",
+                params,
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trial, "finished")
@@ -148,8 +163,9 @@ def _tuner(cfg: Config, exp_dir: str, restore: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), exp_dir=exp_dir),
-                                {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=to_dict(cfg), exp_dir=exp_dir), {"CPU": TRIAL_DRIVER_CPUS}
+    )
     if restore:
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     parent, name = storage.split(exp_dir)
@@ -157,13 +173,25 @@ def _tuner(cfg: Config, exp_dir: str, restore: bool):
         trainable,
         param_space={key: _domain(spec) for key, spec in cfg.tune.search_space.items()},
         tune_config=tune.TuneConfig(
-            metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=cfg.tune.max_concurrent_trials, search_alg=_searcher(cfg),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.tune.max_epochs,
-                                    grace_period=cfg.tune.grace_period,
-                                    reduction_factor=cfg.tune.reduction_factor)),
-        run_config=tune.RunConfig(name=name, storage_path=parent, failure_config=tune.FailureConfig(max_failures=0),
-                                  verbose=0, callbacks=[_trial_log_class()(cfg.tune.metric, cfg.tune.max_epochs)]),
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            search_alg=_searcher(cfg),
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=cfg.tune.max_epochs,
+                grace_period=cfg.tune.grace_period,
+                reduction_factor=cfg.tune.reduction_factor,
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=parent,
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+            callbacks=[_trial_log_class()(cfg.tune.metric, cfg.tune.max_epochs)],
+        ),
     )
 
 
@@ -172,13 +200,19 @@ def _trial_rows(grid, cfg: Config) -> list:
     for result in grid:
         frame = result.metrics_dataframe
         history = [] if frame is None or cfg.tune.metric not in frame else frame.to_dict("records")
-        best = max(history, key=lambda h: h[cfg.tune.metric] * (1 if cfg.tune.mode == "max" else -1)) \
-            if history else {}
+        best = max(history, key=lambda h: h[cfg.tune.metric] * (1 if cfg.tune.mode == "max" else -1)) if history else {}
         epochs = int(max((h["epoch"] for h in history), default=0))
         status = "error" if result.error else ("completed" if epochs >= cfg.tune.max_epochs else "stopped early")
-        rows.append({"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path or "?"),
-                     "status": status, "epochs": epochs, "best_epoch": best.get("epoch"),
-                     cfg.tune.metric: best.get(cfg.tune.metric), "params": result.config})
+        rows.append(
+            {
+                "trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path or "?"),
+                "status": status,
+                "epochs": epochs,
+                "best_epoch": best.get("epoch"),
+                cfg.tune.metric: best.get(cfg.tune.metric),
+                "params": result.config,
+            }
+        )
     return rows
 
 
@@ -205,8 +239,16 @@ def _write_trials_csv(path: str, rows: list, metric: str) -> None:
     writer = csv.writer(out)
     writer.writerow(["trial_id", "status", "epochs", "best_epoch", metric, *keys])
     for row in rows:
-        writer.writerow([row["trial_id"], row["status"], row["epochs"], row["best_epoch"], row[metric],
-                         *(row["params"].get(k) for k in keys)])
+        writer.writerow(
+            [
+                row["trial_id"],
+                row["status"],
+                row["epochs"],
+                row["best_epoch"],
+                row[metric],
+                *(row["params"].get(k) for k in keys),
+            ]
+        )
     storage.write_text(path, out.getvalue())
 
 
@@ -221,10 +263,18 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
         cfg = replace(cfg, {"train.mlflow_experiment": cfg.tune.name})
     check_mlflow(cfg)
     fetch_weights(cfg.model)  # before the trials: each would fail the same way
-    cfg = replace(cfg, {"tune.max_concurrent_trials": trial_concurrency(
-        cfg.tune.max_concurrent_trials, cfg.tune.trial_workers or cfg.scaling.num_workers,
-        cfg.scaling.resources_per_worker, alive_nodes(),
-        not cfg.data.cache)})  # what the cluster holds at once (fewer, with a warning)
+    cfg = replace(
+        cfg,
+        {
+            "tune.max_concurrent_trials": trial_concurrency(
+                cfg.tune.max_concurrent_trials,
+                cfg.tune.trial_workers or cfg.scaling.num_workers,
+                cfg.scaling.resources_per_worker,
+                alive_nodes(),
+                not cfg.data.cache,
+            )
+        },
+    )  # what the cluster holds at once (fewer, with a warning)
     exp_dir = experiment_dir(cfg)
     ensure_prepared(cfg.data)  # once, before trials start in parallel
     if resume and not storage.exists(exp_dir):
@@ -245,11 +295,14 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     best_run = storage.join(exp_dir, TRIALS_FOLDER, best["trial_id"])
     # the full-length run: the search config's train.epochs and scaling.num_workers (not the trials'), the best
     # trial's sampled values on top; the learning rate follows the global batch (optim.reference_batch_size)
-    best_cfg = replace(cfg, {**best["params"], "train.name": None, "train.evaluate_test": True,
-                             "train.fail_at_epoch": None})
+    best_cfg = replace(
+        cfg, {**best["params"], "train.name": None, "train.evaluate_test": True, "train.fail_at_epoch": None}
+    )
     best_config_path = storage.join(exp_dir, "best_config.yaml")
-    storage.write_text(best_config_path, "# best trial " + best["trial_id"] + f": {cfg.tune.metric} "
-                       f"{best[cfg.tune.metric]:.4f}\n" + to_yaml(best_cfg))
+    storage.write_text(
+        best_config_path,
+        "# best trial " + best["trial_id"] + f": {cfg.tune.metric} {best[cfg.tune.metric]:.4f}\n" + to_yaml(best_cfg),
+    )
     model_dir = storage.join(exp_dir, "best_model")
     export_checkpoint(best_checkpoint(best_run, cfg.tune.metric, cfg.tune.mode), model_dir)
     from resnet_ray.evaluate import evaluate

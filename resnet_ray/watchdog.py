@@ -4,6 +4,7 @@ Without them a job whose actors, workers or read tasks can never be scheduled wa
 prediction batch arriving (``watched``) or a ``ray.train.report`` reaching the Train controller
 (``watch_fit``); after ``timeout_s`` without any, StallError says what is pending and what is free.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,10 @@ class StallError(RuntimeError):
 
 def _free(free: dict, total: dict) -> str:
     """'0/4 CPU, 12.8/15.0 GiB memory, ...': free of total, for the resources the cluster has."""
+
     def one(key: str) -> str:
         if "memory" in key:
-            return f"{free.get(key, 0) / 2 ** 30:.1f}/{total[key] / 2 ** 30:.1f} GiB {key}"
+            return f"{free.get(key, 0) / 2**30:.1f}/{total[key] / 2**30:.1f} GiB {key}"
         return f"{free.get(key, 0):g}/{total[key]:g} {key}"
 
     return ", ".join(one(k) for k in ("CPU", "GPU", "memory", "object_store_memory") if k in total)
@@ -175,9 +178,14 @@ def watch_fit(trainer, timeout_s: float, setting: str = "train.stall_timeout_s")
         while not done.wait(min(5.0, timeout_s / 4)):
             beat = _read(path)
             if time.time() - beat.get("t", start) > timeout_s:
-                stall.append(_stalled("training", timeout_s, setting,
-                                      f" after {beat.get('reports', 0)} reports, controller "
-                                      f"{beat.get('controller', 'not started')}"))
+                stall.append(
+                    _stalled(
+                        "training",
+                        timeout_s,
+                        setting,
+                        f" after {beat.get('reports', 0)} reports, controller {beat.get('controller', 'not started')}",
+                    )
+                )
                 log.error("%s; stopping the run", stall[0])
                 _stop(beat.get("pid"), fit_in_main)
                 _remove_placement_groups(beat.get("actor_id"))

@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray instance per test session, tiny prepared data, quiet logs."""
+
 from __future__ import annotations
 
 import os
@@ -71,12 +72,24 @@ def tiny_config(data_root: str, storage: str, **overrides):
     from resnet_ray.config import load_config
 
     values = {
-        "data.source": "digits", "data.root": data_root, "data.limit": 240,
-        "model.arch": "resnet18", "model.weights": "none", "model.image_size": 32,
-        "optim.name": "adamw", "optim.lr": 0.002, "optim.reference_batch_size": 64,
-        "train.epochs": 2, "train.batch_size": 32, "train.hflip": False, "train.storage_path": storage,
-        "train.evaluate_test": False, "train.keep_checkpoints": 2,
-        "scaling.num_workers": 2, "eval.num_actors": 2, "eval.batch_size": 64,
+        "data.source": "digits",
+        "data.root": data_root,
+        "data.limit": 240,
+        "model.arch": "resnet18",
+        "model.weights": "none",
+        "model.image_size": 32,
+        "optim.name": "adamw",
+        "optim.lr": 0.002,
+        "optim.reference_batch_size": 64,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.hflip": False,
+        "train.storage_path": storage,
+        "train.evaluate_test": False,
+        "train.keep_checkpoints": 2,
+        "scaling.num_workers": 2,
+        "eval.num_actors": 2,
+        "eval.batch_size": 64,
         "eval.in_process_rows": 0,  # the tests' local instance would otherwise predict in the job's process
     }
     values.update(overrides)
@@ -88,8 +101,9 @@ def tiny_run(ray_session, data_root, tmp_path_factory):
     """One real 2-worker TorchTrainer run with the final test evaluation, shared by several tests."""
     from resnet_ray.train import fit
 
-    cfg = tiny_config(data_root, str(tmp_path_factory.mktemp("runs")), **{"train.evaluate_test": True,
-                                                                        "train.name": "tiny"})
+    cfg = tiny_config(
+        data_root, str(tmp_path_factory.mktemp("runs")), **{"train.evaluate_test": True, "train.name": "tiny"}
+    )
     return cfg, fit(cfg)
 
 
@@ -157,7 +171,12 @@ def make_parquet_source(root, corrupt_rows=()):
             blobs.append(b"broken" if broken else png(*rng.integers(8, 30, 2)))
             labels.append(i % 3)
             row += name.startswith("train")
-        table = pa.table({"image": pa.array([{"bytes": b, "path": "x.png"} for b in blobs]),
-                          "label": pa.array(labels, pa.int64()), "coarse": pa.array([l // 2 for l in labels])})
+        table = pa.table(
+            {
+                "image": pa.array([{"bytes": b, "path": "x.png"} for b in blobs]),
+                "label": pa.array(labels, pa.int64()),
+                "coarse": pa.array([label // 2 for label in labels]),
+            }
+        )
         pq.write_table(table, root / name, row_group_size=group)
     return root

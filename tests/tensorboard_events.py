@@ -1,4 +1,5 @@
 """Reading TensorBoard event files back in tests, as TensorBoard does (TFRecord framing + Event protos)."""
+
 import glob
 import os
 import struct
@@ -14,8 +15,8 @@ def read_events(folder, purges=None):
         data = open(path, "rb").read()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             if purges is not None and event.HasField("session_log") and event.session_log.status == 1:
                 purges.append(event.step)

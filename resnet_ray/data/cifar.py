@@ -11,6 +11,7 @@ The batches are pickles, so nothing is unpickled before its bytes are verified: 
 ``cfg.md5`` (or the official MD5), and every file of an extracted folder must match torchvision's
 official per-file MD5. Archive members are read from memory; nothing is extracted to disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,9 +53,17 @@ def _spec(name: str) -> _Spec:
     ds = CIFAR10 if name == "cifar10" else CIFAR100
     files = {f: md5 for f, md5 in ds.train_list + ds.test_list}
     files[ds.meta["filename"]] = ds.meta["md5"]
-    return _Spec(name=name, url=ds.url, filename=ds.filename, archive_md5=ds.tgz_md5, base_folder=ds.base_folder,
-                 files=files, train=tuple(f for f, _ in ds.train_list), test=tuple(f for f, _ in ds.test_list),
-                 meta=ds.meta["filename"])
+    return _Spec(
+        name=name,
+        url=ds.url,
+        filename=ds.filename,
+        archive_md5=ds.tgz_md5,
+        base_folder=ds.base_folder,
+        files=files,
+        train=tuple(f for f, _ in ds.train_list),
+        test=tuple(f for f, _ in ds.test_list),
+        meta=ds.meta["filename"],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -74,9 +83,11 @@ def _read_archive(path: str, expected_md5: str, spec: _Spec) -> tuple[dict, str]
         raise DataError(f"{spec.name} archive {path}: cannot read ({exc})") from None
     actual = _md5(data)
     if actual != expected_md5.lower():
-        raise DataError(f"{spec.name} archive {path}: MD5 {actual} does not match the expected {expected_md5} "
-                        f"(data.md5 or the official checksum); the file is corrupt, incomplete or not the "
-                        f"official {spec.filename}")
+        raise DataError(
+            f"{spec.name} archive {path}: MD5 {actual} does not match the expected {expected_md5} "
+            f"(data.md5 or the official checksum); the file is corrupt, incomplete or not the "
+            f"official {spec.filename}"
+        )
     wanted = set(spec.files)
     found: dict[str, bytes] = {}
     try:
@@ -109,8 +120,10 @@ def _read_folder(folder: str, spec: _Spec) -> tuple[dict, str]:
             raise DataError(f"{spec.name} file {path}: cannot read ({exc})") from None
         actual = _md5(data)
         if actual != official:
-            raise DataError(f"{spec.name} file {path}: MD5 {actual} does not match the official {official}; "
-                            f"re-extract the official {spec.filename}")
+            raise DataError(
+                f"{spec.name} file {path}: MD5 {actual} does not match the official {official}; "
+                f"re-extract the official {spec.filename}"
+            )
         found[name] = data
     digest = hashlib.sha256()
     for name in sorted(spec.files):
@@ -130,9 +143,11 @@ def _download(spec: _Spec, folder: str, md5: str) -> str:
     try:
         download_url(spec.url, root=folder, filename=spec.filename, md5=md5)
     except Exception as exc:  # network errors come in many types
-        raise DataError(f"{spec.name}: could not download {spec.url} ({type(exc).__name__}: {exc}); "
-                        f"put {spec.filename} into {folder} or set data.path to the archive or extracted folder, "
-                        f"without network access") from None
+        raise DataError(
+            f"{spec.name}: could not download {spec.url} ({type(exc).__name__}: {exc}); "
+            f"put {spec.filename} into {folder} or set data.path to the archive or extracted folder, "
+            f"without network access"
+        ) from None
     path = os.path.join(folder, spec.filename)
     if not os.path.isfile(path):
         raise DataError(f"{spec.name}: download of {spec.url} left no file at {path}")
@@ -149,14 +164,17 @@ def _load_bytes(cfg: DataConfig, spec: _Spec) -> tuple[dict, str]:
         for folder in (path, os.path.join(path, spec.base_folder)):
             if _is_extracted(folder, spec):
                 if cfg.md5:
-                    log.warning("data.md5 applies to archives only; checking %s against the official per-file MD5s",
-                                folder)
+                    log.warning(
+                        "data.md5 applies to archives only; checking %s against the official per-file MD5s", folder
+                    )
                 return _read_folder(folder, spec)
         download_dir = path
     elif path:
         if path.endswith((".tar.gz", ".tgz")) or not cfg.download:
-            raise DataError(f"{spec.name}: data.path {cfg.path} does not exist; it must be the {spec.filename} "
-                            f"archive, its extracted {spec.base_folder} folder, or a folder holding either")
+            raise DataError(
+                f"{spec.name}: data.path {cfg.path} does not exist; it must be the {spec.filename} "
+                f"archive, its extracted {spec.base_folder} folder, or a folder holding either"
+            )
         download_dir = path
     else:
         download_dir = os.path.expanduser(DOWNLOAD_DIR)
@@ -164,9 +182,11 @@ def _load_bytes(cfg: DataConfig, spec: _Spec) -> tuple[dict, str]:
     if os.path.isfile(archive):
         return _read_archive(archive, expected, spec)
     if not cfg.download:
-        raise DataError(f"{spec.name}: no archive found and data.download is false; put the official "
-                        f"{spec.filename} ({spec.url}) at {archive}, or set data.path to the archive or to its "
-                        f"extracted {spec.base_folder} folder")
+        raise DataError(
+            f"{spec.name}: no archive found and data.download is false; put the official "
+            f"{spec.filename} ({spec.url}) at {archive}, or set data.path to the archive or to its "
+            f"extracted {spec.base_folder} folder"
+        )
     return _read_archive(_download(spec, download_dir, expected), expected, spec)
 
 
@@ -225,8 +245,10 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> None:
 
 def _read(cfg: DataConfig, name: str, label_keys: tuple) -> tuple[dict, dict, str, _Spec]:
     if cfg.image_size != CIFAR_SIZE:
-        raise DataError(f"{name}: images are {CIFAR_SIZE}x{CIFAR_SIZE}; set data.image_size={CIFAR_SIZE} "
-                        f"(got {cfg.image_size}); resizing happens in the model (model.image_size)")
+        raise DataError(
+            f"{name}: images are {CIFAR_SIZE}x{CIFAR_SIZE}; set data.image_size={CIFAR_SIZE} "
+            f"(got {cfg.image_size}); resizing happens in the model (model.image_size)"
+        )
     spec = _spec(name)
     files, checksum = _load_bytes(cfg, spec)  # raises before any unpickling if a checksum is wrong
     meta = _unpickle(spec.meta, files[spec.meta], spec)
@@ -275,5 +297,6 @@ def read_cifar100(cfg: DataConfig) -> RawDataset:
     fine_all = np.concatenate([s.labels for s in out.values()])
     coarse_all = np.concatenate([s.coarse_labels for s in out.values()])
     mapping = fine_to_coarse_map(fine_all, coarse_all, len(classes), "cifar100")
-    return RawDataset(splits=out, classes=classes, checksum=checksum, coarse_classes=coarse_classes,
-                      fine_to_coarse=mapping)
+    return RawDataset(
+        splits=out, classes=classes, checksum=checksum, coarse_classes=coarse_classes, fine_to_coarse=mapping
+    )

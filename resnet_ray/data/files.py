@@ -4,6 +4,7 @@ Both decode every image with :mod:`resnet_ray.data.images` (any size and mode ->
 ``data.resize`` policy). A bad record raises :class:`DataError` naming the file and row; an undecodable image
 does so under ``data.on_bad_image: error`` and is left out, listed in ``RawDataset.bad_images``, under ``skip``.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -12,9 +13,10 @@ import json
 import logging
 import os
 import posixpath
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -39,8 +41,9 @@ _CHUNK = 256
 # decoding
 
 
-def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str], spec: ResizeSpec,
-                 skip: bool) -> list[tuple[int, str]]:
+def _decode_into(
+    out: np.ndarray, start: int, blobs: Sequence, where: Callable[[int], str], spec: ResizeSpec, skip: bool
+) -> list[tuple[int, str]]:
     """Decode blobs into out[start:...]; returns [(index, reason)] of the bad ones (raises unless skip)."""
     bad = []
     for offset, blob in enumerate(blobs):
@@ -56,8 +59,9 @@ def _decode_into(out: np.ndarray, start: int, blobs: Sequence, where: Callable[[
     return bad
 
 
-def decode_images(blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str], on_bad_image: str = "error"
-                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def decode_images(
+    blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str], on_bad_image: str = "error"
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decode encoded images into (N', S, S, 3) uint8; ``where(i)`` names item i in messages.
 
     Returns (images of the good items in order, indices of those items, [{"file": where(i), "reason": ...}] of
@@ -68,7 +72,8 @@ def decode_images(blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str]
     out = np.empty((n, spec.size, spec.size, 3), dtype=np.uint8)
     sample = blobs[:64]
     large = spec.size >= _THREADED_MIN_SIZE or (
-        len(sample) and sum(len(b or b"") for b in sample) / len(sample) >= _THREADED_MIN_BYTES)
+        len(sample) and sum(len(b or b"") for b in sample) / len(sample) >= _THREADED_MIN_BYTES
+    )
     workers = min(8, os.cpu_count() or 1) if large else 1
     starts = list(range(0, n, _CHUNK))
     skip = on_bad_image == "skip"
@@ -76,7 +81,7 @@ def decode_images(blobs: Sequence, spec: ResizeSpec, where: Callable[[int], str]
         bad = _decode_into(out, 0, blobs, where, spec, skip)
     else:
         with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(_decode_into, out, s, blobs[s:s + _CHUNK], where, spec, skip) for s in starts]
+            futures = [pool.submit(_decode_into, out, s, blobs[s : s + _CHUNK], where, spec, skip) for s in starts]
             bad = [item for future in futures for item in future.result()]  # in order: the earliest error wins
     if not bad:
         return out, np.arange(n), []
@@ -102,8 +107,10 @@ def _parse_classes(text: bytes, where: str, keys: Sequence[str], required: bool)
         key = next((k for k in keys if k in value), None)
         if key is None:
             if required:
-                raise DataError(f"{where}: expected a JSON list of class names, or an object with one of "
-                                f"{', '.join(keys)}; got keys {', '.join(map(str, value))}")
+                raise DataError(
+                    f"{where}: expected a JSON list of class names, or an object with one of "
+                    f"{', '.join(keys)}; got keys {', '.join(map(str, value))}"
+                )
             return None
         value = value[key]
     elif not required:  # a bare list names the fine classes only
@@ -242,7 +249,7 @@ class ParquetListing:
         return f"{self.scheme}://{path}" if self.scheme else path
 
     def rel(self, path: str) -> str:
-        return path[len(self.base):].lstrip("/")
+        return path[len(self.base) :].lstrip("/")
 
 
 def _source_files(cfg: DataConfig, fs, base: str) -> tuple[str, dict]:
@@ -259,19 +266,22 @@ def _source_files(cfg: DataConfig, fs, base: str) -> tuple[str, dict]:
     for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         if item.type != pafs.FileType.File:
             continue
-        rel = item.path[len(base):].lstrip("/")
+        rel = item.path[len(base) :].lstrip("/")
         split = _split_of(rel)
         if split:
             by_split[split].append(item.path)
         elif rel.endswith(".parquet"):
             others.append(rel)
     if others:
-        log.warning("parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s",
-                    cfg.path, len(others), others[0])
+        log.warning(
+            "parquet source %s: ignoring %d file(s) of no train/test split, e.g. %s", cfg.path, len(others), others[0]
+        )
     if not by_split["train"]:
-        raise DataError(f"parquet source {cfg.path}: no train split found; expected train.parquet, "
-                        f"train-*.parquet or train/*.parquet below it"
-                        + (f" (found only {', '.join(others[:5])})" if others else ""))
+        raise DataError(
+            f"parquet source {cfg.path}: no train split found; expected train.parquet, "
+            f"train-*.parquet or train/*.parquet below it"
+            + (f" (found only {', '.join(others[:5])})" if others else "")
+        )
     return base, {s: sorted(f) for s, f in by_split.items() if f}
 
 
@@ -284,8 +294,10 @@ def _check_image_column(schema, column: str, file: str) -> None:
             raise DataError(f"{file}: image column {column!r} is a struct without a 'bytes' field ({kind})")
         kind = kind.field("bytes").type
     if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise DataError(f"{file}: image column {column!r} has type {schema.field(column).type}, expected encoded "
-                        f"image bytes (binary, or a struct with a 'bytes' field)")
+        raise DataError(
+            f"{file}: image column {column!r} has type {schema.field(column).type}, expected encoded "
+            f"image bytes (binary, or a struct with a 'bytes' field)"
+        )
 
 
 def list_parquet(cfg: DataConfig) -> ParquetListing:
@@ -310,8 +322,9 @@ def list_parquet(cfg: DataConfig) -> ParquetListing:
                     names, meta = pf.schema_arrow.names, pf.metadata
                     missing = [c for c in columns if c not in names]
                     if missing:
-                        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                                        f"columns: {', '.join(names)}")
+                        raise DataError(
+                            f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns: {', '.join(names)}"
+                        )
                     _check_image_column(pf.schema_arrow, cfg.image_column, path)
                     table = pf.read(columns=columns[1:])
             except DataError:
@@ -350,11 +363,19 @@ def list_parquet(cfg: DataConfig) -> ParquetListing:
             top = max(int(values.max()) for values in coarse.values() if len(values))
             coarse_classes = [str(i) for i in range(top + 1)]
         for split in coarse:
-            _check_range(coarse[split], len(coarse_classes), owners[split], "coarse label",
-                         f"{len(coarse_classes)} coarse classes")
-        fine_to_coarse = fine_to_coarse_map(np.concatenate(list(labels.values())),
-                                            np.concatenate(list(coarse.values())), len(classes),
-                                            f"parquet source {cfg.path}")
+            _check_range(
+                coarse[split],
+                len(coarse_classes),
+                owners[split],
+                "coarse label",
+                f"{len(coarse_classes)} coarse classes",
+            )
+        fine_to_coarse = fine_to_coarse_map(
+            np.concatenate(list(labels.values())),
+            np.concatenate(list(coarse.values())),
+            len(classes),
+            f"parquet source {cfg.path}",
+        )
     scheme = cfg.path.split("://", 1)[0] if storage.is_uri(cfg.path) else None
     return ParquetListing(fs, base, files, labels, coarse, classes, coarse_classes, fine_to_coarse, scheme)
 
@@ -381,26 +402,35 @@ def read_parquet_source(cfg: DataConfig) -> RawDataset:
     splits, bad_images, total = {}, [], 0
     for split, files in listing.files.items():
         images, kept_rows, offset = [], [], 0
-        for path, groups in files:
+        for path, _groups in files:
             content = _read_bytes(listing.fs, path)
             total += file_digest(listing.rel(path), content)
-            blobs = image_blobs(pq.read_table(pa.BufferReader(content), columns=[cfg.image_column])
-                                .column(cfg.image_column))
+            blobs = image_blobs(
+                pq.read_table(pa.BufferReader(content), columns=[cfg.image_column]).column(cfg.image_column)
+            )
             del content
-            decoded, kept, bad = decode_images(blobs, spec, lambda i, p=path: f"{listing.display(p)}: row {i}",
-                                               cfg.on_bad_image)
+            decoded, kept, bad = decode_images(
+                blobs, spec, lambda i, p=path: f"{listing.display(p)}: row {i}", cfg.on_bad_image
+            )
             images.append(decoded)
             kept_rows.append(offset + kept)
             offset += len(blobs)
             bad_images += [{"split": split, **b} for b in bad]
         keep = np.concatenate(kept_rows)
         coarse = listing.coarse[split]
-        splits[split] = RawSplit(images=np.concatenate(images) if len(images) > 1 else images[0],
-                                 labels=listing.labels[split][keep],
-                                 coarse_labels=None if coarse is None else coarse[keep])
-    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total),
-                      coarse_classes=listing.coarse_classes, fine_to_coarse=listing.fine_to_coarse,
-                      bad_images=bad_images)
+        splits[split] = RawSplit(
+            images=np.concatenate(images) if len(images) > 1 else images[0],
+            labels=listing.labels[split][keep],
+            coarse_labels=None if coarse is None else coarse[keep],
+        )
+    return RawDataset(
+        splits=splits,
+        classes=listing.classes,
+        checksum=combine_digests(total),
+        coarse_classes=listing.coarse_classes,
+        fine_to_coarse=listing.fine_to_coarse,
+        bad_images=bad_images,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +452,7 @@ class ImageFolderListing:
         return f"{self.scheme}://{path}" if self.scheme else path
 
     def rel(self, path: str) -> str:
-        return path[len(self.root):].lstrip("/")
+        return path[len(self.root) :].lstrip("/")
 
 
 def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
@@ -440,7 +470,7 @@ def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
         raise DataError(f"image folder {cfg.path}: cannot list ({exc})") from None
     dirs, files = set(), []
     for info in infos:
-        rel = info.path[len(root):].lstrip("/")
+        rel = info.path[len(root) :].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
             continue
         if info.type == pafs.FileType.Directory:
@@ -455,8 +485,9 @@ def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
         prefixes = {"train": ""}
 
     def class_dirs(prefix: str) -> list:
-        return sorted(d[len(prefix):] for d in dirs
-                      if d.startswith(prefix) and d[len(prefix):] and "/" not in d[len(prefix):])
+        return sorted(
+            d[len(prefix) :] for d in dirs if d.startswith(prefix) and d[len(prefix) :] and "/" not in d[len(prefix) :]
+        )
 
     def folder(prefix: str, name: str = "") -> str:
         return posixpath.join(root, prefix, name).rstrip("/")
@@ -468,7 +499,7 @@ def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
     for rel in files:
         for split, prefix in prefixes.items():
             if rel.startswith(prefix):
-                name = rel[len(prefix):].split("/", 1)
+                name = rel[len(prefix) :].split("/", 1)
                 if len(name) == 2:
                     by_class.setdefault((split, name[0]), []).append(rel)
     splits = {}
@@ -476,9 +507,11 @@ def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
         names = class_dirs(prefix)
         if names != classes:
             extra, missing = sorted(set(names) - set(classes)), sorted(set(classes) - set(names))
-            raise DataError(f"image folder {folder(prefix)}: class folders differ from the train split's"
-                            + (f"; extra: {', '.join(extra)}" if extra else "")
-                            + (f"; missing: {', '.join(missing)}" if missing else ""))
+            raise DataError(
+                f"image folder {folder(prefix)}: class folders differ from the train split's"
+                + (f"; extra: {', '.join(extra)}" if extra else "")
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+            )
         paths, labels = [], []
         for label, name in enumerate(classes):
             found = sorted(by_class.get((split, name), []))
@@ -524,10 +557,10 @@ def read_imagefolder(cfg: DataConfig) -> RawDataset:
             except OSError as exc:
                 raise DataError(f"{listing.display(path)}: cannot read ({exc})") from None
             total += file_digest(listing.rel(path), contents[-1])
-        images, kept, bad = decode_images(contents, resize_spec(cfg), lambda i, ps=paths: listing.display(ps[i]),
-                                          cfg.on_bad_image)
+        images, kept, bad = decode_images(
+            contents, resize_spec(cfg), lambda i, ps=paths: listing.display(ps[i]), cfg.on_bad_image
+        )
         del contents
         splits[split] = RawSplit(images=images, labels=labels[kept])
         bad_images += [{"split": split, **b} for b in bad]
-    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total),
-                      bad_images=bad_images)
+    return RawDataset(splits=splits, classes=listing.classes, checksum=combine_digests(total), bad_images=bad_images)

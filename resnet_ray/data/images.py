@@ -23,6 +23,7 @@ Steps, in order, for one encoded image:
    Resampling is Pillow's bicubic filter, which is antialiased when downscaling. An image that is already
    ``size x size`` RGB (CIFAR, or a prepared image) is taken as is, bit for bit, under every policy.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,8 +38,27 @@ from resnet_ray.config import RESIZE_POLICIES
 # Pillow's decoders for ordinary image files (JPEG covers MPO, the phones' multi-picture JPEG); EPS and PDF are
 # left out on purpose: EPS runs Ghostscript on the file
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "WEBP", "GIF", "TIFF", "PPM", "TGA", "ICO", "JPEG2000", "AVIF")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".mpo", ".avif")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".bmp",
+    ".webp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+    ".ico",
+    ".jp2",
+    ".mpo",
+    ".avif",
+)
 RESAMPLE = "bicubic"
 PAD_FILL = (0, 0, 0)  # black around a padded image
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
@@ -65,14 +85,20 @@ class ResizeSpec:
 
     def record(self) -> dict:
         """The policy and every parameter, as recorded in metadata.json and model.json."""
-        out = {"policy": self.policy, "size": self.size, "resample": RESAMPLE, "exif_transpose": True,
-               "alpha_background": list(ALPHA_BACKGROUND), "sixteen_bit": "round(v * 255 / 65535)"}
+        out = {
+            "policy": self.policy,
+            "size": self.size,
+            "resample": RESAMPLE,
+            "exif_transpose": True,
+            "alpha_background": list(ALPHA_BACKGROUND),
+            "sixteen_bit": "round(v * 255 / 65535)",
+        }
         if self.policy == "pad":
             out["pad_fill"] = list(PAD_FILL)
         return out
 
     @classmethod
-    def from_record(cls, record: Optional[dict], default_size: int) -> "ResizeSpec":
+    def from_record(cls, record: Optional[dict], default_size: int) -> ResizeSpec:
         """Back from a recorded dict; a record-less (older) dataset or model means center_crop at default_size."""
         if not record:
             return cls(default_size)
@@ -140,5 +166,6 @@ def decode(blob: bytes, spec: ResizeSpec) -> np.ndarray:
         im = ImageOps.exif_transpose(im) or im
         return np.asarray(resize(to_rgb(im), spec))
     except Exception as exc:  # a broken EXIF block, an unconvertible mode, ...
-        raise BadImage(f"cannot convert image ({im.mode} {im.width}x{im.height}: {type(exc).__name__}: {exc})") \
-            from None
+        raise BadImage(
+            f"cannot convert image ({im.mode} {im.width}x{im.height}: {type(exc).__name__}: {exc})"
+        ) from None

@@ -1,8 +1,10 @@
 """Prepared splits as Ray Data datasets of uint8 HWC images and int64 labels."""
+
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -67,8 +69,9 @@ def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
     if cfg.limit:  # the first rows in file order (prepare wrote them in a seeded random order), every time
         ds.context.execution_options.preserve_order = True
         ds = ds.limit(cfg.limit)
-    return ds.map_batches(table_to_batch, batch_format="pyarrow", fn_kwargs={"image_size": size},
-                          zero_copy_batch=True, batch_size=None)
+    return ds.map_batches(
+        table_to_batch, batch_format="pyarrow", fn_kwargs={"image_size": size}, zero_copy_batch=True, batch_size=None
+    )
 
 
 IN_MEMORY_BYTES = 256 * 2**20  # cached splits up to this size skip Ray Data's read job (see load_split_in_memory)

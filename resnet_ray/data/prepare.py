@@ -13,6 +13,7 @@ one keep reading the same rows. Writing goes to ``<fingerprint>.tmp-*`` under a 
 (``<fingerprint>.lock``, see :func:`resnet_ray.storage.lock`); a second prepare of the same request waits
 for the first and reuses its result, and whoever holds the lock next deletes what a killed prepare left.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -55,19 +57,26 @@ def source_files(path: str) -> list:
     if info.type == pafs.FileType.NotFound:
         return []
     infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return sorted([i.path[len(base):], i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
+    return sorted([i.path[len(base) :], i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
 
 
 def request_fingerprint(cfg: DataConfig) -> str:
     """Identity of a prepare request: same source content and carving settings -> same prepared data."""
     path = storage.normalize(cfg.path) if cfg.path else None
     request = {
-        "format": FORMAT_VERSION, "source": cfg.source, "path": path, "md5": cfg.md5,
+        "format": FORMAT_VERSION,
+        "source": cfg.source,
+        "path": path,
+        "md5": cfg.md5,
         "files": source_files(path) if path else None,
-        "image_column": cfg.image_column, "label_column": cfg.label_column,
-        "coarse_label_column": cfg.coarse_label_column, "classes": list(cfg.classes),
-        "image_size": cfg.image_size, "val_fraction": cfg.val_fraction,
-        "test_fraction": cfg.test_fraction, "seed": cfg.seed,
+        "image_column": cfg.image_column,
+        "label_column": cfg.label_column,
+        "coarse_label_column": cfg.coarse_label_column,
+        "classes": list(cfg.classes),
+        "image_size": cfg.image_size,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
     }
     # settings added later enter only when they differ from their default, which is what every dataset
     # prepared before them did: those keep their fingerprint (and folder)
@@ -93,7 +102,9 @@ def _carve(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[n
     try:
         kept, carved = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
     except ValueError as exc:
-        raise DataError(f"cannot carve a stratified {what} split of {fraction} from {len(labels)} rows: {exc}") from None
+        raise DataError(
+            f"cannot carve a stratified {what} split of {fraction} from {len(labels)} rows: {exc}"
+        ) from None
     return np.sort(kept), np.sort(carved)
 
 
@@ -138,21 +149,25 @@ def _channel_stats(images: np.ndarray) -> tuple[list, list]:
     total = np.zeros(3)
     total_sq = np.zeros(3)
     for start in range(0, len(images), 4096):
-        chunk = images[start:start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
+        chunk = images[start : start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
         total += chunk.sum(0)
-        total_sq += (chunk ** 2).sum(0)
+        total_sq += (chunk**2).sum(0)
     n = images.shape[0] * images.shape[1] * images.shape[2]
     mean = total / n
-    return mean.tolist(), np.sqrt(np.maximum(total_sq / n - mean ** 2, 0)).tolist()
+    return mean.tolist(), np.sqrt(np.maximum(total_sq / n - mean**2, 0)).tolist()
 
 
 def split_table(split: RawSplit, first_row_id: int = 0) -> pa.Table:
     """The canonical table of rows: row_id (from first_row_id on), image fixed_size_binary(H*W*3), label[, coarse]."""
     n, h, w, c = split.images.shape
-    images = pa.FixedSizeBinaryArray.from_buffers(pa.binary(h * w * c), n,
-                                                  [None, pa.py_buffer(np.ascontiguousarray(split.images))])
-    columns = {"row_id": pa.array(np.arange(first_row_id, first_row_id + n, dtype=np.int64)), "image": images,
-               "label": pa.array(split.labels.astype(np.int64))}
+    images = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(h * w * c), n, [None, pa.py_buffer(np.ascontiguousarray(split.images))]
+    )
+    columns = {
+        "row_id": pa.array(np.arange(first_row_id, first_row_id + n, dtype=np.int64)),
+        "image": images,
+        "label": pa.array(split.labels.astype(np.int64)),
+    }
     if split.coarse_labels is not None:
         columns["coarse_label"] = pa.array(split.coarse_labels.astype(np.int64))
     return pa.table(columns)
@@ -174,7 +189,7 @@ def _commit(fs: pafs.FileSystem, tmp: str, final: str) -> None:
     # object stores have no directory rename: move files, the commit marker last
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True)) if i.type == pafs.FileType.File]
     for path in sorted(files, key=lambda p: p.endswith(METADATA)):
-        fs.move(path, final + path[len(tmp):])
+        fs.move(path, final + path[len(tmp) :])
     fs.delete_dir(tmp)
 
 
@@ -196,8 +211,14 @@ def _clean_leftovers(final: str) -> None:
 def _bad_image_record(cfg: DataConfig, bad: list) -> dict:
     """metadata.json's account of the images left out (data.on_bad_image=skip), also said in the log."""
     if bad:
-        log.warning("%s: left out %d image(s) that cannot be read (data.on_bad_image=skip), e.g. %s: %s; "
-                    "all listed in metadata.json", cfg.dataset_name, len(bad), bad[0]["file"], bad[0]["reason"])
+        log.warning(
+            "%s: left out %d image(s) that cannot be read (data.on_bad_image=skip), e.g. %s: %s; "
+            "all listed in metadata.json",
+            cfg.dataset_name,
+            len(bad),
+            bad[0]["file"],
+            bad[0]["reason"],
+        )
     return {"policy": cfg.on_bad_image, "count": len(bad), "files": bad}
 
 
@@ -210,13 +231,24 @@ def _write_in_memory(cfg: DataConfig, fs: pafs.FileSystem, tmp: str):
     mean, std = _channel_stats(splits["train"].images)
     for name, split in splits.items():
         _write_split(fs, f"{tmp}/{name}", split)
-    written = Streamed(classes=list(raw.classes), counts={n: int(len(s.labels)) for n, s in splits.items()},
-                       mean=mean, std=std, checksum=raw.checksum, bad_images=raw.bad_images)
+    written = Streamed(
+        classes=list(raw.classes),
+        counts={n: int(len(s.labels)) for n, s in splits.items()},
+        mean=mean,
+        std=std,
+        checksum=raw.checksum,
+        bad_images=raw.bad_images,
+    )
     return written, raw.coarse_classes, raw.fine_to_coarse
 
 
-def _write(cfg: DataConfig, final: str, fingerprint: str, on_start: Optional[Callable[[int], None]] = None,
-           on_rows: Optional[Callable[[int], None]] = None) -> dict:
+def _write(
+    cfg: DataConfig,
+    final: str,
+    fingerprint: str,
+    on_start: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Write the dataset into a temporary folder beside ``final``, then move it there.
 
     Image folders and Parquet sources stream (resnet_ray.data.shards: names and labels in this process, shards
@@ -237,14 +269,24 @@ def _write(cfg: DataConfig, final: str, fingerprint: str, on_start: Optional[Cal
         else:
             written, coarse_classes, fine_to_coarse = _write_in_memory(cfg, fs, tmp)
         meta = {
-            "format_version": FORMAT_VERSION, "name": cfg.dataset_name, "source": cfg.source,
-            "fingerprint": fingerprint, "source_checksum": written.checksum, "image_size": cfg.image_size,
+            "format_version": FORMAT_VERSION,
+            "name": cfg.dataset_name,
+            "source": cfg.source,
+            "fingerprint": fingerprint,
+            "source_checksum": written.checksum,
+            "image_size": cfg.image_size,
             "resize": ResizeSpec(cfg.image_size, cfg.resize).record(),
             "bad_images": _bad_image_record(cfg, written.bad_images),
-            "classes": list(written.classes), "coarse_classes": coarse_classes,
-            "fine_to_coarse": fine_to_coarse, "counts": written.counts,
-            "mean": written.mean, "std": written.std, "val_fraction": cfg.val_fraction,
-            "test_fraction": cfg.test_fraction, "seed": cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "classes": list(written.classes),
+            "coarse_classes": coarse_classes,
+            "fine_to_coarse": fine_to_coarse,
+            "counts": written.counts,
+            "mean": written.mean,
+            "std": written.std,
+            "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction,
+            "seed": cfg.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with fs.open_output_stream(f"{tmp}/{METADATA}") as f:
             f.write(json.dumps(meta, indent=2).encode())
@@ -256,8 +298,12 @@ def _write(cfg: DataConfig, final: str, fingerprint: str, on_start: Optional[Cal
     return meta
 
 
-def prepare(cfg: DataConfig, wait_s: float = 1800.0, on_start: Optional[Callable[[int], None]] = None,
-            on_rows: Optional[Callable[[int], None]] = None) -> str:
+def prepare(
+    cfg: DataConfig,
+    wait_s: float = 1800.0,
+    on_start: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> str:
     """Prepare cfg's source into the canonical layout once; returns the prepared folder.
 
     A prepare of the same request that is already running is waited for (at most ``wait_s`` seconds) and
@@ -266,8 +312,10 @@ def prepare(cfg: DataConfig, wait_s: float = 1800.0, on_start: Optional[Callable
     final = dataset_dir(cfg)
     if cfg.path and (final + "/").startswith(storage.normalize(cfg.path).rstrip("/") + "/"):
         # the prepared files would become part of the source: a new fingerprint, and a source with them in it
-        raise DataError(f"data.root {cfg.root}: the prepared dataset ({final}) would be written inside the source "
-                        f"data.path {cfg.path}; choose a data.root outside it")
+        raise DataError(
+            f"data.root {cfg.root}: the prepared dataset ({final}) would be written inside the source "
+            f"data.path {cfg.path}; choose a data.root outside it"
+        )
     fingerprint = storage.split(final)[1]
     done = storage.join(final, METADATA)
     if storage.exists(done):
@@ -282,13 +330,20 @@ def prepare(cfg: DataConfig, wait_s: float = 1800.0, on_start: Optional[Callable
         meta = _write(cfg, final, fingerprint, on_start, on_rows)
     seconds = time.perf_counter() - start
     rows = sum(meta["counts"].values())
-    log.info("prepared %s at %s in %.1f s (%.0f images/s): %s", cfg.dataset_name, final, seconds, rows / seconds,
-             meta["counts"])
+    log.info(
+        "prepared %s at %s in %.1f s (%.0f images/s): %s",
+        cfg.dataset_name,
+        final,
+        seconds,
+        rows / seconds,
+        meta["counts"],
+    )
     return final
 
 
-def ensure_prepared(cfg: DataConfig, on_start: Optional[Callable[[int], None]] = None,
-                    on_rows: Optional[Callable[[int], None]] = None) -> tuple[str, dict]:
+def ensure_prepared(
+    cfg: DataConfig, on_start: Optional[Callable[[int], None]] = None, on_rows: Optional[Callable[[int], None]] = None
+) -> tuple[str, dict]:
     """prepare() (a no-op when already done) and the dataset's metadata."""
     prepared = prepare(cfg, on_start=on_start, on_rows=on_rows)
     return prepared, read_metadata(prepared)

@@ -18,15 +18,17 @@ flight, so memory stays bounded whatever the source size. The result is the same
 reading everything into memory (``files.read_imagefolder`` / ``files.read_parquet_source``, then
 ``prepare.carve_splits``), with the same checksum.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +36,7 @@ import pyarrow.parquet as pq
 
 from resnet_ray import storage
 from resnet_ray.config import DataConfig
-from resnet_ray.data.files import (combine_digests, file_digest, image_blobs, list_imagefolder, list_parquet,
-                                   read_file)
+from resnet_ray.data.files import combine_digests, file_digest, image_blobs, list_imagefolder, list_parquet, read_file
 from resnet_ray.data.images import BadImage, ResizeSpec, decode
 from resnet_ray.data.sources import DataError, RawSplit
 
@@ -75,7 +76,7 @@ def write_shard(task: dict) -> dict:
             content = read_file(fs, path)
         except OSError as exc:
             content, reason = None, f"cannot read ({exc})"
-        digest += file_digest(path[len(task["root"]):].lstrip("/"), content)
+        digest += file_digest(path[len(task["root"]) :].lstrip("/"), content)
         try:
             if content is None:
                 raise BadImage(reason)
@@ -88,15 +89,20 @@ def write_shard(task: dict) -> dict:
     images = images[kept] if len(kept) < len(paths) else images
     out_fs, out_path = storage.resolve(task["out"])
     pq.write_table(split_table(RawSplit(images, labels[kept]), task["first_row_id"]), out_path, filesystem=out_fs)
-    return {"index": task["index"], "rows": len(kept), "bad": bad, "digest": digest,
-            **pixel_sums(images if task["stats"] else images[:0])}
+    return {
+        "index": task["index"],
+        "rows": len(kept),
+        "bad": bad,
+        "digest": digest,
+        **pixel_sums(images if task["stats"] else images[:0]),
+    }
 
 
 def pixel_sums(images: np.ndarray, chunk: int = 256) -> dict:
     """Exact per-channel sums of the uint8 values and of their squares (integers: no rounding, any order)."""
     total, total_sq = np.zeros(3, np.int64), np.zeros(3, np.int64)
     for start in range(0, len(images), chunk):
-        values = images[start:start + chunk].reshape(-1, 3).astype(np.int64)
+        values = images[start : start + chunk].reshape(-1, 3).astype(np.int64)
         total += values.sum(0)
         total_sq += (values * values).sum(0)
     return {"sum": total.tolist(), "sum_sq": total_sq.tolist(), "pixels": int(np.prod(images.shape[:3]))}
@@ -147,8 +153,14 @@ def stage_rows(task: dict) -> dict:
             except BadImage as exc:
                 if task["on_bad_image"] != "skip":
                     return {"error": f"{where}: {exc}"}
-                bad.append({"split": task["splits"][codes[i]], "file": where, "reason": str(exc),
-                            "position": int(positions[i])})
+                bad.append(
+                    {
+                        "split": task["splits"][codes[i]],
+                        "file": where,
+                        "reason": str(exc),
+                        "position": int(positions[i]),
+                    }
+                )
             i += 1
     if i != n:
         raise RuntimeError(f"{task['path']}: read {i} rows of row groups {task['groups']}, expected {n}")
@@ -156,12 +168,16 @@ def stage_rows(task: dict) -> dict:
     shard = positions // task["rows_per_shard"]
     for code, number in sorted(set(zip(codes[ok].tolist(), shard[ok].tolist()))):
         rows = np.flatnonzero(ok & (codes == code) & (shard == number))
-        columns = {"position": pa.array(positions[rows]), "image": _fixed(images[rows]),
-                   "label": pa.array(labels[rows])}
+        columns = {
+            "position": pa.array(positions[rows]),
+            "image": _fixed(images[rows]),
+            "label": pa.array(labels[rows]),
+        }
         if coarse is not None:
             columns["coarse_label"] = pa.array(np.asarray(coarse)[rows])
-        out_fs, out = storage.resolve(storage.join(task["staging"], task["splits"][code], f"{number:05d}",
-                                                   f"{task['chunk']:06d}.parquet"))
+        out_fs, out = storage.resolve(
+            storage.join(task["staging"], task["splits"][code], f"{number:05d}", f"{task['chunk']:06d}.parquet")
+        )
         out_fs.create_dir(out.rsplit("/", 1)[0], recursive=True)
         pq.write_table(pa.table(columns), out, filesystem=out_fs)
     return {"rows": int(ok.sum()), "bad": bad, "digest": 0}
@@ -169,8 +185,9 @@ def stage_rows(task: dict) -> dict:
 
 def _fixed(images: np.ndarray) -> pa.Array:
     n, h, w, c = images.shape
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(h * w * c), n,
-                                                [None, pa.py_buffer(np.ascontiguousarray(images))])
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(h * w * c), n, [None, pa.py_buffer(np.ascontiguousarray(images))]
+    )
 
 
 def gather_shard(task: dict) -> dict:
@@ -181,8 +198,11 @@ def gather_shard(task: dict) -> dict:
     from resnet_ray.data.prepare import split_table
 
     fs, folder = storage.resolve(task["staging"])
-    parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-                   if i.type == pafs.FileType.File)
+    parts = sorted(
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        if i.type == pafs.FileType.File
+    )
     size = task["size"]
     if parts:
         table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts]).sort_by("position")
@@ -196,8 +216,13 @@ def gather_shard(task: dict) -> dict:
         coarse = np.zeros(0, np.int64) if task["has_coarse"] else None
     out_fs, out = storage.resolve(task["out"])
     pq.write_table(split_table(RawSplit(images, labels, coarse), first), out, filesystem=out_fs)
-    return {"index": task["index"], "rows": len(labels), "bad": [], "digest": 0,
-            **pixel_sums(images if task["stats"] else images[:0])}
+    return {
+        "index": task["index"],
+        "rows": len(labels),
+        "bad": [],
+        "digest": 0,
+        **pixel_sums(images if task["stats"] else images[:0]),
+    }
 
 
 TASKS = {"image_shard": write_shard, "hash": hash_file, "stage": stage_rows, "gather": gather_shard}
@@ -278,8 +303,12 @@ def _renumber(results: dict, tasks: list) -> dict:
     return counts
 
 
-def write_imagefolder(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable[[int], None]] = None,
-                      on_rows: Optional[Callable[[int], None]] = None) -> Streamed:
+def write_imagefolder(
+    cfg: DataConfig,
+    tmp_uri: str,
+    on_start: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> Streamed:
     """Write cfg's image folder as the prepared splits under ``tmp_uri`` (a local path or URI) in shard tasks."""
     from resnet_ray.data.prepare import carve_order, rows_per_shard
 
@@ -291,12 +320,24 @@ def write_imagefolder(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable
     for split, (source, index) in order.items():
         paths, labels = listing.splits[source]
         for shard, start in enumerate(range(0, max(len(index), 1), per_shard)):
-            rows = index[start:start + per_shard]
-            tasks.append({"kind": "image_shard", "index": len(tasks), "split": split, "paths": [paths[i] for i in rows],
-                          "labels": labels[rows], "first_row_id": start, "stats": split == "train",
-                          "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
-                          "source": cfg.path, "root": listing.root, "scheme": listing.scheme,
-                          "resize": resize, "on_bad_image": cfg.on_bad_image})
+            rows = index[start : start + per_shard]
+            tasks.append(
+                {
+                    "kind": "image_shard",
+                    "index": len(tasks),
+                    "split": split,
+                    "paths": [paths[i] for i in rows],
+                    "labels": labels[rows],
+                    "first_row_id": start,
+                    "stats": split == "train",
+                    "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
+                    "source": cfg.path,
+                    "root": listing.root,
+                    "scheme": listing.scheme,
+                    "resize": resize,
+                    "on_bad_image": cfg.on_bad_image,
+                }
+            )
     for split in order:
         out_fs, out_path = storage.resolve(storage.join(tmp_uri, split))
         out_fs.create_dir(out_path, recursive=True)
@@ -304,11 +345,16 @@ def write_imagefolder(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable
         on_start(sum(len(index) for _, index in order.values()))
     results = _drain(tasks, on_rows)
     bad = sorted((b for r in results.values() for b in r["bad"]), key=lambda b: b["file"])
-    counts = _renumber(results, tasks) if bad else {
-        split: len(index) for split, (_, index) in order.items()}
+    counts = _renumber(results, tasks) if bad else {split: len(index) for split, (_, index) in order.items()}
     mean, std = _mean_std(results, cfg)
-    return Streamed(classes=listing.classes, counts=counts, mean=mean, std=std,
-                    checksum=combine_digests(sum(r["digest"] for r in results.values())), bad_images=bad)
+    return Streamed(
+        classes=listing.classes,
+        counts=counts,
+        mean=mean,
+        std=std,
+        checksum=combine_digests(sum(r["digest"] for r in results.values())),
+        bad_images=bad,
+    )
 
 
 def _mean_std(results: dict, cfg: DataConfig) -> tuple[list, list]:
@@ -320,7 +366,7 @@ def _mean_std(results: dict, cfg: DataConfig) -> tuple[list, list]:
     total = [sum(r["sum"][c] for r in train) for c in range(3)]
     total_sq = [sum(r["sum_sq"][c] for r in train) for c in range(3)]
     mean = [t / (255.0 * n) for t in total]
-    std = [math.sqrt(max(sq / (255.0 ** 2 * n) - m * m, 0.0)) for sq, m in zip(total_sq, mean)]
+    std = [math.sqrt(max(sq / (255.0**2 * n) - m * m, 0.0)) for sq, m in zip(total_sq, mean)]
     return mean, std
 
 
@@ -357,8 +403,12 @@ def _drain(tasks: list, on_rows: Optional[Callable[[int], None]]) -> dict:
     return results
 
 
-def write_parquet(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable[[int], None]] = None,
-                  on_rows: Optional[Callable[[int], None]] = None) -> tuple[Streamed, Optional[list], Optional[list]]:
+def write_parquet(
+    cfg: DataConfig,
+    tmp_uri: str,
+    on_start: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> tuple[Streamed, Optional[list], Optional[list]]:
     """Write cfg's Parquet source as the prepared splits under ``tmp_uri``: stage, then gather (see the module
     docstring). Returns (figures, coarse classes, fine -> coarse)."""
     from resnet_ray.data.prepare import carve_order, rows_per_shard
@@ -374,8 +424,10 @@ def write_parquet(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable[[in
         dest_pos[source][index] = np.arange(len(index))
     staging = storage.join(tmp_uri, "_staging")
     common = {"source": cfg.path, "scheme": listing.scheme}
-    tasks = [{"kind": "hash", "index": i, "path": path, "rel": listing.rel(path), **common}
-             for i, path in enumerate(path for files in listing.files.values() for path, _ in files)]
+    tasks = [
+        {"kind": "hash", "index": i, "path": path, "rel": listing.rel(path), **common}
+        for i, path in enumerate(path for files in listing.files.values() for path, _ in files)
+    ]
     for source, files in listing.files.items():
         offset, coarse = 0, listing.coarse[source]
         for path, groups in files:
@@ -383,14 +435,29 @@ def write_parquet(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable[[in
             for run, skip, take in _runs(groups, per_shard):
                 lo = offset + int(starts[run[0]]) + skip
                 rows = slice(lo, lo + take)
-                tasks.append({"kind": "stage", "index": len(tasks), "path": path, "groups": run, "skip": skip,
-                              "take": take, "first_row": lo - offset, "labels": listing.labels[source][rows],
-                              "coarse": None if coarse is None else coarse[rows],
-                              "dest_split": dest_split[source][rows], "dest_pos": dest_pos[source][rows],
-                              "splits": names, "rows_per_shard": per_shard, "staging": staging,
-                              "chunk": len(tasks), "image_column": cfg.image_column,
-                              "resize": ResizeSpec(cfg.image_size, cfg.resize).record(),
-                              "on_bad_image": cfg.on_bad_image, **common})
+                tasks.append(
+                    {
+                        "kind": "stage",
+                        "index": len(tasks),
+                        "path": path,
+                        "groups": run,
+                        "skip": skip,
+                        "take": take,
+                        "first_row": lo - offset,
+                        "labels": listing.labels[source][rows],
+                        "coarse": None if coarse is None else coarse[rows],
+                        "dest_split": dest_split[source][rows],
+                        "dest_pos": dest_pos[source][rows],
+                        "splits": names,
+                        "rows_per_shard": per_shard,
+                        "staging": staging,
+                        "chunk": len(tasks),
+                        "image_column": cfg.image_column,
+                        "resize": ResizeSpec(cfg.image_size, cfg.resize).record(),
+                        "on_bad_image": cfg.on_bad_image,
+                        **common,
+                    }
+                )
             offset += int(starts[-1])
     del dest_split, dest_pos
     if on_start:
@@ -402,10 +469,18 @@ def write_parquet(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable[[in
         for split, (_, index) in order.items():
             bad_positions = np.asarray([b["position"] for b in bad if b["split"] == split], dtype=np.int64)
             for shard in range(max(1, -(-len(index) // per_shard))):
-                gathers.append({"kind": "gather", "index": len(gathers), "staging": storage.join(staging, split,
-                                f"{shard:05d}"), "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
-                                "bad_positions": bad_positions, "size": cfg.image_size,
-                                "stats": split == "train", "has_coarse": listing.coarse["train"] is not None})
+                gathers.append(
+                    {
+                        "kind": "gather",
+                        "index": len(gathers),
+                        "staging": storage.join(staging, split, f"{shard:05d}"),
+                        "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
+                        "bad_positions": bad_positions,
+                        "size": cfg.image_size,
+                        "stats": split == "train",
+                        "has_coarse": listing.coarse["train"] is not None,
+                    }
+                )
             out_fs, out = storage.resolve(storage.join(tmp_uri, split))
             out_fs.create_dir(out, recursive=True)
         results = _drain(gathers, None)
@@ -416,5 +491,8 @@ def write_parquet(cfg: DataConfig, tmp_uri: str, on_start: Optional[Callable[[in
     for b in bad:
         del b["position"]
     checksum = combine_digests(sum(r["digest"] for r in staged.values()))
-    return (Streamed(classes=listing.classes, counts=counts, mean=mean, std=std, checksum=checksum, bad_images=bad),
-            listing.coarse_classes, listing.fine_to_coarse)
+    return (
+        Streamed(classes=listing.classes, counts=counts, mean=mean, std=std, checksum=checksum, bad_images=bad),
+        listing.coarse_classes,
+        listing.fine_to_coarse,
+    )

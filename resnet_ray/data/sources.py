@@ -3,12 +3,14 @@
 Every reader returns a :class:`RawDataset`; ``prepare`` turns it into the canonical Parquet layout.
 Readers validate what they read and raise :class:`DataError` naming the file and row.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -59,14 +61,16 @@ def read_digits(cfg: DataConfig) -> RawDataset:
 
     digits = load_digits()
     small = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0))[:, None]
-    big = torch.nn.functional.interpolate(small, size=(cfg.image_size, cfg.image_size), mode="bilinear",
-                                          align_corners=False)
+    big = torch.nn.functional.interpolate(
+        small, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
+    )
     gray = big.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
     images = np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
     labels = digits.target.astype(np.int64)
     checksum = hashlib.sha256(digits.images.tobytes() + labels.tobytes()).hexdigest()
-    return RawDataset(splits={"train": RawSplit(images, labels)}, classes=[str(i) for i in range(10)],
-                      checksum=checksum)
+    return RawDataset(
+        splits={"train": RawSplit(images, labels)}, classes=[str(i) for i in range(10)], checksum=checksum
+    )
 
 
 def _lazy(module: str, fn: str) -> Callable[[DataConfig], RawDataset]:
@@ -93,6 +97,10 @@ def read_source(cfg: DataConfig) -> RawDataset:
     for name, split in raw.splits.items():
         check_split(split, len(raw.classes), f"{cfg.source} {name} split", cfg.image_size)
         if split.coarse_labels is not None and raw.coarse_classes is not None:
-            check_split(RawSplit(split.images, split.coarse_labels), len(raw.coarse_classes),
-                        f"{cfg.source} {name} split (coarse labels)", cfg.image_size)
+            check_split(
+                RawSplit(split.images, split.coarse_labels),
+                len(raw.coarse_classes),
+                f"{cfg.source} {name} split (coarse labels)",
+                cfg.image_size,
+            )
     return raw

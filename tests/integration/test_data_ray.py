@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_load_split_yields_uint8_images_and_every_row(ray_session, digits_prepared):
     cfg, prepared, meta = digits_prepared
     ds = load_split(cfg, "val", prepared)
-    rows = ids = 0
+    rows = 0
     seen = []
     for batch in ds.iter_torch_batches(batch_size=50):
         assert batch["image"].dtype.is_floating_point is False and str(batch["image"].dtype) == "torch.uint8"
@@ -47,8 +47,9 @@ def test_limit_takes_the_first_rows_of_a_split_in_several_files(ray_session, tmp
 
 
 @pytest.mark.parametrize("limit", [None, 650])
-def test_a_small_cached_split_read_in_memory_equals_the_materialized_ray_data_read(ray_session, tmp_path,
-                                                                                  monkeypatch, limit):
+def test_a_small_cached_split_read_in_memory_equals_the_materialized_ray_data_read(
+    ray_session, tmp_path, monkeypatch, limit
+):
     """The local mode's fast path (no Ray Data read job): the same blocks, rows in the same order, same
     columns and types as load_split(...).materialize(), also with a limit that ends inside the third file."""
     import resnet_ray.data.prepare as prepare
@@ -75,8 +76,9 @@ def test_shared_cifar10_subset_prepares_and_loads(ray_session, shared_cifar10, t
     src.mkdir()
     for split, n in (("train", 1000), ("test", 200)):
         table = pq.read_table(os.path.join(shared_cifar10, f"{split}.parquet"))
-        pq.write_table(table.take(pa.array(np.sort(rng.choice(table.num_rows, n, replace=False)))),
-                       src / f"{split}.parquet")
+        pq.write_table(
+            table.take(pa.array(np.sort(rng.choice(table.num_rows, n, replace=False)))), src / f"{split}.parquet"
+        )
     (src / "classes.json").write_bytes(open(os.path.join(shared_cifar10, "classes.json"), "rb").read())
 
     cfg = DataConfig(source="parquet", path=str(src), name="cifar10-subset", root=str(tmp_path / "prepared"))

@@ -17,8 +17,14 @@ def test_training_ends_with_a_complete_test_report(tiny_run):
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["total_support"] == report["rows"] == 240  # data.limit rows of the test split, each once
     assert sum(r["support"] for r in report["per_class"]) == 240
-    assert {"report.json", "report.md", "per_class.csv", "confusion_matrix.png", "reliability.png",
-            "predictions.parquet"} <= set(os.listdir(out))
+    assert {
+        "report.json",
+        "report.md",
+        "per_class.csv",
+        "confusion_matrix.png",
+        "reliability.png",
+        "predictions.parquet",
+    } <= set(os.listdir(out))
     predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pydict()
     assert sorted(predictions["row_id"]) == list(range(240))
     accuracy = sum(p == y for p, y in zip(predictions["pred"], predictions["label"])) / 240
@@ -48,15 +54,19 @@ def test_on_a_local_instance_the_job_process_predicts_and_gives_the_actors_repor
 
     cfg, result = tiny_run
     monkeypatch.setattr(ev, "predict_stream", lambda *a, **k: pytest.fail("started Ray Data actors"))
-    here = evaluate(replace(cfg, {"eval.in_process_rows": None}), result.run_dir, split="test",
-                    output=str(tmp_path / "here"))
+    here = evaluate(
+        replace(cfg, {"eval.in_process_rows": None}), result.run_dir, split="test", output=str(tmp_path / "here")
+    )
     actors = result.evaluation
     for key in ("accuracy", "total_support", "top5_accuracy", "ece"):
         assert here["report"][key] == pytest.approx(actors["report"][key]), key
     assert [r["f1"] for r in here["report"]["per_class"]] == pytest.approx(
-        [r["f1"] for r in actors["report"]["per_class"]])
-    a, b = (pq.read_table(os.path.join(out, "predictions.parquet")).sort_by("row_id").to_pydict()
-            for out in (actors["output"], here["output"]))
+        [r["f1"] for r in actors["report"]["per_class"]]
+    )
+    a, b = (
+        pq.read_table(os.path.join(out, "predictions.parquet")).sort_by("row_id").to_pydict()
+        for out in (actors["output"], here["output"])
+    )
     assert a["pred"] == b["pred"] and a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
 
 

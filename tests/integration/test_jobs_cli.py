@@ -1,4 +1,5 @@
 """The jobs as a user runs them (subprocesses): a dead cluster address, a 2-CPU Ray, a Parquet-trained run."""
+
 import json
 import os
 import socket
@@ -10,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,14 @@ def job_env(**values):
 
 
 def job(script, *args, **env):
-    return subprocess.Popen([sys.executable, os.path.join("jobs", script), *args], cwd=ROOT, env=job_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join("jobs", script), *args],
+        cwd=ROOT,
+        env=job_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc, timeout):
@@ -51,8 +57,14 @@ def test_a_job_pointed_at_a_dead_cluster_exits_within_60_s_naming_the_address(tm
     marker.write_text(dead)
     start = time.monotonic()
     by_env = job("train.py", "--train.epochs", "1", RAY_ADDRESS=dead)
-    by_marker = job("evaluate.py", "--model", str(tmp_path), "--config", os.path.join(ROOT, "configs", "local.yaml"),
-                    RAY_TMPDIR=str(tmp_path))
+    by_marker = job(
+        "evaluate.py",
+        "--model",
+        str(tmp_path),
+        "--config",
+        os.path.join(ROOT, "configs", "local.yaml"),
+        RAY_TMPDIR=str(tmp_path),
+    )
     (rc_env, out_env), (rc_marker, out_marker) = finish(by_env, 90), finish(by_marker, 90)
     assert time.monotonic() - start < 60
     assert rc_env == 1 and f"error: cannot reach the Ray cluster at {dead} (from RAY_ADDRESS)" in out_env, out_env
@@ -64,8 +76,20 @@ def test_a_job_pointed_at_a_dead_cluster_exits_within_60_s_naming_the_address(tm
 def test_ray_address_local_evaluates_on_two_cpus_with_fewer_actors(tiny_run, tmp_path):
     cfg, result = tiny_run
     out_dir = tmp_path / "eval"
-    rc, out = finish(job("evaluate.py", "--model", result.run_dir, "--eval.num_actors", "2", "--output", str(out_dir),
-                         RAY_ADDRESS="local", RESNET_RAY_NUM_CPUS="2"), 600)
+    rc, out = finish(
+        job(
+            "evaluate.py",
+            "--model",
+            result.run_dir,
+            "--eval.num_actors",
+            "2",
+            "--output",
+            str(out_dir),
+            RAY_ADDRESS="local",
+            RESNET_RAY_NUM_CPUS="2",
+        ),
+        600,
+    )
     assert rc == 0, out[-3000:]
     # a plain 2-CPU Ray instance: the pool is resized, with a warning
     assert "eval.num_actors: 2 actors" in out and "do not fit on 1 node: 2 CPU; using 1" in out
@@ -90,9 +114,12 @@ def write_parquet_source(folder, n_train=300, n_test=100):
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="PNG")
             blobs.append(buf.getvalue())
-        pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()),
-                                 "label": pa.array(np.asarray(digits.labels[rows]), pa.int64())}),
-                       folder / f"{name}.parquet")
+        pq.write_table(
+            pa.table(
+                {"image": pa.array(blobs, pa.binary()), "label": pa.array(np.asarray(digits.labels[rows]), pa.int64())}
+            ),
+            folder / f"{name}.parquet",
+        )
     (folder / "classes.json").write_text(json.dumps([f"digit-{i}" for i in range(10)]))
 
 
@@ -100,9 +127,17 @@ def test_a_parquet_trained_run_is_evaluated_again_with_local_and_model(ray_sessi
     from resnet_ray.train import fit
 
     write_parquet_source(tmp_path / "source")
-    cfg = tiny_config(str(tmp_path / "datasets"), str(tmp_path / "runs"), **{
-        "data.source": "parquet", "data.path": str(tmp_path / "source"), "data.name": "digitspq",
-        "train.epochs": 1, "train.name": "pq"})
+    cfg = tiny_config(
+        str(tmp_path / "datasets"),
+        str(tmp_path / "runs"),
+        **{
+            "data.source": "parquet",
+            "data.path": str(tmp_path / "source"),
+            "data.name": "digitspq",
+            "train.epochs": 1,
+            "train.name": "pq",
+        },
+    )
     run = fit(cfg)
     rc, out = finish(job("evaluate.py", "--local", "--model", run.run_dir), 600)  # the README's command
     assert rc == 0, out[-3000:]
@@ -117,9 +152,25 @@ def test_local_mode_prints_one_line_per_epoch_then_the_summary(digits_prepared, 
     'Reporting training result'), one log line per epoch, then the summary tables. (A first run also says once
     that it prepared the data.)"""
     data_cfg, _, _ = digits_prepared
-    rc, out = finish(job("train.py", "--local", "--model.arch", "resnet18", "--data.limit", "240",
-                         "--data.root", data_cfg.root, "--train.epochs", "2",
-                         "--train.storage_path", str(tmp_path / "runs"), "--train.name", "quiet"), 900)
+    rc, out = finish(
+        job(
+            "train.py",
+            "--local",
+            "--model.arch",
+            "resnet18",
+            "--data.limit",
+            "240",
+            "--data.root",
+            data_cfg.root,
+            "--train.epochs",
+            "2",
+            "--train.storage_path",
+            str(tmp_path / "runs"),
+            "--train.name",
+            "quiet",
+        ),
+        900,
+    )
     assert rc == 0, out[-3000:]
     # nothing before the summary but our epoch lines (the local mode evaluates its few test images in the job's
     # process: no actor whose creation Ray's C++ core would comment on)

@@ -1,11 +1,12 @@
 """MLflow (the optional extra): a real 2-worker run logs its hyperparameters and every epoch through Ray's
 setup_mlflow on rank 0. Skipped without mlflow (the unit tests cover the error when it is set but missing)."""
+
 import json
 import os
 
 import pytest
-
 from conftest import tiny_config
+
 from resnet_ray.tracking import EPOCH_TAGS, MLFLOW_RUN_FILE, hyperparameters
 from resnet_ray.train import fit, read_history
 
@@ -17,8 +18,7 @@ def test_a_run_logs_its_hyperparameters_and_every_epoch_to_mlflow(ray_session, d
     from mlflow.tracking import MlflowClient
 
     uri = f"file://{tmp_path}/mlruns"  # MLFLOW_ALLOW_FILE_STORE: tests/conftest.py
-    cfg = tiny_config(data_root, str(tmp_path / "runs"), **{"train.name": "tracked",
-                                                            "train.mlflow_tracking_uri": uri})
+    cfg = tiny_config(data_root, str(tmp_path / "runs"), **{"train.name": "tracked", "train.mlflow_tracking_uri": uri})
     result = fit(cfg)
 
     client = MlflowClient(uri)

@@ -7,6 +7,7 @@ each once, and every output is read back from the S3 server. Nothing is shared t
 runs, the search, the datasets and the reports all live in the bucket, and the model cache of each node sits
 in that node's own folder.
 """
+
 import csv
 import io
 import json
@@ -36,16 +37,27 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 BUCKET = "resnet-ray-multinode"
 STORE = f"s3://{BUCKET}"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-TINY = ["--model.arch", "resnet18", "--data.limit", "240", "--data.root", f"{STORE}/datasets",
-        "--train.storage_path", f"{STORE}/runs"]
+TINY = [
+    "--model.arch",
+    "resnet18",
+    "--data.limit",
+    "240",
+    "--data.root",
+    f"{STORE}/datasets",
+    "--train.storage_path",
+    f"{STORE}/runs",
+]
 JOB_TIMEOUT = 900  # a bound, not the expected time: each job takes 1-7 min on a loaded 2-core machine
 WORKER_PORTS = 150  # per node: every Ray worker process (task runner or actor) binds one
 
 
 def cluster_env(token):
     """Token authentication on (as Ray 2.60 does by default), with this test's own token."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return env
 
@@ -92,8 +104,14 @@ def s3():
     server.start()
     try:
         port = server.get_host_and_port()[1]
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                               access_key="testing", secret_key="testing", allow_bucket_creation=True)
+        fs = pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{port}",
+            scheme="http",
+            region="us-east-1",
+            access_key="testing",
+            secret_key="testing",
+            allow_bucket_creation=True,
+        )
         fs.create_dir(BUCKET)
         yield S3({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true", **KEYS}, fs)
     finally:
@@ -154,13 +172,24 @@ class Cluster:
         workers = free_range(WORKER_PORTS)
         folder = self.tmp / f"node{index}"
         folder.mkdir()
-        args = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-                f"--temp-dir={self.sessions}/{index}", f"--dashboard-agent-listen-port={agent}",
-                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={manager}",
-                f"--object-manager-port={objects}", f"--min-worker-port={workers}",
-                f"--max-worker-port={workers + WORKER_PORTS - 1}",
-                "--object-store-memory=200000000", "--disable-usage-stats"]
+        args = [
+            RAY,
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}",
+            f"--temp-dir={self.sessions}/{index}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--node-manager-port={manager}",
+            f"--object-manager-port={objects}",
+            f"--min-worker-port={workers}",
+            f"--max-worker-port={workers + WORKER_PORTS - 1}",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        ]
         if head:
             self.gcs, dash = free_ports(2)
             self.address = f"http://127.0.0.1:{dash}"
@@ -175,8 +204,9 @@ class Cluster:
         return proc
 
     def _get(self, path: str):
-        request = urllib.request.Request(f"{self.address}{path}",
-                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        request = urllib.request.Request(
+            f"{self.address}{path}", headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
@@ -243,11 +273,14 @@ class Cluster:
 def cluster(s3, tmp_path_factory):
     """Head with 0 CPUs plus two 3-CPU worker nodes; token authentication on, S3 variables in every process."""
     env = {k: v for k, v in cluster_env(uuid.uuid4().hex).items() if not k.startswith("AWS_")}
-    env.update(s3.env, RAY_DATA_DISABLE_PROGRESS_BARS="1",
-               # Ray Data 2.60's new Parquet reader lists files in a task that starts 32 footer-reading actors per
-               # read: 33 Python processes per split on a 2-core machine. The classic reader reads the same files
-               # through the same pyarrow S3 filesystem with none of them.
-               RAY_DATA_USE_DATASOURCE_V2="0")
+    env.update(
+        s3.env,
+        RAY_DATA_DISABLE_PROGRESS_BARS="1",
+        # Ray Data 2.60's new Parquet reader lists files in a task that starts 32 footer-reading actors per
+        # read: 33 Python processes per split on a 2-core machine. The classic reader reads the same files
+        # through the same pyarrow S3 filesystem with none of them.
+        RAY_DATA_USE_DATASOURCE_V2="0",
+    )
     nodes = Cluster(tmp_path_factory.mktemp("multinode"), env)
     try:
         nodes.head = nodes.add(head=True, cpus=0, expect=[0])
@@ -280,8 +313,9 @@ def run_job(cluster, workdir, *args, during=None) -> tuple[int, str]:
     """
     log_path = cluster.tmp / f"job-{os.path.basename(args[0])}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(submit_args(cluster, workdir, *args), stdout=log, stderr=subprocess.STDOUT,
-                                text=True, env=cluster.env)
+        proc = subprocess.Popen(
+            submit_args(cluster, workdir, *args), stdout=log, stderr=subprocess.STDOUT, text=True, env=cluster.env
+        )
         try:
             if during:
                 during(proc)
@@ -319,10 +353,27 @@ def prepared(cluster, workdir, s3):
 @pytest.fixture(scope="module")
 def search(prepared, cluster, workdir, s3):
     start = time.time()
-    output = submit(cluster, workdir, "jobs/tune.py", "--local", *TINY, "--tune.storage_path", f"{STORE}/tune",
-                    "--tune.name", "search", "--tune.num_samples", "2", "--tune.max_epochs", "2",
-                    "--train.epochs", "2",  # the full-length run of best_config.yaml
-                    "--eval.num_actors", "2", "--eval.in_process_rows", "0")  # on the cluster's actors
+    output = submit(
+        cluster,
+        workdir,
+        "jobs/tune.py",
+        "--local",
+        *TINY,
+        "--tune.storage_path",
+        f"{STORE}/tune",
+        "--tune.name",
+        "search",
+        "--tune.num_samples",
+        "2",
+        "--tune.max_epochs",
+        "2",
+        "--train.epochs",
+        "2",  # the full-length run of best_config.yaml
+        "--eval.num_actors",
+        "2",
+        "--eval.in_process_rows",
+        "0",
+    )  # on the cluster's actors
     return output, time.time() - start
 
 
@@ -339,10 +390,24 @@ def trained(search, cluster, workdir, s3):
         seen["finished_before_kill"] = "model" in s3.names("runs/best")
         cluster.replace(cluster.workers[1])
 
-    returncode, output = run_job(cluster, workdir, "jobs/train.py", "--config", "best_config.yaml",
-                                 "--train.name", "best", "--scaling.num_workers", "2", "--scaling.cpus_per_worker", "2",
-                                 "--train.max_failures", "1", "--train.evaluate_test", "false",
-                                 during=kill_a_node_after_epoch_1)
+    returncode, output = run_job(
+        cluster,
+        workdir,
+        "jobs/train.py",
+        "--config",
+        "best_config.yaml",
+        "--train.name",
+        "best",
+        "--scaling.num_workers",
+        "2",
+        "--scaling.cpus_per_worker",
+        "2",
+        "--train.max_failures",
+        "1",
+        "--train.evaluate_test",
+        "false",
+        during=kill_a_node_after_epoch_1,
+    )
     return returncode, output, seen.get("finished_before_kill")
 
 
@@ -378,8 +443,11 @@ def test_s3_multinode_search_writes_trials_best_config_and_model_to_the_bucket(s
     best_row = max(rows, key=lambda r: float(r["val_top1"]))
     assert best_row["trial_id"] in output  # the summary table the job printed
     # one line per trial as it ends, not Tune's status table every 30 s
-    ended = [line.split("trial ", 1)[1].split()[0] for line in output.splitlines()
-             if any(f" {word}" in line for word in ("completed 2 epochs", "stopped early (ASHA)", "failed:"))]
+    ended = [
+        line.split("trial ", 1)[1].split()[0]
+        for line in output.splitlines()
+        if any(f" {word}" in line for word in ("completed 2 epochs", "stopped early (ASHA)", "failed:"))
+    ]
     assert sorted(ended) == sorted(trials), output[-4000:]
     for noise in ("Trial status", "Configuration for experiment", "tensorboard --logdir", "A new study created"):
         assert noise not in output, noise
@@ -410,8 +478,19 @@ def test_s3_multinode_train_survives_a_killed_worker_node(trained, s3, cluster):
 
 
 def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cluster, workdir, s3):
-    submit(cluster, workdir, "jobs/evaluate.py", "--model", f"{STORE}/runs/best", "--split", "test",
-           "--eval.num_actors", "2", "--eval.in_process_rows", "0")
+    submit(
+        cluster,
+        workdir,
+        "jobs/evaluate.py",
+        "--model",
+        f"{STORE}/runs/best",
+        "--split",
+        "test",
+        "--eval.num_actors",
+        "2",
+        "--eval.in_process_rows",
+        "0",
+    )
     report = json.loads(s3.read("runs/best/eval-test/report.json"))
     assert report["total_support"] == 240 and report["split"] == "test"
     assert {"predictions.parquet", "report.md", "confusion_matrix.png"} <= set(s3.names("runs/best/eval-test"))

@@ -1,5 +1,6 @@
 """jobs/predict.py on the session's Ray: a folder of image files (with a corrupt one) and a Parquet file, made from
 the first test rows of the tiny run's data; each prediction must equal the evaluation job's for the same image."""
+
 import glob
 import io
 import json
@@ -58,8 +59,22 @@ def test_predict_job_on_a_folder_with_a_corrupt_file(tiny_run, test_images, tmp_
     (folder / "zz-broken.png").write_bytes(_png(images[0])[:100])
     out = tmp_path / "out" / "predictions.parquet"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(sys, "argv", ["jobs/predict.py", "--local", "--model", result.run_dir, "--input",
-                                      str(folder), "--output", str(out), "--data.on_bad_image", "skip"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "jobs/predict.py",
+            "--local",
+            "--model",
+            result.run_dir,
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+            "--data.on_bad_image",
+            "skip",
+        ],
+    )
     # the job ends its process with os._exit after its work (cli.finish): here, in pytest's process, a plain exit
     monkeypatch.setattr(cli, "finish", sys.exit)
     with pytest.raises(SystemExit) as done:
@@ -85,8 +100,11 @@ def test_predict_on_a_parquet_file(tiny_run, test_images, tmp_path):
     cfg, result = tiny_run
     row_ids, images, expected_pred = test_images
     source = tmp_path / "images.parquet"
-    pq.write_table(pa.table({"img": pa.array([{"bytes": _png(im), "path": f"{i}.png"} for i, im in
-                                              zip(row_ids, images)])}), source, row_group_size=5)
+    pq.write_table(
+        pa.table({"img": pa.array([{"bytes": _png(im), "path": f"{i}.png"} for i, im in zip(row_ids, images)])}),
+        source,
+        row_group_size=5,
+    )
     out = predict(cfg, result.run_dir, str(source), output=str(tmp_path / "p.parquet"), image_column="img")
     assert out["rows"] == N and out["predicted"] == N and out["skipped"] == []
     table = pq.read_table(tmp_path / "p.parquet").sort_by("row_id").to_pydict()

@@ -1,4 +1,5 @@
 """jobs/prepare.py as separate processes: two at once on a new dataset, and one SIGKILLed mid-write."""
+
 import glob
 import os
 import signal
@@ -14,15 +15,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def prepare_job(root, *extra):
-    return subprocess.Popen([sys.executable, "jobs/prepare.py", "--local", "--data.root", root, *extra], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "jobs/prepare.py", "--local", "--data.root", root, *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def datasets(root):
     """The prepared folders of digits below root, and every temporary folder."""
     entries = glob.glob(os.path.join(root, "digits", "*"))
-    return ([e for e in entries if os.path.isfile(os.path.join(e, "metadata.json"))],
-            [e for e in entries if ".tmp-" in os.path.basename(e)])
+    return (
+        [e for e in entries if os.path.isfile(os.path.join(e, "metadata.json"))],
+        [e for e in entries if ".tmp-" in os.path.basename(e)],
+    )
 
 
 def test_two_concurrent_prepares_both_succeed_and_leave_one_dataset(tmp_path):

@@ -1,12 +1,13 @@
 """Streaming prepare on the session's Ray: tasks on the cluster write the same dataset as local threads
 (an image folder, and a Parquet source through its staging buckets)."""
+
 import glob
 import os
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_image_folder, make_parquet_source
+
 from resnet_ray.config import DataConfig
 from resnet_ray.data import prepare as prep
 from resnet_ray.data import shards

@@ -1,10 +1,11 @@
 """Stalled Ray work fails with a diagnosis in bounded time: evaluation actors and Train workers that cannot start."""
+
 import contextlib
 import time
 
 import pytest
-
 from conftest import tiny_config
+
 from resnet_ray.config import replace
 from resnet_ray.evaluate import evaluate
 from resnet_ray.train import fit

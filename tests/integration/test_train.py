@@ -3,10 +3,11 @@ import json
 import os
 
 import pytest
-from rich.console import Console
-
+import ray.train
 from conftest import tiny_config
+from rich.console import Console
 from tensorboard_events import read_events
+
 from resnet_ray import storage
 from resnet_ray.checkpoint import load_model
 from resnet_ray.report import print_training_summary
@@ -14,9 +15,24 @@ from resnet_ray.train import FAILURE_MARKER, config_for_resume, fit
 
 pytestmark = pytest.mark.slow
 
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "val_count", "lr",
-               "images_per_s", "epoch_s", "data_wait_s", "val_s", "backbone_frozen", "report_s", "config",
-               "finished_at"}
+METRIC_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "val_count",
+    "lr",
+    "images_per_s",
+    "epoch_s",
+    "data_wait_s",
+    "val_s",
+    "backbone_frozen",
+    "report_s",
+    "config",
+    "finished_at",
+}
 
 
 def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
@@ -44,8 +60,9 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
     assert f"{result.history[-1]['val_top1']:.4f}" in shown and result.model_dir in shown
     # TensorBoard: every epoch's metrics, sparse step scalars, the hyperparameters
     scalars, _ = read_events(os.path.join(result.run_dir, "tensorboard"))
-    assert [(e, round(v, 4)) for e, v in scalars["val/top1"]] == [(h["epoch"], round(h["val_top1"], 4))
-                                                                 for h in result.history]
+    assert [(e, round(v, 4)) for e, v in scalars["val/top1"]] == [
+        (h["epoch"], round(h["val_top1"], 4)) for h in result.history
+    ]
     assert len(scalars["step/train_loss"]) >= 2 and "time/report_s" in scalars
     _, plugins = read_events(os.path.join(result.run_dir, "tensorboard", "hparams"))
     assert "hparams" in plugins
@@ -96,9 +113,17 @@ def test_on_a_terminal_the_driver_shows_rank_0s_steps_in_a_live_bar(tiny_run):
 def failing_run(ray_session, data_root, tmp_path_factory):
     """A 3-epoch run checkpointed every 2 epochs (and at the end) whose last worker is killed once after
     epoch 2; one restart allowed."""
-    cfg = tiny_config(data_root, str(tmp_path_factory.mktemp("runs")),
-                      **{"train.epochs": 3, "train.fail_at_epoch": 2, "train.max_failures": 1,
-                         "train.checkpoint_every": 2, "train.name": "failover"})
+    cfg = tiny_config(
+        data_root,
+        str(tmp_path_factory.mktemp("runs")),
+        **{
+            "train.epochs": 3,
+            "train.fail_at_epoch": 2,
+            "train.max_failures": 1,
+            "train.checkpoint_every": 2,
+            "train.name": "failover",
+        },
+    )
     return cfg, fit(cfg)
 
 
@@ -122,9 +147,12 @@ def test_worker_failure_resumes_without_losing_or_repeating_epochs(failing_run):
 
 def test_stopped_run_resumes_and_same_seed_gives_same_first_epoch(failing_run, data_root, tmp_path):
     _, reference = failing_run
-    cfg = tiny_config(data_root, str(tmp_path), **{"train.epochs": 3, "train.fail_at_epoch": 1,
-                                                   "train.max_failures": 0, "train.name": "stopped"})
-    with pytest.raises(Exception):
+    cfg = tiny_config(
+        data_root,
+        str(tmp_path),
+        **{"train.epochs": 3, "train.fail_at_epoch": 1, "train.max_failures": 0, "train.name": "stopped"},
+    )
+    with pytest.raises(ray.train.TrainingFailedError):
         fit(cfg)  # no restart allowed: the run stops after epoch 1's checkpoint
     run_dir = os.path.join(str(tmp_path), "stopped")
     resumed = fit(config_for_resume(run_dir))
@@ -148,25 +176,39 @@ def test_a_finished_run_resumed_with_more_epochs_follows_the_new_schedule(failin
     steps = 240 // cfg.scaling.num_workers // cfg.train.batch_size
     logged = {step: lr for step, lr in scalars["step/lr"] if step > 3 * steps}
     peak = peak_lr(cfg.optim, cfg.global_batch_size)
-    assert logged and all(lr == pytest.approx(peak * lr_factor(step, 4 * steps, 0, 0.0), rel=1e-5)
-                          for step, lr in logged.items())
+    assert logged and all(
+        lr == pytest.approx(peak * lr_factor(step, 4 * steps, 0, 0.0), rel=1e-5) for step, lr in logged.items()
+    )
     assert max(logged.values()) > 0
 
 
 def test_a_final_refit_through_a_uri_filesystem_trains_on_train_and_val_and_exports_the_last_epoch(
-        ray_session, data_root, tmp_path):
+    ray_session, data_root, tmp_path
+):
     """storage_path as a file:// URI: the same pyarrow-filesystem code path as s3:// or gs://."""
-    cfg = tiny_config(data_root, f"file://{tmp_path}", **{"train.refit_on_val": True, "train.name": "refit",
-                                                          "train.evaluate_test": True})
+    cfg = tiny_config(
+        data_root,
+        f"file://{tmp_path}",
+        **{"train.refit_on_val": True, "train.name": "refit", "train.evaluate_test": True},
+    )
     result = fit(cfg)
     assert result.run_dir == f"file://{tmp_path}/refit"
-    for name in ("config.yaml", "history.csv", "model/model.json", "model/model.pt", "eval-test/report.json",
-                 "eval-test/predictions.parquet", "eval-test/confusion_matrix.png"):
+    for name in (
+        "config.yaml",
+        "history.csv",
+        "model/model.json",
+        "model/model.pt",
+        "eval-test/report.json",
+        "eval-test/predictions.parquet",
+        "eval-test/confusion_matrix.png",
+    ):
         assert os.path.isfile(tmp_path / "refit" / name), name
     assert json.load(open(tmp_path / "refit" / "eval-test" / "report.json"))["total_support"] == 240
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert all("val_top1" not in h for h in result.history)
-    assert load_model(str(tmp_path / "refit" / "model")).info["epoch"] == 2 == result.best["epoch"]  # the last, no ranking
+    assert (
+        load_model(str(tmp_path / "refit" / "model")).info["epoch"] == 2 == result.best["epoch"]
+    )  # the last, no ranking
     console = Console(record=True, width=200)
     print_training_summary(result, console)
     assert "refit on train+val (no validation): the last epoch, 2, is exported" in console.export_text()

@@ -1,5 +1,6 @@
 """Per-image TrivialAugment and random erasing on the device: each operation against torchvision's own
 functional version, randomness from the generator alone, and erasing's rectangles."""
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -18,15 +19,18 @@ def one(name, x, magnitude):
     return apply_ops(x, torch.full((b,), OPS.index(name)), torch.full((b,), float(magnitude)))
 
 
-@pytest.mark.parametrize("name, magnitude, reference", [
-    ("brightness", 0.4, lambda x: TF.adjust_brightness(x, 1.4)),
-    ("brightness", -0.7, lambda x: TF.adjust_brightness(x, 0.3)),
-    ("color", 0.5, lambda x: TF.adjust_saturation(x, 1.5)),
-    ("contrast", -0.6, lambda x: TF.adjust_contrast(x, 0.4)),
-    ("sharpness", 0.9, lambda x: TF.adjust_sharpness(x, 1.9)),
-    ("solarize", 0.3, lambda x: TF.solarize(x, 0.7)),
-    ("autocontrast", 0.0, TF.autocontrast),
-])
+@pytest.mark.parametrize(
+    "name, magnitude, reference",
+    [
+        ("brightness", 0.4, lambda x: TF.adjust_brightness(x, 1.4)),
+        ("brightness", -0.7, lambda x: TF.adjust_brightness(x, 0.3)),
+        ("color", 0.5, lambda x: TF.adjust_saturation(x, 1.5)),
+        ("contrast", -0.6, lambda x: TF.adjust_contrast(x, 0.4)),
+        ("sharpness", 0.9, lambda x: TF.adjust_sharpness(x, 1.9)),
+        ("solarize", 0.3, lambda x: TF.solarize(x, 0.7)),
+        ("autocontrast", 0.0, TF.autocontrast),
+    ],
+)
 def test_color_operations_match_torchvision(name, magnitude, reference):
     x = images()
     expected = torch.stack([reference(img) for img in x])
@@ -73,15 +77,14 @@ def test_random_erasing_replaces_one_rectangle_in_about_p_of_the_images():
     assert 150 < int(hit.sum()) < 250
     for mask in erased[hit][:50]:  # the erased pixels form one axis-aligned rectangle
         rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-        assert mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
         assert int(mask.sum()) == len(rows) * len(cols) >= 0.02 * 144 * 0.5
     assert torch.equal(random_erasing(x, 0.0, torch.Generator().manual_seed(0)), x)
 
 
 def test_preprocess_applies_them_in_training_only():
     raw = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    train = Preprocess(16, (0.5,) * 3, (0.25,) * 3, augment="none", auto_augment="trivialaugment",
-                       random_erasing=1.0)
+    train = Preprocess(16, (0.5,) * 3, (0.25,) * 3, augment="none", auto_augment="trivialaugment", random_erasing=1.0)
     plain = Preprocess(16, (0.5,) * 3, (0.25,) * 3)
     assert not torch.equal(train(raw, torch.Generator().manual_seed(0)), plain(raw))
     torch.testing.assert_close(train.eval()(raw), plain(raw))

@@ -1,5 +1,6 @@
 """The prediction job's pure parts: input listing (folder, glob, Parquet, URI), read + decode, the exactly-once
 and bad-image checks of the consumer, the default output. No Ray."""
+
 import io
 
 import numpy as np
@@ -9,8 +10,16 @@ import pytest
 from PIL import Image
 
 from resnet_ray import batch_predict
-from resnet_ray.batch_predict import (Inputs, PredictionError, _consume, default_output, glob_regex, list_inputs,
-                                      read_image_files, read_row_groups)
+from resnet_ray.batch_predict import (
+    Inputs,
+    PredictionError,
+    _consume,
+    default_output,
+    glob_regex,
+    list_inputs,
+    read_image_files,
+    read_row_groups,
+)
 from resnet_ray.data.images import ResizeSpec
 from resnet_ray.data.sources import DataError
 
@@ -41,8 +50,9 @@ def test_glob_regex_keeps_star_within_a_folder():
 def test_folder_lists_images_recursively_in_order_skipping_hidden(folder):
     inputs = list_inputs(str(folder))
     assert inputs.kind == "files" and inputs.rows == 4
-    assert [i["path"] for i in inputs.items] == [str(folder / r) for r in ("a.JPG", "b.png", "sub/c.webp",
-                                                                         "sub/deeper/d.png")]
+    assert [i["path"] for i in inputs.items] == [
+        str(folder / r) for r in ("a.JPG", "b.png", "sub/c.webp", "sub/deeper/d.png")
+    ]
     assert [i["row_id"] for i in inputs.items] == [0, 1, 2, 3]
 
 
@@ -60,16 +70,21 @@ def test_glob_and_file_uri(folder, monkeypatch):
 
 
 def test_parquet_inputs_by_row_group_and_mixed_folders_refused(tmp_path, folder, monkeypatch):
-    pq.write_table(pa.table({"image": pa.array([_png()] * 5, pa.binary())}), tmp_path / "a.parquet",
-                   row_group_size=2)
+    pq.write_table(pa.table({"image": pa.array([_png()] * 5, pa.binary())}), tmp_path / "a.parquet", row_group_size=2)
     pq.write_table(pa.table({"image": pa.array([_png()] * 3, pa.binary())}), tmp_path / "b.parquet")
     inputs = list_inputs(str(tmp_path / "*.parquet"))
     assert inputs.kind == "parquet" and inputs.rows == 8
-    assert [(i["row_id"], i["row_group"], i["row"]) for i in inputs.items] == [(0, 0, 0), (2, 1, 2), (4, 2, 4),
-                                                                               (5, 0, 0)]
+    assert [(i["row_id"], i["row_group"], i["row"]) for i in inputs.items] == [
+        (0, 0, 0),
+        (2, 1, 2),
+        (4, 2, 4),
+        (5, 0, 0),
+    ]
     monkeypatch.setattr(batch_predict, "ROWS_PER_READ", 2)  # b.parquet's one row group of 3 in two slices
-    assert [(i["row_id"], i["row"], i["skip"], i["take"]) for i in list_inputs(str(tmp_path / "b.parquet")).items] \
-        == [(0, 0, 0, 2), (2, 2, 2, 1)]
+    assert [(i["row_id"], i["row"], i["skip"], i["take"]) for i in list_inputs(str(tmp_path / "b.parquet")).items] == [
+        (0, 0, 0, 2),
+        (2, 2, 2, 1),
+    ]
     with pytest.raises(DataError, match="no image column 'pixels'"):
         list_inputs(str(tmp_path / "a.parquet"), image_column="pixels")
     (folder / "x.parquet").write_bytes(b"")
@@ -87,10 +102,19 @@ def test_read_image_files_decodes_and_marks_bad_ones(tmp_path):
 
 
 def test_read_row_groups_expands_rows_and_handles_nulls(tmp_path):
-    pq.write_table(pa.table({"img": pa.array([_png(value=1), None, _png(value=3)], pa.binary())}),
-                   tmp_path / "a.parquet", row_group_size=2)
-    batch = {"row_id": np.array([10]), "path": np.array([str(tmp_path / "a.parquet")], dtype=object),
-             "row_group": np.array([1]), "row": np.array([2]), "skip": np.array([0]), "take": np.array([1])}
+    pq.write_table(
+        pa.table({"img": pa.array([_png(value=1), None, _png(value=3)], pa.binary())}),
+        tmp_path / "a.parquet",
+        row_group_size=2,
+    )
+    batch = {
+        "row_id": np.array([10]),
+        "path": np.array([str(tmp_path / "a.parquet")], dtype=object),
+        "row_group": np.array([1]),
+        "row": np.array([2]),
+        "skip": np.array([0]),
+        "take": np.array([1]),
+    }
     out = read_row_groups(batch, SPEC, "/", "img")
     assert out["row_id"].tolist() == [10] and out["row"].tolist() == [2] and (out["image"][0] == 3).all()
     batch.update(row_id=np.array([0]), row_group=np.array([0]), row=np.array([0]), take=np.array([2]))
@@ -103,9 +127,15 @@ def test_read_row_groups_expands_rows_and_handles_nulls(tmp_path):
 def _batch(ids, bad=()):
     n = len(ids)
     pred = np.array([-1 if i in bad else i % 3 for i in ids], np.int64)
-    return {"row_id": np.asarray(ids, np.int64), "path": np.array([f"/x/{i}.png" for i in ids], dtype=object),
-            "row": np.full(n, -1), "error": np.array(["broken" if i in bad else "" for i in ids], dtype=object),
-            "pred": pred, "top5": np.stack([pred, pred]).T, "top_probs": np.full((n, 2), 0.4)}
+    return {
+        "row_id": np.asarray(ids, np.int64),
+        "path": np.array([f"/x/{i}.png" for i in ids], dtype=object),
+        "row": np.full(n, -1),
+        "error": np.array(["broken" if i in bad else "" for i in ids], dtype=object),
+        "pred": pred,
+        "top5": np.stack([pred, pred]).T,
+        "top_probs": np.full((n, 2), 0.4),
+    }
 
 
 def _inputs(rows):
@@ -114,8 +144,9 @@ def _inputs(rows):
 
 def test_consume_checks_every_row_exactly_once(tmp_path):
     out = str(tmp_path / "p.parquet")
-    skipped = _consume(iter([_batch([2, 0]), _batch([1, 3], bad=(3,))]), out, _inputs(4), ["a", "b", "c"], "s",
-                       "skip", None)
+    skipped = _consume(
+        iter([_batch([2, 0]), _batch([1, 3], bad=(3,))]), out, _inputs(4), ["a", "b", "c"], "s", "skip", None
+    )
     assert skipped == [{"file": "/x/3.png", "reason": "broken"}]
     table = pq.read_table(out).to_pydict()
     assert table["row_id"] == [2, 0, 1, 3] and table["class"] == ["c", "a", "b", None]
@@ -129,7 +160,8 @@ def test_consume_checks_every_row_exactly_once(tmp_path):
 
 
 def test_default_output_sits_beside_the_run_evaluations(tmp_path):
-    assert default_output(str(tmp_path / "run" / "model"), "/data/new photos/") == \
-        str(tmp_path / "run" / "predict-new_photos.parquet")
+    assert default_output(str(tmp_path / "run" / "model"), "/data/new photos/") == str(
+        tmp_path / "run" / "predict-new_photos.parquet"
+    )
     assert default_output("s3://b/runs/r", "s3://b/in/*.jpg") == "s3://b/runs/r/predict-in.parquet"
     assert default_output("s3://b/runs/r", "/x/batch.parquet") == "s3://b/runs/r/predict-batch.parquet"

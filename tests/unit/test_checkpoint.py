@@ -1,4 +1,5 @@
 """Training checkpoints, exported models and load_model (no Ray)."""
+
 import hashlib
 import json
 import os
@@ -7,8 +8,15 @@ import pytest
 import torch
 
 from resnet_ray import checkpoint as ckpt
-from resnet_ray.checkpoint import (CheckpointError, checkpoint_config, export_model, load_model,
-                                   load_training_state, save_training_state, unwrap_state_dict)
+from resnet_ray.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    export_model,
+    load_model,
+    load_training_state,
+    save_training_state,
+    unwrap_state_dict,
+)
 from resnet_ray.config import Config, ModelConfig, to_dict
 from resnet_ray.model import build_model
 
@@ -17,13 +25,21 @@ NUM_CLASSES = 3
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 def make_meta(epoch=2):
-    return {"arch": "resnet18", "num_classes": NUM_CLASSES, "classes": ["a", "b", "c"], "coarse_classes": None,
-            "fine_to_coarse": None, "image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-            "dataset": "digits", "epoch": epoch, "metrics": [{"epoch": epoch, "val_top1": 0.5}],
-            "config": to_dict(Config())}
+    return {
+        "arch": "resnet18",
+        "num_classes": NUM_CLASSES,
+        "classes": ["a", "b", "c"],
+        "coarse_classes": None,
+        "fine_to_coarse": None,
+        "image_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "dataset": "digits",
+        "epoch": epoch,
+        "metrics": [{"epoch": epoch, "val_top1": 0.5}],
+        "config": to_dict(Config()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +95,11 @@ def test_load_training_state_corrupt_state(checkpoint):
 
 def test_unwrap_state_dict_prefixes():
     t = torch.zeros(1)
-    assert list(unwrap_state_dict({"module.fc.weight": t, "_orig_mod.conv1.weight": t,
-                                   "module._orig_mod.bn1.bias": t, "layer1.0.bn1.bias": t})) == [
-        "fc.weight", "conv1.weight", "bn1.bias", "layer1.0.bn1.bias"]
+    assert list(
+        unwrap_state_dict(
+            {"module.fc.weight": t, "_orig_mod.conv1.weight": t, "module._orig_mod.bn1.bias": t, "layer1.0.bn1.bias": t}
+        )
+    ) == ["fc.weight", "conv1.weight", "bn1.bias", "layer1.0.bn1.bias"]
 
 
 def test_export_writes_model_and_info_with_matching_sha(checkpoint, tmp_path, trained):
@@ -216,8 +234,9 @@ def cache(tmp_path, monkeypatch):
     return folder / "models"
 
 
-def test_remote_model_is_fetched_once_per_node_and_cached_by_its_hash(checkpoint, tmp_path, trained, cache,
-                                                                       monkeypatch):
+def test_remote_model_is_fetched_once_per_node_and_cached_by_its_hash(
+    checkpoint, tmp_path, trained, cache, monkeypatch
+):
     run = tmp_path / "run"
     export_model(checkpoint, str(run / "model"))
     (run / "checkpoint_000002").mkdir()  # a run folder holds more than the model: none of it is fetched

@@ -1,4 +1,5 @@
 """cluster.yaml: valid for Ray's own launcher schema, secure by default, and big enough for every shipped config."""
+
 import copy
 import glob
 import math
@@ -69,8 +70,10 @@ def test_node_types_can_hold_every_shipped_config(cluster, path):
     trials = (cfg.tune.trial_workers or s.num_workers) * cfg.tune.max_concurrent_trials if cfg.tune.search_space else 0
     assert _slots(cluster, s.cpus_per_worker, gpus) >= max(s.num_workers, trials), path
     # at least one node type fits a single worker, and the resource keys are integers as Ray requires
-    assert any(n["resources"].get("CPU", 0) >= s.cpus_per_worker and n["resources"].get("GPU", 0) >= gpus
-               for n in _worker_types(cluster))
+    assert any(
+        n["resources"].get("CPU", 0) >= s.cpus_per_worker and n["resources"].get("GPU", 0) >= gpus
+        for n in _worker_types(cluster)
+    )
     if cfg.eval.gpus_per_actor:
         assert _slots(cluster, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor) >= cfg.eval.num_actors
     for node in cluster["available_node_types"].values():
@@ -79,6 +82,8 @@ def test_node_types_can_hold_every_shipped_config(cluster, path):
 
 def test_a_run_of_four_gpu_workers_fits_on_one_node(cluster):
     cfg = load_config(os.path.join(ROOT, "configs", "cifar10.yaml"))
-    assert any(n["resources"].get("GPU", 0) >= cfg.scaling.num_workers and
-               n["resources"]["CPU"] >= cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-               for n in _worker_types(cluster))
+    assert any(
+        n["resources"].get("GPU", 0) >= cfg.scaling.num_workers
+        and n["resources"]["CPU"] >= cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        for n in _worker_types(cluster)
+    )

@@ -1,4 +1,5 @@
 """resnet_ray.compare and jobs/compare.py on tiny synthetic evaluation folders (no Ray)."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,14 @@ from rich.console import Console
 from scipy.stats import binomtest
 
 from resnet_ray import metrics as M
-from resnet_ray.compare import (ComparisonError, compare_folders, mcnemar_exact, print_comparison, verdict_line,
-                                write_comparison)
+from resnet_ray.compare import (
+    ComparisonError,
+    compare_folders,
+    mcnemar_exact,
+    print_comparison,
+    verdict_line,
+    write_comparison,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLASSES = ["airplane", "automobile", "bird", "cat"]
@@ -28,8 +35,12 @@ def write_eval(folder, labels, preds, dataset="digits", split="test", classes=CL
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(report, f)
     order = np.random.default_rng(shuffle_seed).permutation(len(labels))
-    pq.write_table(pa.table({"row_id": order, "label": labels[order], "pred": preds[order],
-                             "confidence": np.full(len(labels), 0.9)}), os.path.join(folder, "predictions.parquet"))
+    pq.write_table(
+        pa.table(
+            {"row_id": order, "label": labels[order], "pred": preds[order], "confidence": np.full(len(labels), 0.9)}
+        ),
+        os.path.join(folder, "predictions.parquet"),
+    )
     return str(folder)
 
 
@@ -51,7 +62,7 @@ def test_mcnemar_matches_scipy_binomtest(a_only, b_only):
 
 
 def test_mcnemar_hand_values():
-    assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5 ** 10)
+    assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5**10)
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(7, 7) == 1.0
 
 
@@ -81,15 +92,19 @@ def test_compare_not_significant(tmp_path):
     result = compare_folders(write_eval(tmp_path / "a", labels, pred_a), write_eval(tmp_path / "b", labels, pred_b))
     assert not result["significant"]
     assert result["verdict"].startswith("no significant difference at the 5% level: B - A = +0.20 points")
-    assert verdict_line(0.0, 1.0) == "no significant difference at the 5% level: B - A = +0.00 points of " \
-                                     "accuracy, p = 1"
+    assert (
+        verdict_line(0.0, 1.0) == "no significant difference at the 5% level: B - A = +0.00 points of accuracy, p = 1"
+    )
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"dataset": "cifar10"}, "different datasets: A has 'digits'"),
-    ({"split": "val"}, "different splits: A has 'test'"),
-    ({"classes": ["a", "b", "c", "d"]}, "different classes"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"dataset": "cifar10"}, "different datasets: A has 'digits'"),
+        ({"split": "val"}, "different splits: A has 'test'"),
+        ({"classes": ["a", "b", "c", "d"]}, "different classes"),
+    ],
+)
 def test_refuses_different_datasets_splits_classes(tmp_path, change, needle):
     labels, pred_a, pred_b = paired()
     a = write_eval(tmp_path / "a", labels, pred_a)
@@ -125,8 +140,9 @@ def test_refuses_unreadable_or_inconsistent_folders(tmp_path):
     with pytest.raises(ComparisonError, match="no 'pred' column"):
         compare_folders(a, b)
     c = write_eval(tmp_path / "c", labels, pred_b)
-    pq.write_table(pa.table({"row_id": np.arange(1000), "label": labels, "pred": pred_a}),
-                   os.path.join(c, "predictions.parquet"))  # predictions of another model
+    pq.write_table(
+        pa.table({"row_id": np.arange(1000), "label": labels, "pred": pred_a}), os.path.join(c, "predictions.parquet")
+    )  # predictions of another model
     with pytest.raises(ComparisonError, match="not from the same evaluation"):
         compare_folders(a, c)
     twice = np.arange(1000)
@@ -159,14 +175,24 @@ def test_write_and_print_comparison(tmp_path):
 def test_job_script(tmp_path):
     labels, pred_a, pred_b = paired(a_only=5, b_only=25)
     a, b = write_eval(tmp_path / "a", labels, pred_a), write_eval(tmp_path / "b", labels, pred_b)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "compare.py"), a, b, "--output",
-                          str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "compare.py"), a, b, "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "B is better than A: +2.00 points of accuracy" in run.stdout
     assert (tmp_path / "out" / "comparison.md").is_file()
     other = write_eval(tmp_path / "val", labels, pred_b, split="val")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "compare.py"), a, other],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "compare.py"), a, other],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: the evaluations are of different splits")
     assert not (tmp_path / "comparison.json").exists()

@@ -3,8 +3,7 @@ import os
 
 import pytest
 
-from resnet_ray.config import (Config, ConfigError, from_dict, load_config, parse_overrides, replace, to_dict,
-                               to_yaml)
+from resnet_ray.config import Config, ConfigError, from_dict, load_config, parse_overrides, replace, to_dict, to_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,8 +24,14 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
 
 
 def test_round_trip_through_dict_and_yaml(tmp_path):
-    cfg = load_config(None, {"optim.lr": 0.2, "data.classes": ["x"], "tune.search_space": {
-        "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}}})
+    cfg = load_config(
+        None,
+        {
+            "optim.lr": 0.2,
+            "data.classes": ["x"],
+            "tune.search_space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}},
+        },
+    )
     assert from_dict(to_dict(cfg)) == cfg
     assert load_config(write(tmp_path, to_yaml(cfg))) == cfg
 
@@ -37,23 +42,26 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         load_config(None, ["--train.epochs", "2.5"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--optim.lr", "-0.1"], "optim.lr: must be > 0"),
-    (["--train.batch_size", "0"], "train.batch_size: must be >= 1"),
-    (["--scaling.num_workers", "0"], "scaling.num_workers: must be >= 1"),
-    (["--data.source", "mnist"], "data.source: 'mnist' is not one of 'digits', 'cifar10'"),
-    (["--optim.name", "lamb"], "optim.name: 'lamb' is not one of 'sgd', 'adamw'"),
-    (["--optim.lrr", "0.1"], "optim.lrr: unknown key; allowed: name, lr,"),
-    (["--nosection.x", "1"], "nosection: unknown key"),
-    (["--train.amp", "maybe"], "train.amp: expected true/false"),
-    (["--data.source", "parquet"], "data.path: is required for data.source='parquet'"),
-    (["--data.val_fraction", "0.7"], "data.val_fraction: must be in"),
-    (["--train.freeze_backbone_epochs", "50"], "train.freeze_backbone_epochs"),
-    (["--eval.split", "dev"], "eval.split: 'dev' is not one of"),
-    (["--eval.in_process_rows", "-1"], "eval.in_process_rows: must be >= 0 or null"),
-    (["--optim.lr"], "--optim.lr: is missing its value"),
-    (["optim.lr", "1"], "expected --section.field VALUE"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--optim.lr", "-0.1"], "optim.lr: must be > 0"),
+        (["--train.batch_size", "0"], "train.batch_size: must be >= 1"),
+        (["--scaling.num_workers", "0"], "scaling.num_workers: must be >= 1"),
+        (["--data.source", "mnist"], "data.source: 'mnist' is not one of 'digits', 'cifar10'"),
+        (["--optim.name", "lamb"], "optim.name: 'lamb' is not one of 'sgd', 'adamw'"),
+        (["--optim.lrr", "0.1"], "optim.lrr: unknown key; allowed: name, lr,"),
+        (["--nosection.x", "1"], "nosection: unknown key"),
+        (["--train.amp", "maybe"], "train.amp: expected true/false"),
+        (["--data.source", "parquet"], "data.path: is required for data.source='parquet'"),
+        (["--data.val_fraction", "0.7"], "data.val_fraction: must be in"),
+        (["--train.freeze_backbone_epochs", "50"], "train.freeze_backbone_epochs"),
+        (["--eval.split", "dev"], "eval.split: 'dev' is not one of"),
+        (["--eval.in_process_rows", "-1"], "eval.in_process_rows: must be >= 0 or null"),
+        (["--optim.lr"], "--optim.lr: is missing its value"),
+        (["optim.lr", "1"], "expected --section.field VALUE"),
+    ],
+)
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
@@ -109,7 +117,11 @@ def test_replace_validates():
 
 def test_parse_overrides_types():
     assert parse_overrides(["--a.b", "3", "--a.c=null", "--a.d", "[1, 2]", "--a.e", "text"]) == {
-        "a.b": 3, "a.c": None, "a.d": [1, 2], "a.e": "text"}
+        "a.b": 3,
+        "a.c": None,
+        "a.d": [1, 2],
+        "a.e": "text",
+    }
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
@@ -121,8 +133,18 @@ def test_every_shipped_config_parses(path):
 def test_checkpoint_cadence_about_ten_per_run_and_always_the_last_epoch():
     from resnet_ray.config import TrainConfig
 
-    assert [e for e in range(1, 115) if TrainConfig(epochs=114).checkpoint_due(e)] == \
-        [12, 24, 36, 48, 60, 72, 84, 96, 108, 114]
+    assert [e for e in range(1, 115) if TrainConfig(epochs=114).checkpoint_due(e)] == [
+        12,
+        24,
+        36,
+        48,
+        60,
+        72,
+        84,
+        96,
+        108,
+        114,
+    ]
     assert [e for e in range(1, 4) if TrainConfig(epochs=3).checkpoint_due(e)] == [1, 2, 3]
     assert [e for e in range(1, 6) if TrainConfig(epochs=5, checkpoint_every=2).checkpoint_due(e)] == [2, 4, 5]
     with pytest.raises(ConfigError, match="train.checkpoint_every: must be >= 1"):

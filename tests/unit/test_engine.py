@@ -1,4 +1,5 @@
 """The plain-PyTorch worker session (no Ray) and the process-group backend of GPU runs."""
+
 import json
 import os
 
@@ -13,13 +14,26 @@ from resnet_ray.engine import GPU_BACKEND, Session, all_reduce, global_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to an oversubscribed machine
 
-META = {"name": "fake", "classes": ["a", "b", "c"], "counts": {"train": 48, "val": 10, "test": 10},
-        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+META = {
+    "name": "fake",
+    "classes": ["a", "b", "c"],
+    "counts": {"train": 48, "val": 10, "test": 10},
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+}
 
 
 def tiny_cfg(**overrides):
-    values = {"model.arch": "resnet18", "model.weights": "none", "model.image_size": 32, "optim.name": "sgd",
-              "optim.lr": 0.01, "train.epochs": 2, "train.batch_size": 8, "scaling.num_workers": 1}
+    values = {
+        "model.arch": "resnet18",
+        "model.weights": "none",
+        "model.image_size": 32,
+        "optim.name": "sgd",
+        "optim.lr": 0.01,
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "scaling.num_workers": 1,
+    }
     values.update(overrides)
     return load_config(None, values)
 
@@ -28,12 +42,15 @@ def batches(rows, batch_size, seed):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (rows, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (rows,), generator=g)
-    return [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size]} for i in range(0, rows, batch_size)]
+    return [
+        {"image": images[i : i + batch_size], "label": labels[i : i + batch_size]} for i in range(0, rows, batch_size)
+    ]
 
 
 @pytest.fixture
 def process_group(tmp_path):
     """A one-rank process group created with the given backend string; destroyed afterwards."""
+
     def create(backend):
         store = dist.FileStore(str(tmp_path / "store"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
@@ -108,8 +125,9 @@ def _rank_main(rank, world, store_path, out_dir):
 
 @pytest.mark.slow
 def test_two_ranks_without_ray_reduce_metrics_over_every_validation_row(tmp_path):
-    mp.start_processes(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["ddp"] and ranks[1]["ddp"]
     assert ranks[0]["val_count"] == 10  # 5 rows seen by each rank, summed
@@ -153,8 +171,9 @@ def test_more_epochs_continue_the_cosine_over_the_new_total_and_more_workers_res
     lr_per_step(first, [1, 2])  # the 2-epoch run ended: its learning rate is 0
     assert first.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
-    longer = tiny_cfg(**{"train.epochs": 4, "optim.scale_lr": True, "optim.reference_batch_size": 8,
-                         "scaling.num_workers": 2})
+    longer = tiny_cfg(
+        **{"train.epochs": 4, "optim.scale_lr": True, "optim.reference_batch_size": 8, "scaling.num_workers": 2}
+    )
     resumed = Session(longer, META, torch.device("cpu"))  # one process standing in for 2 workers' global batch
     resumed.restore(first.state(), first.history)
     steps = resumed.steps  # 48 rows // 1 rank // 8

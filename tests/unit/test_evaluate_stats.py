@@ -16,23 +16,31 @@ def test_batch_statistics_fine_coarse_top5_and_calibration():
     stats = batch_statistics(batch, classes, 15, fine_to_coarse)
     mapping = np.asarray(fine_to_coarse)
     assert stats["cm"].shape == (1, classes, classes) and stats["cm"].sum() == n
-    np.testing.assert_array_equal(stats["coarse_cm"][0],
-                                  metrics.confusion_matrix(mapping[labels], mapping[top5[:, 0]], 20))
+    np.testing.assert_array_equal(
+        stats["coarse_cm"][0], metrics.confusion_matrix(mapping[labels], mapping[top5[:, 0]], 20)
+    )
     assert stats["top5"][0] == (top5 == labels[:, None]).any(1).sum()
     assert stats["calibration"][0][:, 0].sum() == n and stats["rows"][0] == n
 
 
 def test_batch_statistics_without_coarse_labels():
-    batch = {"label": np.array([0, 1]), "pred": np.array([1, 1]), "top5": np.array([[1, 0], [1, 0]]),
-             "confidence": np.array([0.9, 0.6])}
+    batch = {
+        "label": np.array([0, 1]),
+        "pred": np.array([1, 1]),
+        "top5": np.array([[1, 0], [1, 0]]),
+        "confidence": np.array([0.9, 0.6]),
+    }
     assert "coarse_cm" not in batch_statistics(batch, 2, 10, None)
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("/runs/r1/model", "/runs/r1/eval-test"),
-    ("/runs/r1", "/runs/r1/eval-test"),
-    ("s3://b/runs/r1/model", "s3://b/runs/r1/eval-test"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("/runs/r1/model", "/runs/r1/eval-test"),
+        ("/runs/r1", "/runs/r1/eval-test"),
+        ("s3://b/runs/r1/model", "s3://b/runs/r1/eval-test"),
+    ],
+)
 def test_default_output_sits_beside_the_run(model, expected):
     assert default_output(model, "test") == expected
 
@@ -42,14 +50,14 @@ def test_cpu_evaluations_run_in_the_job_process_only_on_its_own_local_instance_o
     from resnet_ray.config import EvalConfig
 
     for local, cfg, rows, expected in [
-        (True, EvalConfig(), 10**6, True),                         # default: every row, on its own instance
-        (False, EvalConfig(), 10, False),                          # default on a cluster: actors
-        (True, EvalConfig(gpus_per_actor=1.0), 10, False),         # GPUs: always actors
-        (True, EvalConfig(in_process_rows=0), 10, False),          # 0: always actors
-        (False, EvalConfig(in_process_rows=100), 100, True),       # a limit applies everywhere
+        (True, EvalConfig(), 10**6, True),  # default: every row, on its own instance
+        (False, EvalConfig(), 10, False),  # default on a cluster: actors
+        (True, EvalConfig(gpus_per_actor=1.0), 10, False),  # GPUs: always actors
+        (True, EvalConfig(in_process_rows=0), 10, False),  # 0: always actors
+        (False, EvalConfig(in_process_rows=100), 100, True),  # a limit applies everywhere
         (False, EvalConfig(in_process_rows=100), 101, False),
     ]:
-        monkeypatch.setattr(ev, "started_here", lambda: local)
+        monkeypatch.setattr(ev, "started_here", lambda local=local: local)
         assert ev.in_process(cfg, rows) is expected, (local, cfg, rows)
 
 
@@ -75,6 +83,6 @@ def test_the_job_process_predicts_with_the_cpus_its_local_instance_declares(monk
     monkeypatch.setattr(ev.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
     for local, expected in ((True, 3), (False, 8)):
-        monkeypatch.setattr(ev, "started_here", lambda: local)
+        monkeypatch.setattr(ev, "started_here", lambda local=local: local)
         batches = list(ev.predict_here(load_config(None, {"eval.batch_size": 2}), "model", "test", "prepared"))
         assert [len(b["label"]) for b in batches] == [2, 1] and seen[-1] == expected

@@ -2,6 +2,7 @@
 policy, on images made here: mixed sizes, grayscale, RGBA, palette, CMYK, 16-bit, EXIF-rotated, one corrupt file.
 
 Every expected array is computed directly with Pillow / numpy, independently of the code under test."""
+
 from __future__ import annotations
 
 import glob
@@ -52,18 +53,24 @@ def make_cases() -> dict:
     cases["gray"] = (_encode(Image.fromarray(gray, "L")), np.repeat(gray[..., None], 3, axis=2))
     rgba = _rgb(35, 45)
     alpha = np.where(RNG.random((35, 45)) < 0.5, 0, 255).astype(np.uint8)  # binary: exact under any blend formula
-    cases["rgba"] = (_encode(Image.fromarray(np.dstack([rgba, alpha]), "RGBA")),
-                     np.where(alpha[..., None] == 0, 255, rgba).astype(np.uint8))
+    cases["rgba"] = (
+        _encode(Image.fromarray(np.dstack([rgba, alpha]), "RGBA")),
+        np.where(alpha[..., None] == 0, 255, rgba).astype(np.uint8),
+    )
     palette = RNG.integers(0, 256, (256, 3), dtype=np.uint8)
     index = RNG.integers(0, 8, (29, 31), dtype=np.uint8)
     p = Image.fromarray(index, "P")
     p.putpalette(palette.ravel().tolist())
-    cases["palette_transparent"] = (_encode(p, transparency=3),
-                                    np.where(index[..., None] == 3, 255, palette[index]).astype(np.uint8))
+    cases["palette_transparent"] = (
+        _encode(p, transparency=3),
+        np.where(index[..., None] == 3, 255, palette[index]).astype(np.uint8),
+    )
     cmyk = RNG.integers(0, 256, (26, 52, 4), dtype=np.uint8)
     c = cmyk.astype(np.int64)
-    cases["cmyk_tiff"] = (_encode(Image.fromarray(cmyk, "CMYK"), "TIFF"),
-                          np.round((255 - c[..., :3]) * (255 - c[..., 3:]) / 255).astype(np.uint8))
+    cases["cmyk_tiff"] = (
+        _encode(Image.fromarray(cmyk, "CMYK"), "TIFF"),
+        np.round((255 - c[..., :3]) * (255 - c[..., 3:]) / 255).astype(np.uint8),
+    )
     deep = RNG.integers(0, 65536, (27, 44), dtype=np.uint16)
     deep8 = np.round(deep.astype(np.float64) * 255 / 65535).astype(np.uint8)
     cases["gray16"] = (_encode(Image.fromarray(deep)), np.repeat(deep8[..., None], 3, axis=2))
@@ -153,8 +160,14 @@ def test_config_names_bad_policies():
 
 def test_record_names_policy_and_parameters():
     assert ResizeSpec(64, "pad").record() == {
-        "policy": "pad", "size": 64, "resample": "bicubic", "exif_transpose": True,
-        "alpha_background": [255, 255, 255], "sixteen_bit": "round(v * 255 / 65535)", "pad_fill": [0, 0, 0]}
+        "policy": "pad",
+        "size": 64,
+        "resample": "bicubic",
+        "exif_transpose": True,
+        "alpha_background": [255, 255, 255],
+        "sixteen_bit": "round(v * 255 / 65535)",
+        "pad_fill": [0, 0, 0],
+    }
     assert ResizeSpec.from_record(ResizeSpec(64, "stretch").record(), 32) == ResizeSpec(64, "stretch")
     assert ResizeSpec.from_record(None, 32) == ResizeSpec(32, "center_crop")
 
@@ -192,8 +205,14 @@ def read_all(prepared: str) -> list:
 
 def test_prepare_skip_lists_exactly_the_corrupt_file_and_records_the_policy(tmp_path):
     truth = photo_folder(tmp_path / "photos")
-    cfg = DataConfig(source="imagefolder", path=str(tmp_path / "photos"), root=str(tmp_path / "root"),
-                     image_size=S, resize="pad", on_bad_image="skip")
+    cfg = DataConfig(
+        source="imagefolder",
+        path=str(tmp_path / "photos"),
+        root=str(tmp_path / "root"),
+        image_size=S,
+        resize="pad",
+        on_bad_image="skip",
+    )
     prepared = prep.prepare(cfg)
     meta = prep.read_metadata(prepared)
     assert meta["resize"] == ResizeSpec(S, "pad").record()
@@ -212,8 +231,11 @@ def test_prepare_error_policy_names_the_corrupt_file_and_writes_nothing(tmp_path
     with pytest.raises(DataError, match="cannot decode image") as err:
         prep.prepare(cfg)
     assert str(tmp_path / "photos" / "b" / "broken.png") in str(err.value)
-    assert [p for p in glob.glob(str(tmp_path / "root" / "**"), recursive=True) if os.path.isfile(p)
-            and not p.endswith(".lock")] == []
+    assert [
+        p
+        for p in glob.glob(str(tmp_path / "root" / "**"), recursive=True)
+        if os.path.isfile(p) and not p.endswith(".lock")
+    ] == []
 
 
 def test_parquet_source_skip_names_file_and_row(tmp_path):
@@ -222,10 +244,19 @@ def test_parquet_source_skip_names_file_and_row(tmp_path):
     blobs[5] = CORRUPT
     labels = [i % 2 for i in range(len(blobs))]
     (tmp_path / "src").mkdir()
-    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "label": pa.array(labels, pa.int64())}),
-                   tmp_path / "src" / "train.parquet")
-    cfg = DataConfig(source="parquet", path=str(tmp_path / "src"), root=str(tmp_path / "root"), image_size=S,
-                     on_bad_image="skip", val_fraction=0.2, test_fraction=0.2)
+    pq.write_table(
+        pa.table({"image": pa.array(blobs, pa.binary()), "label": pa.array(labels, pa.int64())}),
+        tmp_path / "src" / "train.parquet",
+    )
+    cfg = DataConfig(
+        source="parquet",
+        path=str(tmp_path / "src"),
+        root=str(tmp_path / "root"),
+        image_size=S,
+        on_bad_image="skip",
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
     meta = prep.read_metadata(prep.prepare(cfg))
     assert meta["resize"]["policy"] == "center_crop" and sum(meta["counts"].values()) == len(blobs) - 1
     assert meta["bad_images"]["count"] == 1
@@ -235,7 +266,16 @@ def test_parquet_source_skip_names_file_and_row(tmp_path):
 def test_default_policies_keep_the_fingerprint_of_existing_datasets():
     """Datasets prepared before data.resize / data.on_bad_image existed keep their folder."""
     base = DataConfig(source="digits")
-    assert prep.request_fingerprint(DataConfig(source="digits", resize="center_crop", on_bad_image="error")) == \
-        prep.request_fingerprint(base)
-    assert len({prep.request_fingerprint(base), prep.request_fingerprint(DataConfig(source="digits", resize="pad")),
-                prep.request_fingerprint(DataConfig(source="digits", on_bad_image="skip"))}) == 3
+    assert prep.request_fingerprint(
+        DataConfig(source="digits", resize="center_crop", on_bad_image="error")
+    ) == prep.request_fingerprint(base)
+    assert (
+        len(
+            {
+                prep.request_fingerprint(base),
+                prep.request_fingerprint(DataConfig(source="digits", resize="pad")),
+                prep.request_fingerprint(DataConfig(source="digits", on_bad_image="skip")),
+            }
+        )
+        == 3
+    )

@@ -1,12 +1,20 @@
 """Plain-PyTorch train/eval epochs on tiny CPU models (no Ray)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from resnet_ray.config import ModelConfig, OptimConfig
-from resnet_ray.loop import (StepSettings, WeightEMA, _train_step, evaluate_epoch, smooth_one_hot,
-                             soft_cross_entropy, train_epoch)
+from resnet_ray.loop import (
+    StepSettings,
+    WeightEMA,
+    _train_step,
+    evaluate_epoch,
+    smooth_one_hot,
+    soft_cross_entropy,
+    train_epoch,
+)
 from resnet_ray.model import build_model
 from resnet_ray.optim import build_optimizer, build_scheduler
 from resnet_ray.transforms import Preprocess
@@ -17,12 +25,15 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 def random_batches(n_batches, b, size=32, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g),
-             "label": torch.randint(0, classes, (b,), generator=g)} for _ in range(n_batches)]
+    return [
+        {
+            "image": torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g),
+            "label": torch.randint(0, classes, (b,), generator=g),
+        }
+        for _ in range(n_batches)
+    ]
 
 
 def thirds_batches(n_batches, b, size=32, seed=0):
@@ -34,7 +45,7 @@ def thirds_batches(n_batches, b, size=32, seed=0):
         images = torch.randint(0, 40, (b, size, size, 3), dtype=torch.uint8, generator=g)
         edges = [0, size // 3, 2 * size // 3, size]
         for i, c in enumerate(labels.tolist()):
-            images[i, :, edges[c]:edges[c + 1]] += 200
+            images[i, :, edges[c] : edges[c + 1]] += 200
         out.append({"image": images, "label": labels})
     return out
 
@@ -60,8 +71,9 @@ def test_train_epoch_sums_are_consistent_with_batches():
     opt, sched = optimizer(model)
     batches = random_batches(3, 4) + random_batches(1, 2, seed=1)
     losses = []
-    out = train_epoch(model, batches, opt, sched, settings(), on_step=lambda step, loss: losses.append((step, loss)),
-                      log_every=1)
+    out = train_epoch(
+        model, batches, opt, sched, settings(), on_step=lambda step, loss: losses.append((step, loss)), log_every=1
+    )
     assert set(out) == {"loss_sum", "correct", "count", "steps", "seconds", "data_wait_s"}
     assert out["count"] == 14 and out["steps"] == 4
     assert [s for s, _ in losses] == [1, 2, 3, 4]
@@ -76,8 +88,9 @@ def test_on_step_is_called_only_at_logging_points():
     model = resnet18()
     opt, sched = optimizer(model)
     seen = []
-    train_epoch(model, random_batches(5, 2), opt, sched, settings(), on_step=lambda step, loss: seen.append(step),
-                log_every=2)
+    train_epoch(
+        model, random_batches(5, 2), opt, sched, settings(), on_step=lambda step, loss: seen.append(step), log_every=2
+    )
     assert seen == [2, 4]
     train_epoch(model, random_batches(2, 2), opt, sched, settings(), on_step=lambda step, loss: seen.append(step))
     assert seen == [2, 4]  # log_every=0: never
@@ -143,11 +156,13 @@ class FixedLogits(nn.Module):
 
 def test_evaluate_epoch_counts_top1_top5_and_loss():
     classes = 7
-    table = torch.tensor([
-        [9., 8, 7, 6, 5, 4, 3],  # ranking 0,1,2,3,4,5,6
-        [0., 1, 2, 3, 4, 5, 6],  # ranking 6,5,4,3,2,1,0
-        [0., 0, 5, 0, 0, 0, 0],  # 2 first, then ties
-    ])
+    table = torch.tensor(
+        [
+            [9.0, 8, 7, 6, 5, 4, 3],  # ranking 0,1,2,3,4,5,6
+            [0.0, 1, 2, 3, 4, 5, 6],  # ranking 6,5,4,3,2,1,0
+            [0.0, 0, 5, 0, 0, 0, 0],  # 2 first, then ties
+        ]
+    )
     model = FixedLogits(table)
 
     def batch(rows, labels):
@@ -155,9 +170,11 @@ def test_evaluate_epoch_counts_top1_top5_and_loss():
         img[:, 0, 0, 0] = torch.tensor(rows, dtype=torch.uint8)
         return {"image": img, "label": torch.tensor(labels)}
 
-    batches = [batch([0, 0, 0], [0, 4, 6]),  # top1, top5, miss
-               batch([1, 1], [6, 0])]        # top1, miss
-    s = StepSettings(preprocess=Preprocess(4, (0., 0., 0.), (1., 1., 1.)), num_classes=classes, device=CPU)
+    batches = [
+        batch([0, 0, 0], [0, 4, 6]),  # top1, top5, miss
+        batch([1, 1], [6, 0]),
+    ]  # top1, miss
+    s = StepSettings(preprocess=Preprocess(4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), num_classes=classes, device=CPU)
     out = evaluate_epoch(model, batches, s)
     assert out["count"] == 5
     assert out["top1"] == 2 and out["top5"] == 3
@@ -168,20 +185,27 @@ def test_evaluate_epoch_counts_top1_top5_and_loss():
 
 
 def test_evaluate_epoch_top5_with_fewer_than_five_classes():
-    model = FixedLogits(torch.tensor([[3., 2, 1]]))
+    model = FixedLogits(torch.tensor([[3.0, 2, 1]]))
     img = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
-    s = StepSettings(preprocess=Preprocess(4, (0., 0., 0.), (1., 1., 1.)), num_classes=3, device=CPU)
+    s = StepSettings(preprocess=Preprocess(4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), num_classes=3, device=CPU)
     out = evaluate_epoch(model, [{"image": img, "label": torch.tensor([0, 2])}], s)
-    assert out == {"loss_sum": pytest.approx(float(F.cross_entropy(torch.tensor([[3., 2, 1]] * 2),
-                                                                   torch.tensor([0, 2]), reduction="sum"))),
-                   "top1": 1.0, "top5": 2.0, "count": 2.0}
+    assert out == {
+        "loss_sum": pytest.approx(
+            float(F.cross_entropy(torch.tensor([[3.0, 2, 1]] * 2), torch.tensor([0, 2]), reduction="sum"))
+        ),
+        "top1": 1.0,
+        "top5": 2.0,
+        "count": 2.0,
+    }
 
 
 def test_evaluate_epoch_uses_evaluation_preprocessing():
     model = resnet18()
     batches = random_batches(2, 4)
-    s = settings(preprocess=Preprocess(32, MEAN, STD, augment="crop", crop_padding=4, hflip=True),
-                 generator=torch.Generator().manual_seed(0))
+    s = settings(
+        preprocess=Preprocess(32, MEAN, STD, augment="crop", crop_padding=4, hflip=True),
+        generator=torch.Generator().manual_seed(0),
+    )
     a = evaluate_epoch(model, batches, s)
     b = evaluate_epoch(model, batches, s)
     assert a == b
@@ -209,9 +233,14 @@ def test_soft_cross_entropy_matches_cross_entropy_with_smoothing():
 def test_train_epoch_with_mixup_and_clipping_runs():
     model = resnet18()
     opt, sched = optimizer(model)
-    s = settings(label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0, grad_clip_norm=1.0,
-                 generator=torch.Generator().manual_seed(0),
-                 preprocess=Preprocess(32, MEAN, STD, augment="crop", hflip=True))
+    s = settings(
+        label_smoothing=0.1,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        grad_clip_norm=1.0,
+        generator=torch.Generator().manual_seed(0),
+        preprocess=Preprocess(32, MEAN, STD, augment="crop", hflip=True),
+    )
     out = train_epoch(model, random_batches(2, 4), opt, sched, s)
     assert out["count"] == 8 and out["steps"] == 2
     assert torch.isfinite(torch.tensor(out["loss_sum"]))
@@ -220,7 +249,8 @@ def test_train_epoch_with_mixup_and_clipping_runs():
 def test_training_step_reads_no_tensor_value_on_the_host(monkeypatch):
     """Every Python-level read of a tensor's value (item, float, int, bool, tolist, cpu, numpy) would be a
     host-device synchronization on a GPU; inside the steps there must be none (SGD, crop, flip, rrc, label
-    smoothing, clipping, weight EMA, TrivialAugment, random erasing). The GPU check proves the same with torch.cuda.set_sync_debug_mode("error")."""
+    smoothing, clipping, weight EMA, TrivialAugment, random erasing). The GPU check proves the same with
+    torch.cuda.set_sync_debug_mode("error")."""
     model = resnet18()
     opt, sched = optimizer(model)
     reads = []
@@ -231,12 +261,17 @@ def test_training_step_reads_no_tensor_value_on_the_host(monkeypatch):
         def spy(self, *args, **kwargs):
             reads.append(name)
             return real(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, spy)
 
     for augment in ("crop", "rrc"):
-        s = settings(preprocess=Preprocess(32, MEAN, STD, augment, 4, True, auto_augment="trivialaugment",
-                                           random_erasing=0.5), grad_clip_norm=1.0,
-                     label_smoothing=0.1, generator=torch.Generator().manual_seed(0), ema=WeightEMA(model, 0.99))
+        s = settings(
+            preprocess=Preprocess(32, MEAN, STD, augment, 4, True, auto_augment="trivialaugment", random_erasing=0.5),
+            grad_clip_norm=1.0,
+            label_smoothing=0.1,
+            generator=torch.Generator().manual_seed(0),
+            ema=WeightEMA(model, 0.99),
+        )
         for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy"):
             forbid(name)
         loss_sum, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)

@@ -1,4 +1,5 @@
 """resnet_ray.metrics against sklearn and hand-computed values."""
+
 import math
 
 import numpy as np
@@ -26,19 +27,26 @@ def assert_matches_sklearn(y, p, c, zero_division):
     np.testing.assert_array_equal(cm, sk_cm(y, p, labels=list(range(c))))
     names = _names(c)
     ours = M.classification_report(cm, names, zero_division=zero_division)
-    ref = sk_report(y, p, labels=list(range(c)), target_names=names, output_dict=True,
-                    zero_division=zero_division)
+    ref = sk_report(y, p, labels=list(range(c)), target_names=names, output_dict=True, zero_division=zero_division)
     assert ours["total_support"] == cm.sum() == len(y)
     assert ours["num_classes"] == c
     assert [r["index"] for r in ours["per_class"]] == list(range(c))
     for row in ours["per_class"]:
         r = ref[row["class"]]
-        for ours_key, ref_key in (("precision", "precision"), ("recall", "recall"),
-                                  ("f1", "f1-score"), ("support", "support")):
+        for ours_key, ref_key in (
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("f1", "f1-score"),
+            ("support", "support"),
+        ):
             assert _close(row[ours_key], r[ref_key]), (row, r, ours_key)
     for key in ("macro avg", "weighted avg"):
-        for ours_key, ref_key in (("precision", "precision"), ("recall", "recall"),
-                                  ("f1", "f1-score"), ("support", "support")):
+        for ours_key, ref_key in (
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("f1", "f1-score"),
+            ("support", "support"),
+        ):
             assert _close(ours[key][ours_key], ref[key][ref_key]), (key, ours_key, ours[key], ref[key])
     if "accuracy" in ref:
         assert _close(ours["accuracy"], ref["accuracy"])
@@ -215,14 +223,20 @@ def test_ece_edge_cases():
 
 
 def test_most_confused_pairs_known_matrix():
-    cm = np.array([
-        [5, 3, 1],
-        [0, 4, 3],
-        [2, 0, 9],
-    ])
+    cm = np.array(
+        [
+            [5, 3, 1],
+            [0, 4, 3],
+            [2, 0, 9],
+        ]
+    )
     pairs = M.most_confused_pairs(cm, ["a", "b", "c"], k=10)
     assert [(d["true"], d["predicted"], d["count"]) for d in pairs] == [
-        ("a", "b", 3), ("b", "c", 3), ("c", "a", 2), ("a", "c", 1)]
+        ("a", "b", 3),
+        ("b", "c", 3),
+        ("c", "a", 2),
+        ("a", "c", 1),
+    ]
     assert pairs[0]["fraction"] == pytest.approx(3 / 9)
     assert pairs[1]["fraction"] == pytest.approx(3 / 7)
     assert (pairs[2]["true_index"], pairs[2]["predicted_index"]) == (2, 0)
@@ -270,7 +284,8 @@ def test_report_intervals_use_wilson_on_the_right_counts():
     assert r["accuracy_ci"] == pytest.approx([ref.low, ref.high], abs=1e-12)
     assert all(math.isnan(v) for v in c["recall_ci"])  # no true c: recall has no interval
     assert c["precision_ci"][0] == 0.0 and c["precision_ci"][1] == pytest.approx(
-        binomtest(0, 3).proportion_ci(method="wilson").high, abs=1e-12)
+        binomtest(0, 3).proportion_ci(method="wilson").high, abs=1e-12
+    )
     lo, hi = r["macro avg"]["f1_ci"]
     assert lo <= r["macro avg"]["f1"] <= hi
     assert r["intervals"]["confidence"] == 0.95 and r["intervals"]["resamples"] == 1000
@@ -304,8 +319,9 @@ def test_bootstrap_matches_resampling_rows():
     scores = []
     for _ in range(2000):
         i = rng.integers(0, 400, 400)
-        scores.append(M.classification_report(M.confusion_matrix(y[i], p[i], 5), _names(5),
-                                              n_resamples=0)["macro avg"]["f1"])
+        scores.append(
+            M.classification_report(M.confusion_matrix(y[i], p[i], 5), _names(5), n_resamples=0)["macro avg"]["f1"]
+        )
     ref = np.percentile(scores, [2.5, 97.5])
     low, high = M.bootstrap_macro_f1(M.confusion_matrix(y, p, 5), n_resamples=4000)
     assert low == pytest.approx(ref[0], abs=0.01) and high == pytest.approx(ref[1], abs=0.01)
@@ -322,6 +338,10 @@ def test_calibration_bins():
     counts = M.calibration_counts([0.1, 0.3, 0.4, 0.9], [0, 1, 0, 1], n_bins=4)
     bins = M.calibration_bins(counts)
     assert [(b["low"], b["high"], b["count"]) for b in bins] == [
-        (0.0, 0.25, 1), (0.25, 0.5, 2), (0.5, 0.75, 0), (0.75, 1.0, 1)]
+        (0.0, 0.25, 1),
+        (0.25, 0.5, 2),
+        (0.5, 0.75, 0),
+        (0.75, 1.0, 1),
+    ]
     assert bins[1]["confidence"] == pytest.approx(0.35) and bins[1]["accuracy"] == 0.5
     assert math.isnan(bins[2]["accuracy"]) and bins[3]["accuracy"] == 1.0

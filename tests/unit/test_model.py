@@ -1,4 +1,5 @@
 """Model building, weight loading and normalization (no Ray, no network)."""
+
 import os
 
 import pytest
@@ -119,8 +120,9 @@ def test_imagenet_uses_cached_file_without_download(monkeypatch, tmp_path, resne
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     os.makedirs(cache)
     torch.save(state, os.path.join(cache, os.path.basename(url)))
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda *a, **k: pytest.fail("must not download when the file is cached"))
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download when the file is cached")
+    )
     m = build_model(ModelConfig(arch="resnet18", weights="imagenet"), 6)
     torch.testing.assert_close(m.conv1.weight, state["conv1.weight"], atol=0, rtol=0)
     assert m.fc.out_features == 6
@@ -137,11 +139,20 @@ def test_normalization():
     assert normalization(ModelConfig(arch="resnet18", weights="none"), meta) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
 
 
-@pytest.mark.parametrize("name,head", [
-    ("fc.weight", True), ("fc.bias", True), ("module.fc.weight", True), ("_orig_mod.fc.bias", True),
-    ("module._orig_mod.fc.weight", True), ("conv1.weight", False), ("module.layer1.0.conv1.weight", False),
-    ("_orig_mod.bn1.bias", False), ("fcx.weight", False),
-])
+@pytest.mark.parametrize(
+    "name,head",
+    [
+        ("fc.weight", True),
+        ("fc.bias", True),
+        ("module.fc.weight", True),
+        ("_orig_mod.fc.bias", True),
+        ("module._orig_mod.fc.weight", True),
+        ("conv1.weight", False),
+        ("module.layer1.0.conv1.weight", False),
+        ("_orig_mod.bn1.bias", False),
+        ("fcx.weight", False),
+    ],
+)
 def test_is_head(name, head):
     assert is_head(name) is head
 
@@ -158,8 +169,14 @@ def test_the_driver_fetches_or_refuses_weights_before_any_ray_work(monkeypatch, 
     with pytest.raises(ModelError, match="cannot download"):
         fetch_weights(ModelConfig(arch="resnet18", weights="imagenet"))
     fetch_weights(ModelConfig(arch="resnet18", weights="none"))
-    cfg = load_config(None, {"model.weights": str(tmp_path / "missing.pt"), "data.root": str(tmp_path / "data"),
-                             "train.storage_path": str(tmp_path / "runs")})
+    cfg = load_config(
+        None,
+        {
+            "model.weights": str(tmp_path / "missing.pt"),
+            "data.root": str(tmp_path / "data"),
+            "train.storage_path": str(tmp_path / "runs"),
+        },
+    )
     with pytest.raises(ModelError, match="missing.pt' is neither imagenet"):
         fit(cfg)  # no Ray instance in this process: it stopped before needing one
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()

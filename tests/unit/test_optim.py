@@ -1,4 +1,5 @@
 """Optimizer groups, lr scaling and the warmup + cosine schedule (no Ray)."""
+
 import math
 
 import pytest
@@ -45,8 +46,9 @@ def test_lr_factor_without_warmup():
 
 
 def test_scheduler_reproduces_lr_factor_times_peak_for_every_group():
-    cfg = OptimConfig(lr=0.1, backbone_lr_scale=0.1, warmup_epochs=1.5, min_lr_ratio=0.05,
-                      weight_decay=1e-4, reference_batch_size=64)
+    cfg = OptimConfig(
+        lr=0.1, backbone_lr_scale=0.1, warmup_epochs=1.5, min_lr_ratio=0.05, weight_decay=1e-4, reference_batch_size=64
+    )
     model = Tiny()
     opt = build_optimizer(model, cfg, 128)
     steps_per_epoch, epochs = 4, 3

@@ -17,15 +17,22 @@ from resnet_ray.data.sources import DataError, RawDataset, RawSplit
 
 def fake_source(n_per_class=20, classes=4, with_test=True, seed=0):
     rng = np.random.default_rng(seed)
+
     def split(n):
         labels = np.repeat(np.arange(classes), n)
         images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
         return RawSplit(images, labels.astype(np.int64), (labels // 2).astype(np.int64))
+
     splits = {"train": split(n_per_class)}
     if with_test:
         splits["test"] = split(5)
-    return RawDataset(splits=splits, classes=[f"c{i}" for i in range(classes)], checksum="abc",
-                      coarse_classes=["low", "high"], fine_to_coarse=[i // 2 for i in range(classes)])
+    return RawDataset(
+        splits=splits,
+        classes=[f"c{i}" for i in range(classes)],
+        checksum="abc",
+        coarse_classes=["low", "high"],
+        fine_to_coarse=[i // 2 for i in range(classes)],
+    )
 
 
 @pytest.fixture
@@ -42,8 +49,9 @@ def read_split(prepared, split):
 
 def data_files(root):
     """Every file below root except the lock files that prepare keeps beside its datasets."""
-    return [p for p in glob.glob(os.path.join(root, "**"), recursive=True)
-            if os.path.isfile(p) and not p.endswith(".lock")]
+    return [
+        p for p in glob.glob(os.path.join(root, "**"), recursive=True) if os.path.isfile(p) and not p.endswith(".lock")
+    ]
 
 
 def rows_by_content(images):
@@ -56,7 +64,9 @@ def test_round_trip_is_pixel_exact_and_splits_partition_train(tmp_path, fake):
     meta = prep.read_metadata(prepared)
     train, val, test = (read_split(prepared, s) for s in ("train", "val", "test"))
     # train + val is exactly the source train split, test is the source test split (as multisets of images)
-    assert rows_by_content(np.concatenate([train["image"], val["image"]])) == rows_by_content(fake.splits["train"].images)
+    assert rows_by_content(np.concatenate([train["image"], val["image"]])) == rows_by_content(
+        fake.splits["train"].images
+    )
     assert rows_by_content(test["image"]) == rows_by_content(fake.splits["test"].images)
     # labels travel with their image
     source = {img.tobytes(): lab for img, lab in zip(fake.splits["train"].images, fake.splits["train"].labels)}
@@ -136,7 +146,7 @@ def test_wrong_image_size_is_an_error(tmp_path, monkeypatch):
 def test_file_uri_root_goes_through_the_same_code(tmp_path, fake):
     prepared = prep.prepare(DataConfig(source="digits", root=f"file://{tmp_path}/uri"))
     assert prepared.startswith(f"file://{tmp_path}/uri/digits/")
-    local = prepared[len("file://"):]
+    local = prepared[len("file://") :]
     assert json.load(open(os.path.join(local, "metadata.json")))["counts"]["train"] == 72
 
 

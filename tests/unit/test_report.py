@@ -1,4 +1,5 @@
 """resnet_ray.report: files written, formats agree, rich summary renders."""
+
 import csv
 import io
 import json
@@ -11,8 +12,14 @@ import pytest
 from rich.console import Console
 
 from resnet_ray import metrics as M
-from resnet_ray.report import (print_search_summary, print_summary, print_training_summary, write_history_plot,
-                               write_outputs, write_reliability_plot)
+from resnet_ray.report import (
+    print_search_summary,
+    print_summary,
+    print_training_summary,
+    write_history_plot,
+    write_outputs,
+    write_reliability_plot,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,13 +79,24 @@ def test_write_outputs(tmp_path, c, coarse_k):
 
     with open(out / "per_class.csv", newline="") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["class", "index", "precision", "recall", "f1", "support",
-                       "precision_ci_low", "precision_ci_high", "recall_ci_low", "recall_ci_high"]
+    assert rows[0] == [
+        "class",
+        "index",
+        "precision",
+        "recall",
+        "f1",
+        "support",
+        "precision_ci_low",
+        "precision_ci_high",
+        "recall_ci_low",
+        "recall_ci_high",
+    ]
     assert len(rows) == c + 1
     assert rows[1][0] == "cls_0" and int(rows[-1][1]) == c - 1
     assert float(rows[3][4]) == pytest.approx(data["per_class"][2]["f1"], abs=1e-12)
     assert [float(v) for v in rows[3][6:]] == pytest.approx(
-        data["per_class"][2]["precision_ci"] + data["per_class"][2]["recall_ci"], abs=1e-12)
+        data["per_class"][2]["precision_ci"] + data["per_class"][2]["recall_ci"], abs=1e-12
+    )
 
     md = (out / "report.md").read_text()
     assert _md_value(md, "Accuracy (top-1)") == f"{data['accuracy']:.4f}"
@@ -93,12 +111,16 @@ def test_write_outputs(tmp_path, c, coarse_k):
     assert "resnet50" in md and "cifar" in md and "test" in md
     # macro average row and one per-class row agree with the JSON
     macro = data["macro avg"]
-    assert (f"| macro avg | {macro['precision']:.4f} | {macro['recall']:.4f} | "
-            f"{macro['f1']:.4f} | [{lo:.4f}, {hi:.4f}] | {macro['support']} |") in md
+    assert (
+        f"| macro avg | {macro['precision']:.4f} | {macro['recall']:.4f} | "
+        f"{macro['f1']:.4f} | [{lo:.4f}, {hi:.4f}] | {macro['support']} |"
+    ) in md
     r = data["per_class"][c - 1]
     (plo, phi), (rlo, rhi) = r["precision_ci"], r["recall_ci"]
-    assert (f"| {c - 1} | {r['class']} | {r['precision']:.4f} | [{plo:.4f}, {phi:.4f}] | {r['recall']:.4f} | "
-            f"[{rlo:.4f}, {rhi:.4f}] | {r['f1']:.4f} | {r['support']} |") in md
+    assert (
+        f"| {c - 1} | {r['class']} | {r['precision']:.4f} | [{plo:.4f}, {phi:.4f}] | {r['recall']:.4f} | "
+        f"[{rlo:.4f}, {rhi:.4f}] | {r['f1']:.4f} | {r['support']} |"
+    ) in md
     top = data["confused_pairs"][0]
     assert f"| {top['true']} | {top['predicted']} | {top['count']} | {top['fraction']:.4f} |" in md
     if coarse_k:
@@ -190,10 +212,20 @@ def test_write_outputs_pictures(tmp_path, c):
 
 
 def _history(epochs):
-    return [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 1 - 0.8 / e, "val_loss": 2.1 / e,
-             "val_top1": 1 - 0.9 / e, "val_top5": 1 - 0.3 / e, "lr": 0.1 / e, "images_per_s": 50.0,
-             "epoch_s": 12.5}
-            for e in range(1, epochs + 1)]
+    return [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "train_acc": 1 - 0.8 / e,
+            "val_loss": 2.1 / e,
+            "val_top1": 1 - 0.9 / e,
+            "val_top5": 1 - 0.3 / e,
+            "lr": 0.1 / e,
+            "images_per_s": 50.0,
+            "epoch_s": 12.5,
+        }
+        for e in range(1, epochs + 1)
+    ]
 
 
 def test_write_history_plot(tmp_path):
@@ -243,8 +275,10 @@ def test_print_summary_not_a_terminal_is_not_truncated():
         assert f"[{r['recall_ci'][0]:.4f}, {r['recall_ci'][1]:.4f}]" in row
     lo, hi = report["accuracy_ci"]
     flo, fhi = report["macro avg"]["f1_ci"]
-    assert (f"accuracy {report['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] | macro-F1 {report['macro avg']['f1']:.4f} "
-            f"[{flo:.4f}, {fhi:.4f}] | top-5 0.9877 | ECE 0.0123 | total support 152") in text
+    assert (
+        f"accuracy {report['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] | macro-F1 {report['macro avg']['f1']:.4f} "
+        f"[{flo:.4f}, {fhi:.4f}] | top-5 0.9877 | ECE 0.0123 | total support 152"
+    ) in text
     assert "…" not in text
 
     # the same console as a terminal keeps to its 60 columns (the check above is not vacuous)
@@ -255,19 +289,34 @@ def test_print_summary_not_a_terminal_is_not_truncated():
 
 def test_print_training_and_search_summaries_not_a_terminal():
     history = _history(3)
-    training = SimpleNamespace(run_dir="/runs/" + "r" * 60, history=history, best=history[-1],
-                               model_dir="/runs/model", evaluation=None)
+    training = SimpleNamespace(
+        run_dir="/runs/" + "r" * 60, history=history, best=history[-1], model_dir="/runs/model", evaluation=None
+    )
     text = _narrow_text(print_training_summary, training)
     assert "/runs/" + "r" * 60 in text
     last = next(line for line in text.splitlines() if line.strip().startswith("3 "))
     for value in ("0.6667", "0.7333", "0.7000", "0.9000", "3.33e-02", "50"):
         assert value in last
 
-    trials = [{"trial_id": f"trial_{i:05d}", "status": "TERMINATED", "epochs": 2, "best_epoch": 2,
-               "val_top1": 0.9 + i / 100, "params": {"optim.lr": 0.001 * (i + 1), "train.batch_size": 64}}
-              for i in range(2)]
-    search = SimpleNamespace(experiment_dir="/exp", trials=trials, best=trials[1], metric="val_top1",
-                             best_config_path="/exp/" + "c" * 50 + "/best_config.yaml", evaluation=None)
+    trials = [
+        {
+            "trial_id": f"trial_{i:05d}",
+            "status": "TERMINATED",
+            "epochs": 2,
+            "best_epoch": 2,
+            "val_top1": 0.9 + i / 100,
+            "params": {"optim.lr": 0.001 * (i + 1), "train.batch_size": 64},
+        }
+        for i in range(2)
+    ]
+    search = SimpleNamespace(
+        experiment_dir="/exp",
+        trials=trials,
+        best=trials[1],
+        metric="val_top1",
+        best_config_path="/exp/" + "c" * 50 + "/best_config.yaml",
+        evaluation=None,
+    )
     text = _narrow_text(print_search_summary, search)
     assert "trial_00001" in text and "optim.lr" in text and "train.batch_size" in text and "0.9100" in text
     assert f"python jobs/train.py --config {search.best_config_path}" in text

@@ -1,4 +1,5 @@
 """Resource checks on fake clusters: what fits, what is resized with a warning, what stops with the numbers."""
+
 import logging
 
 import pytest

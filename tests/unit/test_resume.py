@@ -1,4 +1,5 @@
 """Resuming a run folder with overrides: what may change, what is refused (no Ray needed)."""
+
 import os
 
 import pytest
@@ -24,8 +25,16 @@ def test_schedule_workers_and_epochs_may_change_on_resume(run_dir):
     assert config_file(cfg) != config_file(saved)
 
 
-@pytest.mark.parametrize("override, value", [("model.arch", "resnet18"), ("model.image_size", "64"),
-                                             ("data.source", "cifar10"), ("data.seed", "3"), ("data.limit", "100")])
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("model.arch", "resnet18"),
+        ("model.image_size", "64"),
+        ("data.source", "cifar10"),
+        ("data.seed", "3"),
+        ("data.limit", "100"),
+    ],
+)
 def test_overrides_that_cannot_apply_to_a_trained_run_are_refused(run_dir, override, value):
     with pytest.raises(ConfigError, match=f"^{override}: a resumed run keeps"):
         config_for_resume(run_dir[0], [f"--{override}", value])

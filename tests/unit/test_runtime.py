@@ -1,4 +1,5 @@
 """Finding and probing the cluster address, without starting Ray."""
+
 import os
 import socket
 import time

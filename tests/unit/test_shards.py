@@ -1,6 +1,7 @@
 """Streaming prepare of image folders and Parquet sources (resnet_ray.data.shards) on local threads: the same
 dataset, row for row, as reading everything into memory; only names and labels in the calling thread; contiguous
 row ids after skipped images."""
+
 import glob
 import os
 import threading
@@ -9,14 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_image_folder as make_folder
+from conftest import make_parquet_source
 
 from resnet_ray.config import DataConfig
 from resnet_ray.data import files, shards
 from resnet_ray.data import prepare as prep
 from resnet_ray.data.load import table_to_batch
-
-from conftest import make_image_folder as make_folder
-from conftest import make_parquet_source
 
 S = 16
 
@@ -42,11 +42,11 @@ def test_streamed_prepare_equals_the_in_memory_dataset(tmp_path, small_shards, m
     cfg = DataConfig(source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=S)
     reads = []
     real_read = shards.read_file
-    monkeypatch.setattr(shards, "read_file", lambda fs, p: reads.append(threading.current_thread().name)
-                        or real_read(fs, p))
+    monkeypatch.setattr(
+        shards, "read_file", lambda fs, p: reads.append(threading.current_thread().name) or real_read(fs, p)
+    )
     progress = []
-    prepared = prep.prepare(cfg, on_start=lambda n: progress.append(("start", n)),
-                            on_rows=lambda n: progress.append(n))
+    prepared = prep.prepare(cfg, on_start=lambda n: progress.append(("start", n)), on_rows=lambda n: progress.append(n))
     meta = prep.read_metadata(prepared)
     # the image bytes are read in the worker threads only: the caller holds names and labels
     assert len(reads) == 36 and all(name.startswith("prepare") for name in reads)
@@ -69,12 +69,15 @@ def test_streamed_prepare_equals_the_in_memory_dataset(tmp_path, small_shards, m
 
 def test_skipped_images_leave_contiguous_row_ids_across_shards(tmp_path, small_shards):
     source = make_folder(tmp_path / "src", corrupt={(0, 3), (2, 5)})
-    cfg = DataConfig(source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=S,
-                     on_bad_image="skip")
+    cfg = DataConfig(
+        source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=S, on_bad_image="skip"
+    )
     meta = prep.read_metadata(prep.prepare(cfg))
     assert meta["bad_images"]["count"] == 2
     assert [b["file"] for b in meta["bad_images"]["files"]] == [
-        str(source / "train" / "class0" / "03.png"), str(source / "train" / "class2" / "05.png")]
+        str(source / "train" / "class0" / "03.png"),
+        str(source / "train" / "class2" / "05.png"),
+    ]
     assert sum(meta["counts"].values()) == 36 - 2
     for name, count in meta["counts"].items():
         _, batch = read_split(prep.dataset_dir(cfg), name)
@@ -91,8 +94,14 @@ def test_file_uri_source_names_files_by_uri(tmp_path):
 
 def test_streamed_parquet_equals_the_in_memory_dataset(tmp_path, small_shards):
     source = make_parquet_source(tmp_path / "src")
-    cfg = DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root"), image_size=S,
-                     coarse_label_column="coarse", val_fraction=0.25)
+    cfg = DataConfig(
+        source="parquet",
+        path=str(source),
+        root=str(tmp_path / "root"),
+        image_size=S,
+        coarse_label_column="coarse",
+        val_fraction=0.25,
+    )
     prepared = prep.prepare(cfg)
     meta = prep.read_metadata(prepared)
     raw = files.read_parquet_source(cfg)
@@ -110,11 +119,19 @@ def test_streamed_parquet_equals_the_in_memory_dataset(tmp_path, small_shards):
 
 def test_streamed_parquet_skips_bad_rows_with_contiguous_row_ids(tmp_path, small_shards):
     source = make_parquet_source(tmp_path / "src", corrupt_rows={4, 15})
-    cfg = DataConfig(source="parquet", path=str(source), root=str(tmp_path / "root"), image_size=S,
-                     on_bad_image="skip", val_fraction=0.25)
+    cfg = DataConfig(
+        source="parquet",
+        path=str(source),
+        root=str(tmp_path / "root"),
+        image_size=S,
+        on_bad_image="skip",
+        val_fraction=0.25,
+    )
     meta = prep.read_metadata(prep.prepare(cfg))
     assert sorted(b["file"] for b in meta["bad_images"]["files"]) == [
-        f"{source / 'train-00000.parquet'}: row 4", f"{source / 'train-00001.parquet'}: row 2"]
+        f"{source / 'train-00000.parquet'}: row 4",
+        f"{source / 'train-00001.parquet'}: row 2",
+    ]
     assert sum(meta["counts"].values()) == 30 - 2
     for name, count in meta["counts"].items():
         _, batch = read_split(prep.dataset_dir(cfg), name)

@@ -1,4 +1,5 @@
 """Source readers: CIFAR archives/folders, Parquet folders and image folders, on tiny data made here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -84,14 +85,21 @@ def make_cifar10(root: Path, style: str = "py2", per_class: int = 1):
         expected[split][0].append(images)
         expected[split][1].append(labels)
         members[f"cifar-10-batches-py/{batch}"] = _dumps(
-            {b"batch_label": f"{batch} of 5".encode(), b"labels": labels, b"data": _rows(images),
-             b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}, style)
+            {
+                b"batch_label": f"{batch} of 5".encode(),
+                b"labels": labels,
+                b"data": _rows(images),
+                b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))],
+            },
+            style,
+        )
     members["cifar-10-batches-py/batches.meta"] = _dumps(
-        {b"num_cases_per_batch": 10000, b"label_names": names, b"num_vis": 3072}, style)
+        {b"num_cases_per_batch": 10000, b"label_names": names, b"num_vis": 3072}, style
+    )
     members["cifar-10-batches-py/readme.html"] = b"<html></html>"
     archive = root / "cifar-10-python.tar.gz"
     md5 = _tar(archive, members)
-    expected = {s: (np.concatenate(i), np.concatenate(l).astype(np.int64)) for s, (i, l) in expected.items()}
+    expected = {s: (np.concatenate(i), np.concatenate(lab).astype(np.int64)) for s, (i, lab) in expected.items()}
     return archive, md5, expected, members
 
 
@@ -105,12 +113,22 @@ def make_cifar100(root: Path, style: str = "py2", fine_to_coarse=None):
         images = _rand_images(rng, len(fine))
         expected[split] = (images, fine.astype(np.int64), coarse.astype(np.int64))
         members[f"cifar-100-python/{split}"] = _dumps(
-            {b"filenames": [b"x.png"] * len(fine), b"batch_label": f"{split} batch".encode(),
-             b"fine_labels": [int(x) for x in fine], b"coarse_labels": [int(x) for x in coarse],
-             b"data": _rows(images)}, style)
+            {
+                b"filenames": [b"x.png"] * len(fine),
+                b"batch_label": f"{split} batch".encode(),
+                b"fine_labels": [int(x) for x in fine],
+                b"coarse_labels": [int(x) for x in coarse],
+                b"data": _rows(images),
+            },
+            style,
+        )
     members["cifar-100-python/meta"] = _dumps(
-        {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-         b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}, style)
+        {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
+        style,
+    )
     archive = root / "cifar-100-python.tar.gz"
     md5 = _tar(archive, members)
     return archive, md5, expected, fine_to_coarse
@@ -158,8 +176,11 @@ def test_cifar10_hwc_layout(tmp_path):
     raw = cifar.read_cifar10(DataConfig(source="cifar10", path=str(archive), md5=md5))
     row = _rows(expected["test"][0])[3]
     img = raw.splits["test"].images[3]
-    assert (img[5, 7, 0], img[5, 7, 1], img[5, 7, 2]) == (row[5 * 32 + 7], row[1024 + 5 * 32 + 7],
-                                                          row[2048 + 5 * 32 + 7])
+    assert (img[5, 7, 0], img[5, 7, 1], img[5, 7, 2]) == (
+        row[5 * 32 + 7],
+        row[1024 + 5 * 32 + 7],
+        row[2048 + 5 * 32 + 7],
+    )
 
 
 @pytest.mark.parametrize("style", ["py2", "py3"])
@@ -233,8 +254,9 @@ def test_cifar_extracted_folder_roundtrip(tmp_path, monkeypatch):
     md5s = {name.split("/")[1]: hashlib.md5(data).hexdigest() for name, data in members.items()}
     monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5s["test_batch"]]])
-    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
-                                          "md5": md5s["batches.meta"]})
+    monkeypatch.setattr(
+        CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5s["batches.meta"]}
+    )
     raw = cifar.read_cifar10(DataConfig(source="cifar10", path=str(tmp_path / "x"), download=False))
     np.testing.assert_array_equal(raw.splits["train"].images, expected["train"][0])
     np.testing.assert_array_equal(raw.splits["test"].labels, expected["test"][1])
@@ -274,8 +296,9 @@ def test_cifar_download_goes_through_download_url(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     raw = cifar.read_cifar10(DataConfig(source="cifar10", md5=md5))
     cache = tmp_path / "home" / ".cache" / "resnet_ray" / "downloads"
-    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(cache),
-                      "cifar-10-python.tar.gz", md5)]
+    assert calls == [
+        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(cache), "cifar-10-python.tar.gz", md5)
+    ]
     np.testing.assert_array_equal(raw.splits["test"].images, expected["test"][0])
     cifar.read_cifar10(DataConfig(source="cifar10", md5=md5))  # second time: cached, no download
     assert len(calls) == 1
@@ -295,8 +318,10 @@ def _write_parquet(path: Path, images, labels, struct_layout=False, blobs=None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     blobs = blobs if blobs is not None else [_png(im) for im in images]
     if struct_layout:  # Hugging Face datasets' Image feature
-        column = pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)],
-                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        column = pa.array(
+            [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)],
+            pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
     else:
         column = pa.array(blobs, pa.binary())
     cols = {"image": column, "label": pa.array(labels, pa.int64())}
@@ -345,14 +370,14 @@ def test_parquet_hf_struct_layout_roundtrip(tmp_path):
 
 def test_parquet_split_folders_coarse_and_default_classes(tmp_path):
     train, test = _data(5, 3, classes=4), _data(4, 4, classes=4)
-    _write_parquet(tmp_path / "train" / "part-0.parquet", *train, coarse=[l // 2 for l in train[1]])
-    _write_parquet(tmp_path / "test" / "part-0.parquet", *test, coarse=[l // 2 for l in test[1]])
+    _write_parquet(tmp_path / "train" / "part-0.parquet", *train, coarse=[label // 2 for label in train[1]])
+    _write_parquet(tmp_path / "test" / "part-0.parquet", *test, coarse=[label // 2 for label in test[1]])
     (tmp_path / "other.parquet").write_bytes(b"ignored: belongs to no split")
     raw = files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), coarse_label_column="coarse"))
     assert raw.classes == ["0", "1", "2", "3"]
     assert raw.coarse_classes == ["0", "1"] and raw.fine_to_coarse == [0, 0, 1, 1]
     np.testing.assert_array_equal(raw.splits["test"].images, test[0])
-    np.testing.assert_array_equal(raw.splits["test"].coarse_labels, [l // 2 for l in test[1]])
+    np.testing.assert_array_equal(raw.splits["test"].coarse_labels, [label // 2 for label in test[1]])
 
 
 def test_parquet_classes_json_object_form(tmp_path):
@@ -503,8 +528,9 @@ def test_imagefolder_corrupt_raises_or_is_skipped_and_other_sizes_are_resized(tm
     assert skipped.bad_images == [{"split": "train", "file": str(bad), "reason": skipped.bad_images[0]["reason"]}]
     assert "cannot decode" in skipped.bad_images[0]["reason"] and len(skipped.splits["train"].labels) == 1
     _save(bad, np.zeros((28, 28, 3), np.uint8), "JPEG")  # another size: resized, not refused
-    assert files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).splits["train"].images.shape \
-        == (2, 32, 32, 3)
+    assert files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).splits[
+        "train"
+    ].images.shape == (2, 32, 32, 3)
 
 
 def test_imagefolder_test_classes_must_match(tmp_path):

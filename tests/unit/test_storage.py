@@ -1,4 +1,5 @@
 """Storage helpers: locks (local flock and object-store lock objects), path splitting, local copies."""
+
 import json
 import os
 import subprocess
@@ -56,14 +57,22 @@ def test_waiting_is_bounded_and_names_the_holder(tmp_path, fast_locks, uri):
 
 def test_local_lock_of_a_killed_process_is_free_at_once(tmp_path):
     path = str(tmp_path / "x.lock")
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 sys.path.insert(0, {os.getcwd()!r})
 from resnet_ray import storage
 with storage.lock({path!r}):
     print("held", flush=True)
     time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(storage.LockTimeout):

@@ -1,22 +1,35 @@
 """TensorBoard event files of a run, read back as TensorBoard would (TFRecord framing + Event protos); the MLflow
 run (when mlflow is installed) and the error when it is set but missing."""
+
 import json
 import os
 import sys
 
 import pytest
+from conftest import tiny_config
 from tensorboard_events import read_events
 
-from conftest import tiny_config
 from resnet_ray import train, tune
 from resnet_ray.config import ConfigError, load_config
 from resnet_ray.tracking import EPOCH_TAGS, MLFLOW_RUN_FILE, MLflow, TensorBoard, check_mlflow, hyperparameters
 
 
 def history_row(epoch, top1):
-    return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": 0.5, "val_loss": 0.9, "val_top1": top1,
-            "val_top5": 0.9, "lr": 0.01, "images_per_s": 100.0, "epoch_s": 2.0, "data_wait_s": 0.1, "val_s": 0.2,
-            "backbone_frozen": False, "report_s": 0.3}
+    return {
+        "epoch": epoch,
+        "train_loss": 1.0 / epoch,
+        "train_acc": 0.5,
+        "val_loss": 0.9,
+        "val_top1": top1,
+        "val_top5": 0.9,
+        "lr": 0.01,
+        "images_per_s": 100.0,
+        "epoch_s": 2.0,
+        "data_wait_s": 0.1,
+        "val_s": 0.2,
+        "backbone_frozen": False,
+        "report_s": 0.3,
+    }
 
 
 def test_epoch_and_step_scalars_and_hparams_are_written_for_tensorboard(tmp_path):
@@ -69,8 +82,9 @@ def test_mlflow_set_without_mlflow_installed_stops_on_the_driver_before_any_work
     for name in ("mlflow", "mlflow.tracking"):  # as if not installed (None in sys.modules: ImportError)
         monkeypatch.setitem(sys.modules, name, None)
     space = {"optim.lr": {"type": "choice", "values": [0.01, 0.1]}}
-    cfg = tiny_config(data_root, str(tmp_path), **{"train.mlflow_tracking_uri": "http://127.0.0.1:5000",
-                                                   "tune.search_space": space})
+    cfg = tiny_config(
+        data_root, str(tmp_path), **{"train.mlflow_tracking_uri": "http://127.0.0.1:5000", "tune.search_space": space}
+    )
     check_mlflow(load_config(None, {}))  # unset: nothing to check
     with pytest.raises(ConfigError, match=r"train.mlflow_tracking_uri: is set .* mlflow is not installed"):
         check_mlflow(cfg)
@@ -98,8 +112,10 @@ def test_mlflow_logs_the_hyperparameters_and_epochs_and_a_resume_continues_the_r
     run = MLflow(cfg, str(tmp_path / "run"))
     run.epoch([history_row(1, 0.6)])
     run.close()
-    longer = load_config(None, {"train.mlflow_tracking_uri": uri, "train.name": "r1", "train.epochs": 2,
-                                "train.mlflow_experiment": "digits"})  # new key: logged; changed value: a tag
+    longer = load_config(
+        None,
+        {"train.mlflow_tracking_uri": uri, "train.name": "r1", "train.epochs": 2, "train.mlflow_experiment": "digits"},
+    )  # new key: logged; changed value: a tag
     again = MLflow(longer, str(tmp_path / "run"))
     again.epoch([history_row(1, 0.6), history_row(2, 0.4)])
     again.close()
@@ -108,8 +124,9 @@ def test_mlflow_logs_the_hyperparameters_and_epochs_and_a_resume_continues_the_r
     (found,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert found.info.run_id == run.run_id == again.run_id and found.info.status == "FINISHED"
     assert found.info.run_name == "r1" and found.data.tags["resnet_ray.run_dir"] == str(tmp_path / "run")
-    assert found.data.params == {key: str(value) for key, value in hyperparameters(longer).items()
-                                 if key != "train.epochs"} | {"train.epochs": "1"}
+    assert found.data.params == {
+        key: str(value) for key, value in hyperparameters(longer).items() if key != "train.epochs"
+    } | {"train.epochs": "1"}
     assert found.data.tags["resumed.train.epochs"] == "2"
     top1 = client.get_metric_history(found.info.run_id, "val_top1")
     assert [(m.step, m.value) for m in top1] == [(1, 0.6), (2, 0.4)]

@@ -1,4 +1,5 @@
 """Device-side preprocessing: eval path, crops, flips, mixup/cutmix (no Ray, tiny tensors)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,12 @@ def test_random_crop_is_window_of_zero_padded_input():
     padded = F.pad(x, (p,) * 4)
     offsets = set()
     for i in range(x.shape[0]):
-        matches = [(oy, ox) for oy in range(2 * p + 1) for ox in range(2 * p + 1)
-                   if torch.equal(out[i], padded[i, :, oy:oy + 5, ox:ox + 7])]
+        matches = [
+            (oy, ox)
+            for oy in range(2 * p + 1)
+            for ox in range(2 * p + 1)
+            if torch.equal(out[i], padded[i, :, oy : oy + 5, ox : ox + 7])
+        ]
         assert len(matches) == 1, f"image {i}: {matches}"
         offsets.add(matches[0])
     assert len(offsets) > 1  # offsets are per image
@@ -93,7 +98,7 @@ def test_random_hflip_flips_exactly_selected_images():
     flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
     kept = [torch.equal(out[i], x[i]) for i in range(64)]
     for i in range(64):
-        assert (flipped[i] if selected[i] else kept[i])
+        assert flipped[i] if selected[i] else kept[i]
     assert 0 < sum(selected.tolist()) < 64
     assert torch.equal(out, random_hflip(x, gen(11)))
 

@@ -1,4 +1,5 @@
 """The stream watchdog on plain iterables: items pass, errors pass, a stall fails in bounded time."""
+
 import threading
 import time
 
