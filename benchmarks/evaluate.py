@@ -58,7 +58,7 @@ def single_process(model_dir, prepared, batch_size, threads):
     import torch
 
     from resnet_ray.data.load import table_to_batch
-    from resnet_ray.predict import Predictor
+    from resnet_ray.predictor import Predictor
 
     table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{prepared}/test/*.parquet")))
     data = {k: v.copy() for k, v in table_to_batch(table, 32).items()}  # writable arrays, as Ray Data hands out

@@ -101,7 +101,7 @@ def process_group(backend: str) -> tuple:
     import torch
     import torch.distributed as dist
 
-    from resnet_ray.engine import all_reduce
+    from resnet_ray.session import all_reduce
 
     store = dist.FileStore(tempfile.mktemp(prefix="gpu-check-store-"), 1)
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
@@ -113,9 +113,9 @@ def process_group(backend: str) -> tuple:
 def build_session(cfg, meta, device):
     from torch.nn.parallel import DistributedDataParallel
 
-    from resnet_ray.engine import Session
+    from resnet_ray.session import WorkerSession
 
-    session = Session(cfg, meta, device, ddp=True)
+    session = WorkerSession(cfg, meta, device, ddp=True)
     assert isinstance(session.model, DistributedDataParallel)
     return f"{cfg.model.arch} in DDP on {device}, compile={cfg.model.compile}", session
 
@@ -140,12 +140,12 @@ def checkpoint_round_trip(session, cfg, meta, workdir: str):
     import torch
 
     from resnet_ray.checkpoint import export_model, load_model, load_training_state, save_training_state
-    from resnet_ray.engine import Session
+    from resnet_ray.session import WorkerSession
 
     folder = tempfile.mkdtemp(dir=workdir)
     save_training_state(folder, session.state(), session.checkpoint_meta())
     state, ckpt_meta = load_training_state(folder)
-    restored = Session(cfg, meta, session.device)
+    restored = WorkerSession(cfg, meta, session.device)
     restored.restore(state, ckpt_meta["history"])
     for key, value in restored.module.state_dict().items():
         assert torch.equal(value, session.module.state_dict()[key]), key
@@ -161,7 +161,7 @@ def predict(model_dir: str, size: dict, compile_model: bool):
     import numpy as np
     import torch
 
-    from resnet_ray.predict import Predictor
+    from resnet_ray.predictor import Predictor
 
     predictor = Predictor(model_dir)
     if compile_model:
@@ -188,7 +188,7 @@ def predict(model_dir: str, size: dict, compile_model: bool):
 
 
 def run_pass(stages: Stages, size: dict, meta: dict, device, compile_model: bool, workdir: str) -> dict:
-    """Session, warm-up epoch, measured epoch (no sync allowed), checkpoint, Predictor: figures of one pass."""
+    """WorkerSession, warm-up epoch, measured epoch (no sync allowed), checkpoint, Predictor: figures of one pass."""
     import torch
 
     tag = " [compile]" if compile_model else ""
@@ -244,7 +244,7 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from resnet_ray.engine import process_group_backend
+    from resnet_ray.session import process_group_backend
 
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu for the CPU variant", file=sys.stderr)

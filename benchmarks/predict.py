@@ -5,7 +5,7 @@ python benchmarks/predict.py --images 64 --runs 1 --arch resnet18 --image-size 3
 
 Both label the same folder of generated JPEG photos (200-500 px, see benchmarks/prepare.py) with the same random
 model (speed does not depend on the weights): stored size --size by centre crop, then resized on the device to
---image-size. (a) is resnet_ray.batch_predict.predict (listing, reading, decoding, actor start-up and model load,
+--image-size. (a) is resnet_ray.predict.predict (listing, reading, decoding, actor start-up and model load,
 the output Parquet) on a local Ray instance with this machine's cores; it sizes its actor pool itself. (b) decodes
 every file with resnet_ray.data.images.decode and calls Predictor on batches in this process with --threads
 threads (default: all cores). Runs are interleaved; per-run figures, medians and the ratio a/b.
@@ -61,7 +61,7 @@ def single_process(model_dir, photos, size, batch_size, threads):
     import torch
 
     from resnet_ray.data.images import ResizeSpec, decode
-    from resnet_ray.predict import Predictor
+    from resnet_ray.predictor import Predictor
 
     files = sorted(glob.glob(os.path.join(photos, "*", "*.jpg")))
     predictor = Predictor(model_dir, threads=threads, probabilities=True)
@@ -86,8 +86,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the single-process loop")
     args = p.parse_args()
 
-    from resnet_ray.batch_predict import predict
     from resnet_ray.config import replace
+    from resnet_ray.predict import predict
     from resnet_ray.runtime import init_ray
 
     init_ray(local=True)

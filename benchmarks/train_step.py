@@ -4,7 +4,7 @@ fed by Ray Data.
 python benchmarks/train_step.py [--runs 3] [--steps 24] [--batch-size 64]            # CPU, 32x32
 python benchmarks/train_step.py --gpu [--image-size 224 --batch-size 256 --steps 50]  # GPU, bf16, channels_last
 
-Both run the product's worker session (resnet_ray.engine.Session) on the same prepared shared CIFAR-10 training
+Both run the product's worker session (resnet_ray.session.WorkerSession) on the same prepared shared CIFAR-10 training
 images with the same model, optimizer and augmentation; (b) is the product's own Ray Train worker
 (train.train_fn_per_worker via fit), whose reported images_per_s covers the training epoch only; (b) takes its
 second epoch, (a) runs after a warm-up epoch, so both are measured in a warm process. Prints images/s per run,
@@ -39,7 +39,7 @@ def config(args):
 
 def plain_loop(cfg, meta, prepared, threads):
     """(a): read the same rows into memory, then the product's worker session trains one epoch in this process
-    (engine.Session.train: the code a Ray Train worker runs, without Ray)."""
+    (session.WorkerSession.train: the code a Ray Train worker runs, without Ray)."""
     import glob
 
     import pyarrow as pa
@@ -47,13 +47,13 @@ def plain_loop(cfg, meta, prepared, threads):
     import torch
 
     from resnet_ray.data.load import table_to_batch
-    from resnet_ray.engine import Session
+    from resnet_ray.session import WorkerSession
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
     table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{prepared}/train/*.parquet")))
     data = {k: v.copy() for k, v in table_to_batch(table.slice(0, cfg.data.limit), 32).items()}  # writable
-    session = Session(cfg, meta, device)
+    session = WorkerSession(cfg, meta, device)
     b, on_gpu = cfg.train.batch_size, device.type == "cuda"
     batches = [
         {

@@ -113,7 +113,7 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta
     """
     import ray.data
 
-    from resnet_ray.predict import Predictor
+    from resnet_ray.predictor import Predictor
 
     quiet_data_progress()  # the caller shows the progress; Ray Data's lines go to its log file
     pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
@@ -152,7 +152,7 @@ def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
     eval.batch_size, on this machine's cores (at most the CPUs that a local instance of this job declares)."""
     import ray
 
-    from resnet_ray.predict import Predictor
+    from resnet_ray.predictor import Predictor
 
     threads = os.cpu_count() or 1
     if started_here():  # --num-cpus / RESNET_RAY_NUM_CPUS

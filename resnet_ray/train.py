@@ -20,9 +20,9 @@ from resnet_ray.checkpoint import export_checkpoint, load_training_state, save_t
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, split_nbytes
 from resnet_ray.data.prepare import ensure_prepared
-from resnet_ray.engine import Session, epoch_seed, process_group_backend, training_rows
 from resnet_ray.model import fetch_weights
 from resnet_ray.resources import alive_nodes, check_training
+from resnet_ray.session import WorkerSession, epoch_seed, process_group_backend, training_rows
 from resnet_ray.tracking import MLflow, TensorBoard, check_mlflow
 from resnet_ray.watchdog import watch_fit
 
@@ -33,7 +33,7 @@ METRIC = "val_top1"
 
 
 # ---------------------------------------------------------------------------
-# inside each Ray Train worker: a thin Ray wrapper (shards, report, checkpoint, restore) around engine.Session
+# inside each Ray Train worker: a thin Ray wrapper (shards, report, checkpoint, restore) around session.WorkerSession
 
 
 def _val_batches(shard, batch_size: int, rank: int, world: int):
@@ -43,7 +43,7 @@ def _val_batches(shard, batch_size: int, rank: int, world: int):
         yield {"image": batch["image"][mask], "label": batch["label"][mask]}
 
 
-def _restore(session: Session) -> None:
+def _restore(session: WorkerSession) -> None:
     """Continue from the latest checkpoint Ray Train hands over (after a restart or a resumed run), if any."""
     import ray.train
 
@@ -54,7 +54,7 @@ def _restore(session: Session) -> None:
         session.restore(state, meta["history"])
 
 
-def _report(session: Session, metrics: dict) -> None:
+def _report(session: WorkerSession, metrics: dict) -> None:
     """ray.train.report on every rank (a barrier); rank 0 attaches a checkpoint on the epochs that are due.
 
     The checkpoint is written to a fresh temporary folder that Ray uploads (in the background with
@@ -84,7 +84,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     meta, run_dir = loop_config["meta"], loop_config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    session = Session(cfg, meta, ray.train.torch.get_device(), rank, world)
+    session = WorkerSession(cfg, meta, ray.train.torch.get_device(), rank, world)
     _restore(session)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if session.val_rows else None

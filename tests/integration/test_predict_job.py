@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from resnet_ray import cli
-from resnet_ray.batch_predict import predict
 from resnet_ray.data.load import table_to_batch
 from resnet_ray.data.prepare import dataset_dir
+from resnet_ray.predict import predict
 
 pytestmark = pytest.mark.slow
 

@@ -66,7 +66,7 @@ def test_the_job_process_predicts_with_the_cpus_its_local_instance_declares(monk
     import ray
 
     import resnet_ray.evaluate as ev
-    import resnet_ray.predict
+    import resnet_ray.predictor
     from resnet_ray.config import load_config
 
     seen = []
@@ -78,7 +78,7 @@ def test_the_job_process_predicts_with_the_cpus_its_local_instance_declares(monk
         def __call__(self, batch):
             return batch
 
-    monkeypatch.setattr(resnet_ray.predict, "Predictor", Recorder)
+    monkeypatch.setattr(resnet_ray.predictor, "Predictor", Recorder)
     monkeypatch.setattr(ev, "read_split", lambda *a: iter([{"label": np.arange(3), "row_id": np.arange(3)}]))
     monkeypatch.setattr(ev.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})

@@ -8,9 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from resnet_ray import engine
 from resnet_ray.config import load_config
-from resnet_ray.engine import GPU_BACKEND, Session, all_reduce, global_metrics
+from resnet_ray.session import GPU_BACKEND, WorkerSession, all_reduce, epoch_seed, global_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to an oversubscribed machine
 
@@ -95,7 +94,7 @@ def test_metric_reduction_uses_tensors_on_the_device_it_is_given(process_group, 
 def test_session_runs_epochs_in_a_one_rank_ddp_group_and_restores(process_group):
     process_group("gloo")
     cfg = tiny_cfg()
-    session = Session(cfg, META, torch.device("cpu"), ddp=True)
+    session = WorkerSession(cfg, META, torch.device("cpu"), ddp=True)
     assert isinstance(session.model, torch.nn.parallel.DistributedDataParallel) and session.steps == 6
     metrics = session.run_epoch(1, batches(48, 8, 0), batches(10, 4, 1))
     assert metrics["epoch"] == 1 and metrics["val_count"] == 10 and session.epoch == 1
@@ -103,7 +102,7 @@ def test_session_runs_epochs_in_a_one_rank_ddp_group_and_restores(process_group)
     state, meta = session.state(), session.checkpoint_meta()
     assert meta["history"] == [metrics] and meta["classes"] == META["classes"]
 
-    again = Session(cfg, META, torch.device("cpu"))  # e.g. a restarted worker, without DDP this time
+    again = WorkerSession(cfg, META, torch.device("cpu"))  # e.g. a restarted worker, without DDP this time
     again.restore(state, meta["history"])
     assert again.epoch == 1 and again.scheduler.last_epoch == 6
     for key, value in again.module.state_dict().items():
@@ -115,7 +114,7 @@ def _rank_main(rank, world, store_path, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        session = Session(tiny_cfg(**{"scaling.num_workers": world}), META, torch.device("cpu"), rank, world)
+        session = WorkerSession(tiny_cfg(**{"scaling.num_workers": world}), META, torch.device("cpu"), rank, world)
         metrics = session.run_epoch(1, batches(24, 8, rank), batches(5, 5, 10 + rank))  # 5 of the 10 val rows each
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({**metrics, "ddp": isinstance(session.model, torch.nn.parallel.DistributedDataParallel)}, f)
@@ -137,8 +136,8 @@ def test_two_ranks_without_ray_reduce_metrics_over_every_validation_row(tmp_path
 
 def test_epoch_seed_differs_per_epoch_and_not_per_rank():
     cfg = tiny_cfg()
-    assert engine.epoch_seed(cfg, 1) != engine.epoch_seed(cfg, 2)
-    assert engine.epoch_seed(cfg, 1) == engine.epoch_seed(tiny_cfg(), 1)
+    assert epoch_seed(cfg, 1) != epoch_seed(cfg, 2)
+    assert epoch_seed(cfg, 1) == epoch_seed(tiny_cfg(), 1)
 
 
 def lr_per_step(session, epochs, seed=0):
@@ -154,10 +153,10 @@ def lr_per_step(session, epochs, seed=0):
 
 def test_a_resumed_run_reproduces_the_uninterrupted_learning_rate_curve():
     cfg = tiny_cfg(**{"train.epochs": 3, "optim.warmup_epochs": 1.0})
-    reference = lr_per_step(Session(cfg, META, torch.device("cpu")), [1, 2, 3])
-    first = Session(cfg, META, torch.device("cpu"))
+    reference = lr_per_step(WorkerSession(cfg, META, torch.device("cpu")), [1, 2, 3])
+    first = WorkerSession(cfg, META, torch.device("cpu"))
     before = lr_per_step(first, [1])
-    resumed = Session(cfg, META, torch.device("cpu"))
+    resumed = WorkerSession(cfg, META, torch.device("cpu"))
     resumed.restore(first.state(), first.history)
     assert before + lr_per_step(resumed, [2, 3]) == pytest.approx(reference, rel=1e-12)
     assert reference[0] < reference[5] and reference[-1] < reference[6]  # warmup, then decay
@@ -167,14 +166,14 @@ def test_more_epochs_continue_the_cosine_over_the_new_total_and_more_workers_res
     from resnet_ray.optim import lr_factor, peak_lr
 
     cfg = tiny_cfg(**{"train.epochs": 2, "optim.scale_lr": True, "optim.reference_batch_size": 8})
-    first = Session(cfg, META, torch.device("cpu"))
+    first = WorkerSession(cfg, META, torch.device("cpu"))
     lr_per_step(first, [1, 2])  # the 2-epoch run ended: its learning rate is 0
     assert first.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
     longer = tiny_cfg(
         **{"train.epochs": 4, "optim.scale_lr": True, "optim.reference_batch_size": 8, "scaling.num_workers": 2}
     )
-    resumed = Session(longer, META, torch.device("cpu"))  # one process standing in for 2 workers' global batch
+    resumed = WorkerSession(longer, META, torch.device("cpu"))  # one process standing in for 2 workers' global batch
     resumed.restore(first.state(), first.history)
     steps = resumed.steps  # 48 rows // 1 rank // 8
     used = lr_per_step(resumed, [3, 4])
@@ -191,7 +190,7 @@ def test_weight_ema_is_validated_checkpointed_restored_and_exported(tmp_path):
     from resnet_ray.checkpoint import export_model, load_model, save_training_state
 
     cfg = tiny_cfg(**{"train.ema_decay": 0.5})
-    session = Session(cfg, META, torch.device("cpu"))
+    session = WorkerSession(cfg, META, torch.device("cpu"))
     start = {k: v.clone() for k, v in session.module.state_dict().items()}
     session.run_epoch(1, batches(16, 8, 0), batches(10, 5, 1))  # 2 steps: ema = 0.25 start + 0.25 w1 + 0.5 w2
     assert session.eval_model is session.ema.module
@@ -202,7 +201,7 @@ def test_weight_ema_is_validated_checkpointed_restored_and_exported(tmp_path):
 
     state = session.state()
     assert torch.equal(state["ema"][weight], ema[weight])
-    again = Session(cfg, META, torch.device("cpu"))
+    again = WorkerSession(cfg, META, torch.device("cpu"))
     again.restore(state, session.history)
     assert torch.equal(again.ema.module.state_dict()[weight], ema[weight])
     assert torch.equal(again.module.state_dict()[weight], raw[weight])
@@ -227,7 +226,7 @@ def test_weight_ema_matches_its_definition():
 
 
 def test_a_refit_on_train_and_val_trains_on_both_and_validates_on_nothing():
-    session = Session(tiny_cfg(**{"train.refit_on_val": True}), META, torch.device("cpu"))
+    session = WorkerSession(tiny_cfg(**{"train.refit_on_val": True}), META, torch.device("cpu"))
     assert session.steps == (48 + 10) // 8 and session.val_rows == 0
     metrics = session.run_epoch(1, batches(56, 8, 0), [])
     assert "val_top1" not in metrics and metrics["train_acc"] >= 0 and session.history == [metrics]

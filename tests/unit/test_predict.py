@@ -9,8 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from resnet_ray import batch_predict
-from resnet_ray.batch_predict import (
+from resnet_ray import predict
+from resnet_ray.data.images import ResizeSpec
+from resnet_ray.data.sources import DataError
+from resnet_ray.predict import (
     Inputs,
     PredictionError,
     _consume,
@@ -20,8 +22,6 @@ from resnet_ray.batch_predict import (
     read_image_files,
     read_row_groups,
 )
-from resnet_ray.data.images import ResizeSpec
-from resnet_ray.data.sources import DataError
 
 SPEC = ResizeSpec(8, "stretch").record()
 
@@ -80,7 +80,7 @@ def test_parquet_inputs_by_row_group_and_mixed_folders_refused(tmp_path, folder,
         (4, 2, 4),
         (5, 0, 0),
     ]
-    monkeypatch.setattr(batch_predict, "ROWS_PER_READ", 2)  # b.parquet's one row group of 3 in two slices
+    monkeypatch.setattr(predict, "ROWS_PER_READ", 2)  # b.parquet's one row group of 3 in two slices
     assert [(i["row_id"], i["row"], i["skip"], i["take"]) for i in list_inputs(str(tmp_path / "b.parquet")).items] == [
         (0, 0, 0, 2),
         (2, 2, 2, 1),

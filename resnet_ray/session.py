@@ -1,6 +1,6 @@
 """One worker's fine-tuning session in plain PyTorch (no Ray): model, optimizer, schedule and epochs on a device.
 
-The Ray Train worker (``resnet_ray.train``) wraps a ``Session`` with dataset shards, reports and checkpoints;
+The Ray Train worker (``resnet_ray.train``) wraps a ``WorkerSession`` with dataset shards, reports and checkpoints;
 the same code runs in any ``torch.distributed`` process group (torchrun, or the one-rank group of
 ``benchmarks/gpu_check.py``) or in a single process without one. Epoch metrics are reduced across ranks
 with collectives on tensors of the training device, so they work under every backend (NCCL serves CUDA
@@ -83,7 +83,7 @@ def training_rows(cfg: Config, meta: dict) -> int:
     return rows + split_rows(meta, "val", cfg.data.limit) if cfg.train.refit_on_val else rows
 
 
-class Session:
+class WorkerSession:
     """Model (DDP-wrapped in a multi-rank process group), optimizer, per-step schedule, epoch loop and history.
 
     ``meta`` is the prepared dataset's metadata (classes, split counts, mean/std); the schedule has (training
