@@ -25,7 +25,7 @@ from prepare import make_photos
 def make_model(folder, arch, image_size, size, classes):
     from resnet_ray.checkpoint import export_model, save_training_state
     from resnet_ray.config import load_config, to_dict
-    from resnet_ray.data.images import ResizeSpec
+    from resnet_ray.images import ResizeSpec
     from resnet_ray.model import build_model
 
     cfg = load_config(
@@ -60,7 +60,7 @@ def make_model(folder, arch, image_size, size, classes):
 def single_process(model_dir, photos, size, batch_size, threads):
     import torch
 
-    from resnet_ray.data.images import ResizeSpec, decode
+    from resnet_ray.images import ResizeSpec, decode
     from resnet_ray.predictor import Predictor
 
     files = sorted(glob.glob(os.path.join(photos, "*", "*.jpg")))

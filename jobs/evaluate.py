@@ -22,8 +22,8 @@ def main() -> int:
     args, overrides = cli.parse(p, local_config=None)  # --local: the model's own config
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
+    from resnet_ray.console import print_summary
     from resnet_ray.evaluate import evaluate, model_config
-    from resnet_ray.report import print_summary
 
     cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)

@@ -26,9 +26,9 @@ def main() -> int:
     args, overrides = cli.parse(p, local_config=None)  # --local: the model's own config
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
+    from resnet_ray.console import progress_bar
     from resnet_ray.evaluate import model_config
     from resnet_ray.predict import predict
-    from resnet_ray.report import progress_bar
 
     cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)

@@ -18,8 +18,8 @@ def main() -> int:
     args, overrides = cli.parse(cli.parser(__doc__))
     cli.setup_logging()
     address = check_cluster(args.local)  # a dead cluster address fails here, in seconds
+    from resnet_ray.console import progress_bar
     from resnet_ray.data.prepare import ensure_prepared
-    from resnet_ray.report import progress_bar
 
     cfg = cli.config_from(args, overrides)
     if address is not None:

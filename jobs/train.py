@@ -19,8 +19,9 @@ def main() -> int:
     args, overrides = cli.parse(p)
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
-    from resnet_ray.report import print_training_summary
-    from resnet_ray.train import config_for_resume, fit
+    from resnet_ray.console import print_training_summary
+    from resnet_ray.run_folder import config_for_resume
+    from resnet_ray.train import fit
 
     cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)

@@ -20,7 +20,7 @@ def main() -> int:
     args, overrides = cli.parse(p, local_config=cli.LOCAL_TUNE_CONFIG)
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
-    from resnet_ray.report import print_search_summary
+    from resnet_ray.console import print_search_summary
     from resnet_ray.tune import config_for_resume, search
 
     cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)

@@ -19,7 +19,7 @@ def user_errors() -> tuple:
     """Exceptions that mean bad input: reported in one line, exit status 2, no traceback."""
     from resnet_ray.checkpoint import CheckpointError
     from resnet_ray.config import ConfigError
-    from resnet_ray.data.sources import DataError
+    from resnet_ray.data.layout import DataError
     from resnet_ray.model import ModelError
     from resnet_ray.resources import ResourceError
 
@@ -104,6 +104,8 @@ def run(main: Callable[[], int | None]) -> None:
     cannot do the work (unreachable, stalled) with one line and exit status 1."""
     try:
         code = main() or 0
+    except SystemExit:  # --help, argparse's usage errors: before the clauses below import their error classes
+        raise
     except ray_failures() as exc:  # first: its classes import no torch, so a dead cluster fails fast
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -22,8 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_ray import storage
-from resnet_ray.data.sources import DataError
-from resnet_ray.report import default_console, fmt, fmt_ci, md_table, print_table, to_jsonable
+from resnet_ray.console import default_console, print_table
+from resnet_ray.data.layout import DataError
+from resnet_ray.formatting import fmt, fmt_ci, to_jsonable
+from resnet_ray.report import md_table
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resnet_ray import metrics, report, storage
+from resnet_ray import console, metrics, report, storage
 from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
 from resnet_ray.config import Config, EvalConfig, parse_overrides, replace, to_dict
+from resnet_ray.data.layout import split_rows
 from resnet_ray.data.load import (
     IN_MEMORY_BYTES,
     load_split,
@@ -22,10 +23,10 @@ from resnet_ray.data.load import (
     quiet_data_progress,
     read_split,
     split_nbytes,
-    split_rows,
 )
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.resources import alive_nodes, size_actor_pool
+from resnet_ray.run_folder import default_output
 from resnet_ray.runtime import started_here
 from resnet_ray.watchdog import watched
 
@@ -34,13 +35,6 @@ log = logging.getLogger(__name__)
 
 class EvaluationError(RuntimeError):
     """Inference did not cover the split exactly once."""
-
-
-def default_output(model_path: str, split: str) -> str:
-    """<run>/eval-<split> for a run's exported model, else <model folder>/eval-<split>."""
-    location = storage.normalize(model_path).rstrip("/")
-    parent = location.rsplit("/", 1)[0] if location.endswith("/model") else location
-    return storage.join(parent, f"eval-{split}")
 
 
 def check_model_fits(info: dict, meta: dict, model_path: str) -> None:
@@ -53,8 +47,8 @@ def check_model_fits(info: dict, meta: dict, model_path: str) -> None:
         raise CheckpointError(f"{model_path}: the model's class names differ from dataset {meta['name']}'s")
 
 
-def batch_statistics(batch: dict, num_classes: int, ece_bins: int, fine_to_coarse: Optional[list]) -> dict:
-    """One row per prediction batch: its C x C confusion matrix, top-5 hits, calibration bins, row-id sums."""
+def batch_statistics(batch: dict, num_classes: int, ece_bins: int) -> dict:
+    """One row per prediction batch: its C x C confusion matrix, top-5 hits, calibration bins, row count."""
     labels, preds = batch["label"], batch["pred"]
     stats = {
         "cm": metrics.confusion_matrix(labels, preds, num_classes)[None],
@@ -62,9 +56,6 @@ def batch_statistics(batch: dict, num_classes: int, ece_bins: int, fine_to_coars
         "calibration": metrics.calibration_counts(batch["confidence"], preds == labels, ece_bins)[None],
         "rows": np.array([len(labels)]),
     }
-    if fine_to_coarse is not None:
-        mapping = np.asarray(fine_to_coarse)
-        stats["coarse_cm"] = metrics.confusion_matrix(mapping[labels], mapping[preds], int(mapping.max()) + 1)[None]
     return stats
 
 
@@ -79,20 +70,12 @@ def _consume(batches, path: str, expected_rows: int, stats_kwargs: dict) -> dict
 
     Also checks that row ids cover 0..expected_rows-1 exactly once.
     """
-    seen = np.zeros(expected_rows, dtype=bool)
+    coverage = metrics.RowCoverage(expected_rows, EvaluationError, "row", "split")
     total: dict = {}
     writer = None
     try:
         for batch in batches:
-            ids = batch["row_id"]
-            if (
-                ids.min(initial=0) < 0
-                or ids.max(initial=0) >= expected_rows
-                or seen[ids].any()
-                or len(np.unique(ids)) != len(ids)
-            ):
-                raise EvaluationError("a row was predicted twice or a row id is outside the split")
-            seen[ids] = True
+            coverage.add(batch["row_id"])
             for key, value in batch_statistics(batch, **stats_kwargs).items():
                 total[key] = total.get(key, 0) + value.sum(0)
             table = _predictions_table(batch)
@@ -101,8 +84,7 @@ def _consume(batches, path: str, expected_rows: int, stats_kwargs: dict) -> dict
     finally:
         if writer:
             writer.close()
-    if not seen.all():
-        raise EvaluationError(f"{int((~seen).sum())} of {expected_rows} rows were never predicted")
+    coverage.finish()
     return total
 
 
@@ -185,17 +167,13 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     prepared, meta = ensure_prepared(cfg.data)
     check_model_fits(info, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)
-    output = output or cfg.eval.output or default_output(model_path, split)
+    output = output or cfg.eval.output or default_output(model_path, f"eval-{split}")
     classes = list(meta["classes"])
 
-    stats_kwargs = {
-        "num_classes": len(classes),
-        "ece_bins": cfg.eval.ece_bins,
-        "fine_to_coarse": meta.get("fine_to_coarse"),
-    }
+    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        with report.progress_bar(f"evaluating {split}", report.logging_console()) as (begin, advance):
+        with console.progress_bar(f"evaluating {split}", console.logging_console()) as (begin, advance):
             if in_process(cfg.eval, expected):
                 stream = predict_here(cfg, model_path, split, prepared)
             else:
@@ -207,10 +185,13 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
         seconds = time.perf_counter() - start
         if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
             raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")
-        result = _report(stats, info, meta, cfg, model_path, split, expected, seconds)
-        report.write_outputs(
-            result, stats["cm"], classes, tmp, coarse_cm=stats.get("coarse_cm"), calibration=stats["calibration"]
-        )
+        coarse_cm = None
+        if meta.get("fine_to_coarse") is not None:
+            coarse_cm = metrics.coarse_confusion_matrix(
+                stats["cm"], meta["fine_to_coarse"], len(meta["coarse_classes"])
+            )
+        result = _report(stats, coarse_cm, info, meta, cfg, model_path, split, expected, seconds)
+        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=coarse_cm, calibration=stats["calibration"])
         storage.upload_dir(tmp, output)
     log.debug(
         "evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s",
@@ -226,7 +207,15 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
 
 
 def _report(
-    stats: dict, info: dict, meta: dict, cfg: Config, model_path: str, split: str, expected: int, seconds: float
+    stats: dict,
+    coarse_cm: Optional[np.ndarray],
+    info: dict,
+    meta: dict,
+    cfg: Config,
+    model_path: str,
+    split: str,
+    expected: int,
+    seconds: float,
 ) -> dict:
     """The report dict: per-class and averaged metrics, top-5, ECE, confused pairs (and superclass tables)."""
     classes = list(meta["classes"])
@@ -250,8 +239,8 @@ def _report(
             "config": to_dict(cfg),
         }
     )
-    if "coarse_cm" in stats:
-        coarse = metrics.classification_report(stats["coarse_cm"], meta["coarse_classes"], zero_division=0.0)
-        coarse["confused_pairs"] = metrics.most_confused_pairs(stats["coarse_cm"], meta["coarse_classes"], k=10)
+    if coarse_cm is not None:
+        coarse = metrics.classification_report(coarse_cm, meta["coarse_classes"], zero_division=0.0)
+        coarse["confused_pairs"] = metrics.most_confused_pairs(coarse_cm, meta["coarse_classes"], k=10)
         result["coarse"] = coarse
     return result

@@ -41,9 +41,6 @@ Python ``int``/``float``/``str``, so the dict is JSON-serialisable; a
       "total_support": int,                     # cm.sum()
       "intervals": {"confidence": 0.95, "accuracy": "wilson", ...,
                     "macro_f1": "percentile bootstrap of the rows", "resamples": 1000, "seed": 0},
-      # only if topk_correct is given:
-      "topk_correct": {"<k>": int, ...},
-      "top<k>_accuracy": float, ...
     }
 
 The evaluation job adds ``model``, ``dataset``, ``split``, ``config``,
@@ -55,7 +52,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -70,6 +67,7 @@ __all__ = [
     "classification_report",
     "coarse_confusion_matrix",
     "most_confused_pairs",
+    "RowCoverage",
 ]
 
 
@@ -373,7 +371,6 @@ def classification_report(
     cm: Any,
     class_names: Sequence[str],
     zero_division: Union[float, str] = 0.0,
-    topk_correct: Union[None, int, Mapping[int, int]] = None,
     confidence: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
@@ -393,10 +390,6 @@ def classification_report(
         cm: ``(C, C)`` counts, rows = true, cols = predicted.
         class_names: ``C`` display names, index-aligned with ``cm``.
         zero_division: 0, 1, NaN (or ``"warn"``, treated as 0).
-        topk_correct: optional number of samples whose true class is within
-            the top-k predictions: an ``int`` (taken as top-5) or a mapping
-            ``{k: count}``. Adds ``"topk_correct"`` and ``"top<k>_accuracy"``
-            (count / total support) keys.
         confidence: level of the intervals (Wilson for accuracy and each
             class's precision/recall, bootstrap for macro-F1).
         n_resamples: bootstrap resamples for the macro-F1 interval (0: none).
@@ -471,15 +464,6 @@ def classification_report(
         report["intervals"].update(
             macro_f1="percentile bootstrap of the rows", resamples=int(n_resamples), seed=int(seed)
         )
-
-    if topk_correct is not None:
-        mapping = {5: topk_correct} if isinstance(topk_correct, (int, np.integer)) else topk_correct
-        report["topk_correct"] = {}
-        for k, count in sorted((int(k), int(v)) for k, v in mapping.items()):
-            if count < 0 or count > total:
-                raise ValueError(f"topk_correct[{k}] = {count} is outside [0, {total}]")
-            report["topk_correct"][str(k)] = count
-            report[f"top{k}_accuracy"] = count / total if total else zd
     return report
 
 
@@ -554,3 +538,25 @@ def most_confused_pairs(cm: Any, class_names: Sequence[str], k: int = 10) -> lis
             }
         )
     return pairs
+
+
+class RowCoverage:
+    """Checks that prediction batches cover the row ids ``0..rows-1`` exactly once: :meth:`add` refuses an id
+    seen before or outside the range, :meth:`finish` refuses a row never seen. Raises ``error`` (the job's own
+    error class) with a message naming the ``noun`` of a row and the ``place`` it comes from."""
+
+    def __init__(self, rows: int, error: type = ValueError, noun: str = "row", place: str = "split"):
+        self.seen = np.zeros(rows, dtype=bool)
+        self.error, self.noun, self.place = error, noun, place
+
+    def add(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        rows = len(self.seen)
+        if len(ids) and (ids.min() < 0 or ids.max() >= rows or self.seen[ids].any() or len(np.unique(ids)) != len(ids)):
+            article = "an" if self.noun[0] in "aeiou" else "a"
+            raise self.error(f"{article} {self.noun} was predicted twice or a row id is outside the {self.place}")
+        self.seen[ids] = True
+
+    def finish(self) -> None:
+        if not self.seen.all():
+            raise self.error(f"{int((~self.seen).sum())} of {len(self.seen)} {self.noun}s were never predicted")

@@ -28,12 +28,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from resnet_ray import storage
+from resnet_ray import run_folder, storage
 from resnet_ray.checkpoint import STATE, verify_model
 from resnet_ray.config import Config
-from resnet_ray.data.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec, decode
+from resnet_ray.data.layout import DataError, decode_batch
 from resnet_ray.data.load import quiet_data_progress
-from resnet_ray.data.sources import DataError
+from resnet_ray.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec
+from resnet_ray.metrics import RowCoverage
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.watchdog import watched
 
@@ -60,11 +61,6 @@ class Inputs:
 
 # ---------------------------------------------------------------------------
 # listing (driver: names only)
-
-
-def _display(path: str, fs_path: str) -> str:
-    """The path as the user gave it: a URI stays a URI (scheme + path inside its filesystem)."""
-    return f"{path.split('://', 1)[0]}://{fs_path}" if storage.is_uri(path) else fs_path
 
 
 def _inner(path: str) -> str:
@@ -135,7 +131,7 @@ def _row_groups(fs: pafs.FileSystem, files: list[str], path: str, image_column: 
     every file has the image column."""
     items, row_id = [], 0
     for file in files:
-        shown = _display(path, file)
+        shown = storage.display(path, file)
         try:
             with fs.open_input_file(file) as f:
                 pf = pq.ParquetFile(f)
@@ -169,8 +165,8 @@ def list_inputs(path: str, image_column: str = "image") -> Inputs:
     images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     if parquet and images:
         raise DataError(
-            f"--input {path}: holds both Parquet files ({_display(path, parquet[0])}, ...) and image "
-            f"files ({_display(path, images[0])}, ...); point it at one kind"
+            f"--input {path}: holds both Parquet files ({storage.display(path, parquet[0])}, ...) and image "
+            f"files ({storage.display(path, images[0])}, ...); point it at one kind"
         )
     if parquet:
         items, rows = _row_groups(fs, parquet, path, image_column)
@@ -179,7 +175,7 @@ def list_inputs(path: str, image_column: str = "image") -> Inputs:
         raise DataError(
             f"--input {path}: no image files ({', '.join(IMAGE_EXTENSIONS[:6])}, ...) or Parquet files found"
         )
-    return Inputs("files", [{"row_id": i, "path": _display(path, f)} for i, f in enumerate(images)], len(images))
+    return Inputs("files", [{"row_id": i, "path": storage.display(path, f)} for i, f in enumerate(images)], len(images))
 
 
 # ---------------------------------------------------------------------------
@@ -188,18 +184,11 @@ def list_inputs(path: str, image_column: str = "image") -> Inputs:
 
 def _decoded(blobs: list, spec: dict) -> tuple[np.ndarray, list]:
     """(images (N, S, S, 3) uint8, error strings: "" where the image is fine) of encoded blobs (None: missing)."""
-    resize = ResizeSpec.from_record(spec, spec["size"])
-    images = np.zeros((len(blobs), resize.size, resize.size, 3), dtype=np.uint8)
-    errors = []
-    for i, blob in enumerate(blobs):
-        try:
-            if isinstance(blob, BadImage):
-                raise blob
-            images[i] = decode(blob, resize)
-            errors.append("")
-        except BadImage as exc:
-            errors.append(str(exc))
-    return images, errors
+    decoded = decode_batch(blobs, ResizeSpec.from_record(spec, spec["size"]), on_bad_image="skip")
+    errors = [""] * len(blobs)
+    for bad in decoded.bad:
+        errors[bad.index] = bad.reason
+    return decoded.images, errors
 
 
 def read_image_files(batch: dict, spec: dict, base: str) -> dict:
@@ -225,7 +214,7 @@ def read_image_files(batch: dict, spec: dict, base: str) -> dict:
 def read_row_groups(batch: dict, spec: dict, base: str, image_column: str) -> dict:
     """Ray Data batch function: slices of Parquet row groups {row_id, path, row_group, row, skip, take} -> one
     output row per image."""
-    from resnet_ray.data.shards import image_rows
+    from resnet_ray.data.parquet import image_rows
 
     fs, _ = storage.resolve(base)
     parts = []
@@ -295,14 +284,12 @@ def resize_of(info: dict, cfg: Config) -> ResizeSpec:
 
 def default_output(model_path: str, input_path: str) -> str:
     """<run>/predict-<input name>.parquet (beside eval-<split>), else <model folder>/predict-<input name>.parquet."""
-    location = storage.normalize(model_path).rstrip("/")
-    parent = location.rsplit("/", 1)[0] if location.endswith("/model") else location
     name = re.sub(
         r"[^A-Za-z0-9_.-]+",
         "_",
         posixpath.basename(_GLOB_CHARS.split(input_path.rstrip("/"))[0].rstrip("/")) or "input",
     )
-    return storage.join(parent, f"predict-{name.removesuffix('.parquet') or 'input'}.parquet")
+    return run_folder.default_output(model_path, f"predict-{name.removesuffix('.parquet') or 'input'}.parquet")
 
 
 def _stream(cfg: Config, inputs: Inputs, model_folder: str, spec: ResizeSpec, base: str, k: int, image_column: str):
@@ -378,16 +365,12 @@ def _consume(
     Raises DataError at the first bad image under on_bad_image=error, PredictionError unless every row id
     0..rows-1 came back exactly once.
     """
-    seen = np.zeros(inputs.rows, dtype=bool)
+    coverage = RowCoverage(inputs.rows, PredictionError, "input row", "input")
     skipped, writer = [], None
     try:
         for batch in batches:
             ids = batch["row_id"]
-            if len(ids) and (
-                ids.min() < 0 or ids.max() >= inputs.rows or seen[ids].any() or len(np.unique(ids)) != len(ids)
-            ):
-                raise PredictionError("an input row was predicted twice or a row id is outside the input")
-            seen[ids] = True
+            coverage.add(ids)
             for i in np.flatnonzero(batch["pred"] < 0):
                 if on_bad_image == "error":
                     raise DataError(
@@ -403,8 +386,7 @@ def _consume(
     finally:
         if writer:
             writer.close()
-    if not seen.all():
-        raise PredictionError(f"{int((~seen).sum())} of {inputs.rows} input rows were never predicted")
+    coverage.finish()
     if writer is None:  # an input of zero rows (empty Parquet files): an empty table of the same schema
         pq.write_table(
             _table(

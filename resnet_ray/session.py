@@ -1,6 +1,6 @@
 """One worker's fine-tuning session in plain PyTorch (no Ray): model, optimizer, schedule and epochs on a device.
 
-The Ray Train worker (``resnet_ray.train``) wraps a ``WorkerSession`` with dataset shards, reports and checkpoints;
+The Ray Train worker (``resnet_ray.worker``) wraps a ``WorkerSession`` with dataset shards, reports and checkpoints;
 the same code runs in any ``torch.distributed`` process group (torchrun, or the one-rank group of
 ``benchmarks/gpu_check.py``) or in a single process without one. Epoch metrics are reduced across ranks
 with collectives on tensors of the training device, so they work under every backend (NCCL serves CUDA
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_ray.config import Config, to_dict
-from resnet_ray.data.images import ResizeSpec
-from resnet_ray.data.load import split_rows
+from resnet_ray.data.layout import split_rows
+from resnet_ray.images import ResizeSpec
 from resnet_ray.loop import StepSettings, WeightEMA, evaluate_epoch, train_epoch
 from resnet_ray.model import build_model, is_head, normalization
 from resnet_ray.optim import build_optimizer, build_scheduler, load_optimizer_moments, set_schedule_step

@@ -42,6 +42,12 @@ def normalize(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def display(location: str, fs_path: str) -> str:
+    """``fs_path`` (a path inside the filesystem of ``location``, as from :func:`resolve`) as messages name it:
+    a URI with location's scheme when location is a URI (``s3://bucket/x.png``), else the local path itself."""
+    return f"{location.split('://', 1)[0]}://{fs_path}" if is_uri(location) else fs_path
+
+
 def join(base: str, *parts: str) -> str:
     if is_uri(base):
         scheme, rest = base.split("://", 1)

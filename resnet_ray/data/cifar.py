@@ -21,12 +21,12 @@ import os
 import pickle
 import tarfile
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
 from resnet_ray.config import DataConfig
-from resnet_ray.data.sources import DataError, RawDataset, RawSplit
+from resnet_ray.data.layout import DataError
+from resnet_ray.data.sources import RawDataset, RawSplit, fine_to_coarse_map
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ CIFAR_SIZE = 32
 
 
 @dataclass(frozen=True)
-class _Spec:
+class _Release:
+    """An official CIFAR release: where to get it and the MD5 of its archive and of every file in it."""
+
     name: str
     url: str
     filename: str  # archive file name
@@ -44,16 +46,16 @@ class _Spec:
     files: dict  # member file name -> official md5
     train: tuple  # member names of the train split, in order
     test: tuple
-    meta: str
+    meta_file: str  # member name of the pickle that holds the class names
 
 
-def _spec(name: str) -> _Spec:
+def _release(name: str) -> _Release:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     ds = CIFAR10 if name == "cifar10" else CIFAR100
     files = {f: md5 for f, md5 in ds.train_list + ds.test_list}
     files[ds.meta["filename"]] = ds.meta["md5"]
-    return _Spec(
+    return _Release(
         name=name,
         url=ds.url,
         filename=ds.filename,
@@ -62,7 +64,7 @@ def _spec(name: str) -> _Spec:
         files=files,
         train=tuple(f for f, _ in ds.train_list),
         test=tuple(f for f, _ in ds.test_list),
-        meta=ds.meta["filename"],
+        meta_file=ds.meta["filename"],
     )
 
 
@@ -74,120 +76,122 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _read_archive(path: str, expected_md5: str, spec: _Spec) -> tuple[dict, str]:
+def _read_archive(path: str, expected_md5: str, release: _Release) -> tuple[dict, str]:
     """Read the archive into memory, verify its MD5, then return {member name: bytes} of the needed files."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise DataError(f"{spec.name} archive {path}: cannot read ({exc})") from None
+        raise DataError(f"{release.name} archive {path}: cannot read ({exc})") from None
     actual = _md5(data)
     if actual != expected_md5.lower():
         raise DataError(
-            f"{spec.name} archive {path}: MD5 {actual} does not match the expected {expected_md5} "
+            f"{release.name} archive {path}: MD5 {actual} does not match the expected {expected_md5} "
             f"(data.md5 or the official checksum); the file is corrupt, incomplete or not the "
-            f"official {spec.filename}"
+            f"official {release.filename}"
         )
-    wanted = set(spec.files)
+    wanted = set(release.files)
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             for member in tar:
                 parts = [p for p in member.name.replace("\\", "/").split("/") if p not in ("", ".")]
-                if not member.isfile() or len(parts) != 2 or parts[0] != spec.base_folder:
+                if not member.isfile() or len(parts) != 2 or parts[0] != release.base_folder:
                     continue
                 if parts[1] in wanted and parts[1] not in found:
                     found[parts[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"{spec.name} archive {path}: not a readable tar.gz archive ({exc})") from None
+        raise DataError(f"{release.name} archive {path}: not a readable tar.gz archive ({exc})") from None
     missing = sorted(wanted - set(found))
     if missing:
-        raise DataError(f"{spec.name} archive {path}: missing {', '.join(spec.base_folder + '/' + m for m in missing)}")
+        raise DataError(
+            f"{release.name} archive {path}: missing {', '.join(release.base_folder + '/' + m for m in missing)}"
+        )
     return found, actual
 
 
-def _read_folder(folder: str, spec: _Spec) -> tuple[dict, str]:
+def _read_folder(folder: str, release: _Release) -> tuple[dict, str]:
     """Read every needed file of an extracted folder and verify it against the official per-file MD5."""
     found: dict[str, bytes] = {}
-    for name, official in spec.files.items():
+    for name, official in release.files.items():
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise DataError(f"{spec.name} folder {folder}: missing file {name}") from None
+            raise DataError(f"{release.name} folder {folder}: missing file {name}") from None
         except OSError as exc:
-            raise DataError(f"{spec.name} file {path}: cannot read ({exc})") from None
+            raise DataError(f"{release.name} file {path}: cannot read ({exc})") from None
         actual = _md5(data)
         if actual != official:
             raise DataError(
-                f"{spec.name} file {path}: MD5 {actual} does not match the official {official}; "
-                f"re-extract the official {spec.filename}"
+                f"{release.name} file {path}: MD5 {actual} does not match the official {official}; "
+                f"re-extract the official {release.filename}"
             )
         found[name] = data
     digest = hashlib.sha256()
-    for name in sorted(spec.files):
-        digest.update(f"{name}:{spec.files[name]}\n".encode())
+    for name in sorted(release.files):
+        digest.update(f"{name}:{release.files[name]}\n".encode())
     return found, digest.hexdigest()
 
 
-def _is_extracted(folder: str, spec: _Spec) -> bool:
-    return os.path.isfile(os.path.join(folder, spec.meta))
+def _is_extracted(folder: str, release: _Release) -> bool:
+    return os.path.isfile(os.path.join(folder, release.meta_file))
 
 
-def _download(spec: _Spec, folder: str, md5: str) -> str:
+def _download(release: _Release, folder: str, md5: str) -> str:
     from torchvision.datasets.utils import download_url
 
     os.makedirs(folder, exist_ok=True)
-    log.info("downloading %s into %s", spec.url, folder)
+    log.info("downloading %s into %s", release.url, folder)
     try:
-        download_url(spec.url, root=folder, filename=spec.filename, md5=md5)
+        download_url(release.url, root=folder, filename=release.filename, md5=md5)
     except Exception as exc:  # network errors come in many types
         raise DataError(
-            f"{spec.name}: could not download {spec.url} ({type(exc).__name__}: {exc}); "
-            f"put {spec.filename} into {folder} or set data.path to the archive or extracted folder, "
+            f"{release.name}: could not download {release.url} ({type(exc).__name__}: {exc}); "
+            f"put {release.filename} into {folder} or set data.path to the archive or extracted folder, "
             f"without network access"
         ) from None
-    path = os.path.join(folder, spec.filename)
+    path = os.path.join(folder, release.filename)
     if not os.path.isfile(path):
-        raise DataError(f"{spec.name}: download of {spec.url} left no file at {path}")
+        raise DataError(f"{release.name}: download of {release.url} left no file at {path}")
     return path
 
 
-def _load_bytes(cfg: DataConfig, spec: _Spec) -> tuple[dict, str]:
+def _load_bytes(cfg: DataConfig, release: _Release) -> tuple[dict, str]:
     """Find the source named by cfg.path (or the download cache), verify it and return its files' bytes."""
-    expected = cfg.md5 or spec.archive_md5
+    expected = cfg.md5 or release.archive_md5
     path = os.path.abspath(os.path.expanduser(cfg.path)) if cfg.path else None
     if path and os.path.isfile(path):
-        return _read_archive(path, expected, spec)
+        return _read_archive(path, expected, release)
     if path and os.path.isdir(path):
-        for folder in (path, os.path.join(path, spec.base_folder)):
-            if _is_extracted(folder, spec):
+        for folder in (path, os.path.join(path, release.base_folder)):
+            if _is_extracted(folder, release):
                 if cfg.md5:
                     log.warning(
                         "data.md5 applies to archives only; checking %s against the official per-file MD5s", folder
                     )
-                return _read_folder(folder, spec)
+                return _read_folder(folder, release)
         download_dir = path
     elif path:
         if path.endswith((".tar.gz", ".tgz")) or not cfg.download:
             raise DataError(
-                f"{spec.name}: data.path {cfg.path} does not exist; it must be the {spec.filename} "
-                f"archive, its extracted {spec.base_folder} folder, or a folder holding either"
+                f"{release.name}: data.path {cfg.path} does not exist; it must be the {release.filename} "
+                f"archive, its extracted {release.base_folder} folder, or a folder holding either"
             )
         download_dir = path
     else:
         download_dir = os.path.expanduser(DOWNLOAD_DIR)
-    archive = os.path.join(download_dir, spec.filename)
+    archive = os.path.join(download_dir, release.filename)
     if os.path.isfile(archive):
-        return _read_archive(archive, expected, spec)
+        return _read_archive(archive, expected, release)
     if not cfg.download:
         raise DataError(
-            f"{spec.name}: no archive found and data.download is false; put the official "
-            f"{spec.filename} ({spec.url}) at {archive}, or set data.path to the archive or to its "
-            f"extracted {spec.base_folder} folder"
+            f"{release.name}: no archive found and data.download is false; put the official "
+            f"{release.filename} ({release.url}) at {archive}, or set data.path to the archive or to its "
+            f"extracted {release.base_folder} folder"
         )
-    return _read_archive(_download(spec, download_dir, expected), expected, spec)
+    return _read_archive(_download(release, download_dir, expected), expected, release)
 
 
 # ---------------------------------------------------------------------------
@@ -198,42 +202,42 @@ def _str(value) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
-def _unpickle(name: str, data: bytes, spec: _Spec) -> dict:
+def _unpickle(name: str, data: bytes, release: _Release) -> dict:
     """Only ever called on bytes whose checksum was verified. Keys come back as str (official python2
     pickles loaded with latin1) or bytes (python3 pickles of b'' keys); both are normalised to str."""
     try:
         obj = pickle.loads(data, encoding="latin1")
     except Exception as exc:
-        raise DataError(f"{spec.name} {spec.base_folder}/{name}: cannot unpickle ({exc})") from None
+        raise DataError(f"{release.name} {release.base_folder}/{name}: cannot unpickle ({exc})") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{spec.name} {spec.base_folder}/{name}: expected a dict, got {type(obj).__name__}")
+        raise DataError(f"{release.name} {release.base_folder}/{name}: expected a dict, got {type(obj).__name__}")
     return {_str(k): v for k, v in obj.items()}
 
 
-def _field(d: dict, key: str, name: str, spec: _Spec):
+def _field(d: dict, key: str, name: str, release: _Release):
     if key not in d:
-        raise DataError(f"{spec.name} {spec.base_folder}/{name}: no {key!r} entry (has {', '.join(sorted(d))})")
+        raise DataError(f"{release.name} {release.base_folder}/{name}: no {key!r} entry (has {', '.join(sorted(d))})")
     return d[key]
 
 
-def _batch(name: str, data: bytes, spec: _Spec, label_keys: tuple) -> tuple[np.ndarray, list]:
-    d = _unpickle(name, data, spec)
-    where = f"{spec.name} {spec.base_folder}/{name}"
-    pixels = np.asarray(_field(d, "data", name, spec))
+def _batch(name: str, data: bytes, release: _Release, label_keys: tuple) -> tuple[np.ndarray, list]:
+    d = _unpickle(name, data, release)
+    where = f"{release.name} {release.base_folder}/{name}"
+    pixels = np.asarray(_field(d, "data", name, release))
     if pixels.ndim != 2 or pixels.shape[1] != 3 * CIFAR_SIZE * CIFAR_SIZE or pixels.dtype != np.uint8:
         raise DataError(f"{where}: 'data' is {pixels.dtype} {pixels.shape}, expected uint8 (N, 3072)")
     images = np.ascontiguousarray(pixels.reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE).transpose(0, 2, 3, 1))
     labels = []
     for key in label_keys:
-        values = np.asarray(_field(d, key, name, spec))
+        values = np.asarray(_field(d, key, name, release))
         if values.ndim != 1 or len(values) != len(images) or not np.issubdtype(values.dtype, np.integer):
             raise DataError(f"{where}: {key!r} holds {values.dtype} {values.shape}, expected {len(images)} integers")
         labels.append(values.astype(np.int64))
     return images, labels
 
 
-def _names(meta: dict, key: str, spec: _Spec) -> list:
-    values = _field(meta, key, spec.meta, spec)
+def _names(names_dict: dict, key: str, release: _Release) -> list:
+    values = _field(names_dict, key, release.meta_file, release)
     return [_str(v) for v in values]
 
 
@@ -243,27 +247,27 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> None:
         raise DataError(f"{where}: row {bad[0]} has label {labels[bad[0]]}, outside [0, {n})")
 
 
-def _read(cfg: DataConfig, name: str, label_keys: tuple) -> tuple[dict, dict, str, _Spec]:
+def _read(cfg: DataConfig, name: str, label_keys: tuple) -> tuple[dict, dict, str, _Release]:
     if cfg.image_size != CIFAR_SIZE:
         raise DataError(
             f"{name}: images are {CIFAR_SIZE}x{CIFAR_SIZE}; set data.image_size={CIFAR_SIZE} "
             f"(got {cfg.image_size}); resizing happens in the model (model.image_size)"
         )
-    spec = _spec(name)
-    files, checksum = _load_bytes(cfg, spec)  # raises before any unpickling if a checksum is wrong
-    meta = _unpickle(spec.meta, files[spec.meta], spec)
+    release = _release(name)
+    files, checksum = _load_bytes(cfg, release)  # raises before any unpickling if a checksum is wrong
+    names_dict = _unpickle(release.meta_file, files[release.meta_file], release)
     splits = {}
-    for split, members in (("train", spec.train), ("test", spec.test)):
-        parts = [_batch(m, files[m], spec, label_keys) for m in members]
+    for split, members in (("train", release.train), ("test", release.test)):
+        parts = [_batch(m, files[m], release, label_keys) for m in members]
         images = np.concatenate([p[0] for p in parts])
         labels = [np.concatenate([p[1][i] for p in parts]) for i in range(len(label_keys))]
         splits[split] = (images, labels)
-    return splits, meta, checksum, spec
+    return splits, names_dict, checksum, release
 
 
 def read_cifar10(cfg: DataConfig) -> RawDataset:
-    splits, meta, checksum, spec = _read(cfg, "cifar10", ("labels",))
-    classes = _names(meta, "label_names", spec)
+    splits, names_dict, checksum, release = _read(cfg, "cifar10", ("labels",))
+    classes = _names(names_dict, "label_names", release)
     out = {}
     for split, (images, (labels,)) in splits.items():
         _check_labels(labels, len(classes), f"cifar10 {split} split")
@@ -271,24 +275,10 @@ def read_cifar10(cfg: DataConfig) -> RawDataset:
     return RawDataset(splits=out, classes=classes, checksum=checksum)
 
 
-def fine_to_coarse_map(fine: np.ndarray, coarse: np.ndarray, num_fine: int, where: str) -> list:
-    """Derive fine label -> coarse label from the data; every fine label must map to exactly one coarse label."""
-    mapping: list[Optional[int]] = [None] * num_fine
-    pairs = np.unique(np.stack([fine, coarse], axis=1), axis=0) if len(fine) else np.zeros((0, 2), np.int64)
-    for f, c in pairs.tolist():
-        if mapping[f] is not None:
-            raise DataError(f"{where}: fine label {f} maps to two coarse labels ({mapping[f]} and {c})")
-        mapping[f] = c
-    missing = [i for i, c in enumerate(mapping) if c is None]
-    if missing:
-        raise DataError(f"{where}: fine label(s) {missing[:10]} never occur, cannot derive their coarse label")
-    return mapping
-
-
 def read_cifar100(cfg: DataConfig) -> RawDataset:
-    splits, meta, checksum, spec = _read(cfg, "cifar100", ("fine_labels", "coarse_labels"))
-    classes = _names(meta, "fine_label_names", spec)
-    coarse_classes = _names(meta, "coarse_label_names", spec)
+    splits, names_dict, checksum, release = _read(cfg, "cifar100", ("fine_labels", "coarse_labels"))
+    classes = _names(names_dict, "fine_label_names", release)
+    coarse_classes = _names(names_dict, "coarse_label_names", release)
     out = {}
     for split, (images, (fine, coarse)) in splits.items():
         _check_labels(fine, len(classes), f"cifar100 {split} split")
@@ -296,7 +286,7 @@ def read_cifar100(cfg: DataConfig) -> RawDataset:
         out[split] = RawSplit(images, fine, coarse_labels=coarse)
     fine_all = np.concatenate([s.labels for s in out.values()])
     coarse_all = np.concatenate([s.coarse_labels for s in out.values()])
-    mapping = fine_to_coarse_map(fine_all, coarse_all, len(classes), "cifar100")
+    mapping = fine_to_coarse_map(fine_all, coarse_all, len(classes), "cifar100", missing="error")
     return RawDataset(
         splits=out, classes=classes, checksum=checksum, coarse_classes=coarse_classes, fine_to_coarse=mapping
     )

@@ -11,31 +11,15 @@ import pyarrow as pa
 
 from resnet_ray import storage
 from resnet_ray.config import DataConfig
-from resnet_ray.data.prepare import dataset_dir, read_metadata
-from resnet_ray.data.sources import DataError
-
-
-def decode_images(column: pa.ChunkedArray | pa.Array, image_size: int) -> np.ndarray:
-    """fixed_size_binary(H*W*3) column -> (N, H, W, 3) uint8 view, no per-row Python."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = array.type.byte_width
-    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=len(array) * width, offset=array.offset * width)
-    return flat.reshape(len(array), image_size, image_size, 3)
+from resnet_ray.data.layout import pixel_array, read_metadata, split_rows
+from resnet_ray.data.prepare import dataset_dir
 
 
 def table_to_batch(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
     """A canonical Parquet table -> {"row_id", "image", "label"[, "coarse_label"]} numpy batch."""
     batch = {name: table.column(name).to_numpy() for name in table.column_names if name != "image"}
-    batch["image"] = decode_images(table.column("image"), image_size)
+    batch["image"] = pixel_array(table.column("image"), image_size)
     return batch
-
-
-def split_rows(meta: dict, split: str, limit: Optional[int]) -> int:
-    """Rows load_split yields for this split: the count the evaluation's support must equal."""
-    if split not in meta["counts"]:
-        raise DataError(f"split {split!r} does not exist in {meta['name']}; it has {', '.join(meta['counts'])}")
-    count = meta["counts"][split]
-    return min(count, limit) if limit else count
 
 
 def quiet_data_progress() -> None:
@@ -61,10 +45,10 @@ def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
     import ray.data
 
     prepared = prepared or dataset_dir(cfg)
-    meta = read_metadata(prepared)
-    split_rows(meta, split, None)
+    metadata = read_metadata(prepared)
+    split_rows(metadata, split, None)
     fs, path = storage.resolve(storage.join(prepared, split))
-    size = meta["image_size"]
+    size = metadata["image_size"]
     ds = ray.data.read_parquet(path, filesystem=fs)
     if cfg.limit:  # the first rows in file order (prepare wrote them in a seeded random order), every time
         ds.context.execution_options.preserve_order = True
@@ -77,9 +61,9 @@ def load_split(cfg: DataConfig, split: str, prepared: Optional[str] = None):
 IN_MEMORY_BYTES = 256 * 2**20  # cached splits up to this size skip Ray Data's read job (see load_split_in_memory)
 
 
-def split_nbytes(meta: dict, split: str, limit: Optional[int]) -> int:
+def split_nbytes(metadata: dict, split: str, limit: Optional[int]) -> int:
     """Bytes of a split's decoded images (uint8 H x W x 3 per row)."""
-    return split_rows(meta, split, limit) * meta["image_size"] ** 2 * 3
+    return split_rows(metadata, split, limit) * metadata["image_size"] ** 2 * 3
 
 
 def read_split(cfg: DataConfig, split: str, prepared: Optional[str] = None) -> Iterator[dict]:
@@ -88,8 +72,8 @@ def read_split(cfg: DataConfig, split: str, prepared: Optional[str] = None) -> I
     import pyarrow.parquet as pq
 
     prepared = prepared or dataset_dir(cfg)
-    meta = read_metadata(prepared)
-    left = split_rows(meta, split, cfg.limit)
+    metadata = read_metadata(prepared)
+    left = split_rows(metadata, split, cfg.limit)
     fs, path = storage.resolve(storage.join(prepared, split))
     for name in storage.list_names(storage.join(prepared, split)):
         if left <= 0:
@@ -97,7 +81,7 @@ def read_split(cfg: DataConfig, split: str, prepared: Optional[str] = None) -> I
         if name.endswith(".parquet"):
             table = pq.read_table(f"{path}/{name}", filesystem=fs).slice(0, left)
             left -= table.num_rows
-            yield table_to_batch(table, meta["image_size"])
+            yield table_to_batch(table, metadata["image_size"])
 
 
 def load_split_in_memory(cfg: DataConfig, split: str, prepared: Optional[str] = None):

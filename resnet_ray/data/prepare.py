@@ -1,17 +1,15 @@
-"""Turn any source into the canonical prepared dataset.
+"""Turn any source into the canonical prepared dataset (its layout: :mod:`resnet_ray.data.layout`).
 
-Layout under ``<data.root>/<dataset name>/<fingerprint>/``::
+The source's reader is looked up in :data:`READERS`; image folders and Parquet sources are streamed by parallel
+tasks (:mod:`resnet_ray.data.writer`), the built-in sources (digits, CIFAR) read into memory and written here.
 
-    metadata.json                   # written last: its presence marks a complete dataset
-    train/part-00000.parquet ...    # row_id int64, image fixed_size_binary(H*W*3) HWC uint8, label, [coarse_label]
-    val/...  test/...
-
-The fingerprint covers the request (source, split seed and fractions, image size, ...) and the source's
-content (names, sizes and modification times of its files), so a prepared folder is written once and never
-rewritten: other settings or changed source files make a new folder beside it, and runs trained on the old
-one keep reading the same rows. Writing goes to ``<fingerprint>.tmp-*`` under a lock
-(``<fingerprint>.lock``, see :func:`resnet_ray.storage.lock`); a second prepare of the same request waits
-for the first and reuses its result, and whoever holds the lock next deletes what a killed prepare left.
+The prepared folder is ``<data.root>/<dataset name>/<fingerprint>/``. The fingerprint covers the request
+(source, split seed and fractions, image size, ...) and the source's content (names, sizes and modification
+times of its files), so a prepared folder is written once and never rewritten: other settings or changed source
+files make a new folder beside it, and runs trained on the old one keep reading the same rows. Writing goes to
+``<fingerprint>.tmp-*`` under a lock (``<fingerprint>.lock``, see :func:`resnet_ray.storage.lock`); a second
+prepare of the same request waits for the first and reuses its result, and whoever holds the lock next deletes
+what a killed prepare left.
 """
 
 from __future__ import annotations
@@ -25,21 +23,45 @@ from collections.abc import Callable
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from resnet_ray import storage
 from resnet_ray.config import DataConfig
-from resnet_ray.data.sources import DataError, RawDataset, RawSplit, read_source
+from resnet_ray.data import layout, writer
+from resnet_ray.data.cifar import read_cifar10, read_cifar100
+from resnet_ray.data.digits import read_digits
+from resnet_ray.data.imagefolder import read_imagefolder
+from resnet_ray.data.layout import FORMAT_VERSION, METADATA, DataError, read_metadata
+from resnet_ray.data.parquet import read_parquet_source
+from resnet_ray.data.sources import RawDataset, RawSplit, check_split
+from resnet_ray.data.writer import WrittenDataset
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-ROWS_PER_SHARD = 5000
-SHARD_BYTES = 32 << 20
-METADATA = "metadata.json"
-STREAMED_SOURCES = ("imagefolder", "parquet")  # written by parallel tasks (resnet_ray.data.shards), not in memory
+# data.source -> the reader of that source kind (in memory); prepare streams imagefolder and parquet instead
+READERS: dict[str, Callable[[DataConfig], RawDataset]] = {
+    "digits": read_digits,
+    "cifar10": read_cifar10,
+    "cifar100": read_cifar100,
+    "parquet": read_parquet_source,
+    "imagefolder": read_imagefolder,
+}
+
+
+def read_source(cfg: DataConfig) -> RawDataset:
+    """Read and validate cfg.source; every split is checked before anything is written."""
+    raw = READERS[cfg.source](cfg)
+    for name, split in raw.splits.items():
+        check_split(split, len(raw.classes), f"{cfg.source} {name} split", cfg.image_size)
+        if split.coarse_labels is not None and raw.coarse_classes is not None:
+            check_split(
+                RawSplit(split.images, split.coarse_labels),
+                len(raw.coarse_classes),
+                f"{cfg.source} {name} split (coarse labels)",
+                cfg.image_size,
+            )
+    return raw
 
 
 def dataset_dir(cfg: DataConfig) -> str:
@@ -86,97 +108,21 @@ def request_fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_metadata(prepared: str) -> dict:
-    """metadata.json of a prepared dataset; DataError when it is not (completely) prepared."""
-    path = storage.join(prepared, METADATA)
-    if not storage.exists(path):
-        raise DataError(f"{prepared}: not a prepared dataset (no {METADATA}); run jobs/prepare.py first")
-    return storage.read_json(path)
-
-
-def _carve(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded split of row indices into (kept, carved)."""
-    from sklearn.model_selection import train_test_split  # imported here: 1 s that every Ray worker would pay
-
-    index = np.arange(len(labels))
-    try:
-        kept, carved = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError as exc:
-        raise DataError(
-            f"cannot carve a stratified {what} split of {fraction} from {len(labels)} rows: {exc}"
-        ) from None
-    return np.sort(kept), np.sort(carved)
-
-
 def _take(split: RawSplit, index: np.ndarray) -> RawSplit:
     coarse = None if split.coarse_labels is None else split.coarse_labels[index]
     return RawSplit(split.images[index], split.labels[index], coarse)
 
 
-def carve_order(labels: dict, cfg: DataConfig) -> dict[str, tuple[str, np.ndarray]]:
-    """Each prepared split as (source split, row indices into it, in written order), from the labels alone.
-
-    test: the source's test split, else carved from train (stratified, seeded); val: always carved from the
-    rest of train. Each split is then put in a seeded random order, so that shards mix classes and a ``limit``
-    takes a representative subset.
-    """
-    train = np.arange(len(labels["train"]))
-    order = {}
-    if "test" in labels:
-        order["test"] = ("test", np.arange(len(labels["test"])))
-    else:
-        kept, carved = _carve(labels["train"], cfg.test_fraction, cfg.seed, "test")
-        train, order["test"] = train[kept], ("train", train[carved])
-    kept, carved = _carve(labels["train"][train], cfg.val_fraction, cfg.seed + 1, "val")
-    order["train"], order["val"] = ("train", train[kept]), ("train", train[carved])
-    rng = np.random.default_rng(cfg.seed)
-    return {name: (source, index[rng.permutation(len(index))]) for name, (source, index) in order.items()}
-
-
 def carve_splits(raw: RawDataset, cfg: DataConfig) -> dict[str, RawSplit]:
     """train/val/test of an in-memory source, as carve_order says."""
-    order = carve_order({name: split.labels for name, split in raw.splits.items()}, cfg)
+    order = layout.carve_order({name: split.labels for name, split in raw.splits.items()}, cfg)
     return {name: _take(raw.splits[source], index) for name, (source, index) in order.items()}
-
-
-def rows_per_shard(image_size: int) -> int:
-    """Rows per Parquet shard: ROWS_PER_SHARD, fewer for big images (about SHARD_BYTES of pixels at most)."""
-    return max(256, min(ROWS_PER_SHARD, SHARD_BYTES // (image_size * image_size * 3)))
-
-
-def _channel_stats(images: np.ndarray) -> tuple[list, list]:
-    """Per-channel mean and std on the [0, 1] scale, accumulated in float64 chunks."""
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    for start in range(0, len(images), 4096):
-        chunk = images[start : start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
-        total += chunk.sum(0)
-        total_sq += (chunk**2).sum(0)
-    n = images.shape[0] * images.shape[1] * images.shape[2]
-    mean = total / n
-    return mean.tolist(), np.sqrt(np.maximum(total_sq / n - mean**2, 0)).tolist()
-
-
-def split_table(split: RawSplit, first_row_id: int = 0) -> pa.Table:
-    """The canonical table of rows: row_id (from first_row_id on), image fixed_size_binary(H*W*3), label[, coarse]."""
-    n, h, w, c = split.images.shape
-    images = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(h * w * c), n, [None, pa.py_buffer(np.ascontiguousarray(split.images))]
-    )
-    columns = {
-        "row_id": pa.array(np.arange(first_row_id, first_row_id + n, dtype=np.int64)),
-        "image": images,
-        "label": pa.array(split.labels.astype(np.int64)),
-    }
-    if split.coarse_labels is not None:
-        columns["coarse_label"] = pa.array(split.coarse_labels.astype(np.int64))
-    return pa.table(columns)
 
 
 def _write_split(fs: pafs.FileSystem, folder: str, split: RawSplit) -> None:
     fs.create_dir(folder, recursive=True)
-    table = split_table(split)
-    rows = rows_per_shard(split.images.shape[1])
+    table = layout.split_table(split.images, split.labels, split.coarse_labels)
+    rows = layout.rows_per_shard(split.images.shape[1])
     for shard, start in enumerate(range(0, max(table.num_rows, 1), rows)):
         pq.write_table(table.slice(start, rows), f"{folder}/part-{shard:05d}.parquet", filesystem=fs)
 
@@ -222,24 +168,23 @@ def _bad_image_record(cfg: DataConfig, bad: list) -> dict:
     return {"policy": cfg.on_bad_image, "count": len(bad), "files": bad}
 
 
-def _write_in_memory(cfg: DataConfig, fs: pafs.FileSystem, tmp: str):
+def _write_in_memory(cfg: DataConfig, fs: pafs.FileSystem, tmp: str) -> WrittenDataset:
     """Read the whole source into memory, carve and write it (the small built-in sources)."""
-    from resnet_ray.data.shards import Streamed
-
     raw = read_source(cfg)
     splits = carve_splits(raw, cfg)
-    mean, std = _channel_stats(splits["train"].images)
+    mean, std = layout.mean_std([layout.pixel_sums(splits["train"].images)], f"{cfg.source} source {cfg.path}")
     for name, split in splits.items():
         _write_split(fs, f"{tmp}/{name}", split)
-    written = Streamed(
+    return WrittenDataset(
         classes=list(raw.classes),
         counts={n: int(len(s.labels)) for n, s in splits.items()},
         mean=mean,
         std=std,
         checksum=raw.checksum,
         bad_images=raw.bad_images,
+        coarse_classes=raw.coarse_classes,
+        fine_to_coarse=raw.fine_to_coarse,
     )
-    return written, raw.coarse_classes, raw.fine_to_coarse
 
 
 def _write(
@@ -251,35 +196,31 @@ def _write(
 ) -> dict:
     """Write the dataset into a temporary folder beside ``final``, then move it there.
 
-    Image folders and Parquet sources stream (resnet_ray.data.shards: names and labels in this process, shards
+    Image folders and Parquet sources stream (resnet_ray.data.writer: names and labels in this process, shards
     written by parallel tasks); the built-in sources (digits, CIFAR) are read into memory.
     """
-    from resnet_ray.data import shards
-    from resnet_ray.data.images import ResizeSpec
-
     fs, final_path = storage.resolve(final)
     suffix = f".tmp-{uuid.uuid4().hex[:8]}"
     tmp = final_path + suffix
     try:
         if cfg.source == "imagefolder":
-            written = shards.write_imagefolder(cfg, final + suffix, on_start, on_rows)
-            coarse_classes = fine_to_coarse = None
+            written = writer.write_imagefolder(cfg, final + suffix, on_start, on_rows)
         elif cfg.source == "parquet":
-            written, coarse_classes, fine_to_coarse = shards.write_parquet(cfg, final + suffix, on_start, on_rows)
+            written = writer.write_parquet(cfg, final + suffix, on_start, on_rows)
         else:
-            written, coarse_classes, fine_to_coarse = _write_in_memory(cfg, fs, tmp)
-        meta = {
+            written = _write_in_memory(cfg, fs, tmp)
+        metadata = {
             "format_version": FORMAT_VERSION,
             "name": cfg.dataset_name,
             "source": cfg.source,
             "fingerprint": fingerprint,
             "source_checksum": written.checksum,
             "image_size": cfg.image_size,
-            "resize": ResizeSpec(cfg.image_size, cfg.resize).record(),
+            "resize": layout.resize_for(cfg).record(),
             "bad_images": _bad_image_record(cfg, written.bad_images),
             "classes": list(written.classes),
-            "coarse_classes": coarse_classes,
-            "fine_to_coarse": fine_to_coarse,
+            "coarse_classes": written.coarse_classes,
+            "fine_to_coarse": written.fine_to_coarse,
             "counts": written.counts,
             "mean": written.mean,
             "std": written.std,
@@ -289,13 +230,13 @@ def _write(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with fs.open_output_stream(f"{tmp}/{METADATA}") as f:
-            f.write(json.dumps(meta, indent=2).encode())
+            f.write(json.dumps(metadata, indent=2).encode())
         _commit(fs, tmp, final_path)
     except BaseException:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_dir(tmp)
         raise
-    return meta
+    return metadata
 
 
 def prepare(
@@ -327,16 +268,16 @@ def prepare(
             return final
         _clean_leftovers(final)
         start = time.perf_counter()
-        meta = _write(cfg, final, fingerprint, on_start, on_rows)
+        metadata = _write(cfg, final, fingerprint, on_start, on_rows)
     seconds = time.perf_counter() - start
-    rows = sum(meta["counts"].values())
+    rows = sum(metadata["counts"].values())
     log.info(
         "prepared %s at %s in %.1f s (%.0f images/s): %s",
         cfg.dataset_name,
         final,
         seconds,
         rows / seconds,
-        meta["counts"],
+        metadata["counts"],
     )
     return final
 

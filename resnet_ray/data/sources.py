@@ -1,26 +1,25 @@
-"""Readers that turn each supported source into in-memory uint8 arrays.
+"""What every source reader returns, and the helpers the readers share.
 
-Every reader returns a :class:`RawDataset`; ``prepare`` turns it into the canonical Parquet layout.
-Readers validate what they read and raise :class:`DataError` naming the file and row.
+Each source kind has its reader module (:mod:`~resnet_ray.data.digits`, :mod:`~resnet_ray.data.cifar`,
+:mod:`~resnet_ray.data.parquet`, :mod:`~resnet_ray.data.imagefolder`); each returns a :class:`RawDataset` of
+in-memory uint8 arrays, which ``prepare`` turns into the prepared layout (:mod:`resnet_ray.data.layout`).
+Readers validate what they read and raise :class:`~resnet_ray.data.layout.DataError` naming the file and row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from resnet_ray.config import DataConfig
+from resnet_ray.data.layout import DataError
 
 log = logging.getLogger(__name__)
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and row."""
+SPLIT_NAMES = ("train", "test")  # the splits a user source may hold (val is always carved from train)
 
 
 @dataclass
@@ -54,53 +53,49 @@ def check_split(split: RawSplit, num_classes: int, where: str, image_size: int) 
         raise DataError(f"{where}: row {bad[0]} has label {labels[bad[0]]}, outside [0, {num_classes})")
 
 
-def read_digits(cfg: DataConfig) -> RawDataset:
-    """scikit-learn's embedded 8x8 digits (1,797 images, 0..16), upscaled to 32x32 RGB uint8. No download."""
-    import torch
-    from sklearn.datasets import load_digits
+def fine_to_coarse_map(
+    fine: np.ndarray, coarse: np.ndarray, num_fine: int, where: str, missing: str = "error"
+) -> Optional[list]:
+    """fine label -> coarse label, derived from the data; DataError if one fine label has two coarse labels.
 
-    digits = load_digits()
-    small = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0))[:, None]
-    big = torch.nn.functional.interpolate(
-        small, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
-    )
-    gray = big.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    images = np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
-    labels = digits.target.astype(np.int64)
-    checksum = hashlib.sha256(digits.images.tobytes() + labels.tobytes()).hexdigest()
-    return RawDataset(
-        splits={"train": RawSplit(images, labels)}, classes=[str(i) for i in range(10)], checksum=checksum
-    )
-
-
-def _lazy(module: str, fn: str) -> Callable[[DataConfig], RawDataset]:
-    def reader(cfg: DataConfig) -> RawDataset:
-        import importlib
-
-        return getattr(importlib.import_module(module), fn)(cfg)
-
-    return reader
+    A fine label that never occurs has no coarse label: ``missing="error"`` raises DataError (CIFAR-100, whose
+    every label occurs); ``"warn"`` logs a warning and returns None (user sources: fine_to_coarse left unset).
+    """
+    mapping: list[Optional[int]] = [None] * num_fine
+    pairs = np.unique(np.stack([fine, coarse], axis=1), axis=0) if len(fine) else np.zeros((0, 2), np.int64)
+    for f, c in pairs.tolist():
+        if mapping[f] is not None:
+            raise DataError(f"{where}: fine label {f} maps to two coarse labels ({mapping[f]} and {c})")
+        mapping[f] = c
+    absent = [i for i, c in enumerate(mapping) if c is None]
+    if not absent:
+        return mapping
+    if missing == "error":
+        raise DataError(f"{where}: fine label(s) {absent[:10]} never occur, cannot derive their coarse label")
+    log.warning("%s: some fine labels never occur; fine_to_coarse left unset", where)
+    return None
 
 
-READERS: dict[str, Callable[[DataConfig], RawDataset]] = {
-    "digits": read_digits,
-    "cifar10": _lazy("resnet_ray.data.cifar", "read_cifar10"),
-    "cifar100": _lazy("resnet_ray.data.cifar", "read_cifar100"),
-    "parquet": _lazy("resnet_ray.data.files", "read_parquet_source"),
-    "imagefolder": _lazy("resnet_ray.data.files", "read_imagefolder"),
-}
+# ---------------------------------------------------------------------------
+# source files and their checksum (Parquet and image folders, read in memory or in shard tasks)
 
 
-def read_source(cfg: DataConfig) -> RawDataset:
-    """Read and validate cfg.source; every split is checked before anything is written."""
-    raw = READERS[cfg.source](cfg)
-    for name, split in raw.splits.items():
-        check_split(split, len(raw.classes), f"{cfg.source} {name} split", cfg.image_size)
-        if split.coarse_labels is not None and raw.coarse_classes is not None:
-            check_split(
-                RawSplit(split.images, split.coarse_labels),
-                len(raw.coarse_classes),
-                f"{cfg.source} {name} split (coarse labels)",
-                cfg.image_size,
-            )
-    return raw
+def read_file(fs, path: str) -> bytes:
+    """The bytes of ``path`` inside the pyarrow filesystem ``fs``."""
+    with fs.open_input_stream(path) as f:
+        return f.readall()
+
+
+def file_digest(rel: str, content: Optional[bytes], inner: Optional[bytes] = None) -> int:
+    """One file's share of a source checksum: sha256(name, sha256(content)) as an integer (content None and no
+    ``inner`` digest given: an unreadable file)."""
+    name = rel.encode()
+    if inner is None:
+        inner = hashlib.sha256(content).digest() if content is not None else b"unreadable"
+    return int.from_bytes(hashlib.sha256(len(name).to_bytes(8, "little") + name + inner).digest(), "big")
+
+
+def combine_digests(total: int) -> str:
+    """The checksum of a set of files: the sum of their file_digest mod 2**256, in hex. Order-free, so that
+    parallel tasks can each add up their own files."""
+    return f"{total % (1 << 256):064x}"

@@ -37,9 +37,9 @@ def test_limit_caps_rows(ray_session, digits_prepared):
 def test_limit_takes_the_first_rows_of_a_split_in_several_files(ray_session, tmp_path, monkeypatch):
     """A limited split read from several Parquet files: always the same rows (row ids 0..limit-1), so that
     an evaluation of a run trained with data.limit covers exactly that run's rows."""
-    import resnet_ray.data.prepare as prepare
+    from resnet_ray.data import layout
 
-    monkeypatch.setattr(prepare, "ROWS_PER_SHARD", 300)  # the 1,293 training rows in 5 files
+    monkeypatch.setattr(layout, "ROWS_PER_SHARD", 300)  # the 1,293 training rows in 5 files
     cfg = DataConfig(source="digits", root=str(tmp_path), limit=250)
     prepared, _ = ensure_prepared(cfg)
     ids = np.concatenate([b["row_id"] for b in load_split(cfg, "train", prepared).iter_batches(batch_size=64)])
@@ -52,10 +52,10 @@ def test_a_small_cached_split_read_in_memory_equals_the_materialized_ray_data_re
 ):
     """The local mode's fast path (no Ray Data read job): the same blocks, rows in the same order, same
     columns and types as load_split(...).materialize(), also with a limit that ends inside the third file."""
-    import resnet_ray.data.prepare as prepare
+    from resnet_ray.data import layout
     from resnet_ray.data.load import load_split_in_memory
 
-    monkeypatch.setattr(prepare, "ROWS_PER_SHARD", 300)  # the 1,293 training rows in 5 files
+    monkeypatch.setattr(layout, "ROWS_PER_SHARD", 300)  # the 1,293 training rows in 5 files
     cfg = DataConfig(source="digits", root=str(tmp_path), limit=limit)
     prepared, _ = ensure_prepared(cfg)
     read = load_split(cfg, "train", prepared)

@@ -104,7 +104,7 @@ def write_parquet_source(folder, n_train=300, n_test=100):
     from PIL import Image
 
     from resnet_ray.config import DataConfig
-    from resnet_ray.data.sources import read_digits
+    from resnet_ray.data.digits import read_digits
 
     digits = read_digits(DataConfig()).splits["train"]
     folder.mkdir()

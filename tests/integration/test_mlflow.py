@@ -7,8 +7,9 @@ import os
 import pytest
 from conftest import tiny_config
 
+from resnet_ray.run_folder import read_history
 from resnet_ray.tracking import EPOCH_TAGS, MLFLOW_RUN_FILE, hyperparameters
-from resnet_ray.train import fit, read_history
+from resnet_ray.train import fit
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")

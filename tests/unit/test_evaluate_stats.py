@@ -2,35 +2,28 @@ import numpy as np
 import pytest
 
 from resnet_ray import metrics
-from resnet_ray.evaluate import batch_statistics, default_output
+from resnet_ray.evaluate import batch_statistics
+from resnet_ray.run_folder import default_output
 
 
-def test_batch_statistics_fine_coarse_top5_and_calibration():
+def test_batch_statistics_top5_and_calibration():
     rng = np.random.default_rng(0)
     n, classes = 300, 100
-    fine_to_coarse = [i // 5 for i in range(classes)]
     labels = rng.integers(0, classes, n)
     top5 = np.stack([rng.permutation(classes)[:5] for _ in range(n)])
     top5[:50, 0] = labels[:50]  # some right answers
     batch = {"label": labels, "pred": top5[:, 0], "top5": top5, "confidence": rng.random(n)}
-    stats = batch_statistics(batch, classes, 15, fine_to_coarse)
-    mapping = np.asarray(fine_to_coarse)
+    stats = batch_statistics(batch, classes, 15)
+    assert set(stats) == {"cm", "top5", "calibration", "rows"}
     assert stats["cm"].shape == (1, classes, classes) and stats["cm"].sum() == n
-    np.testing.assert_array_equal(
-        stats["coarse_cm"][0], metrics.confusion_matrix(mapping[labels], mapping[top5[:, 0]], 20)
-    )
     assert stats["top5"][0] == (top5 == labels[:, None]).any(1).sum()
     assert stats["calibration"][0][:, 0].sum() == n and stats["rows"][0] == n
-
-
-def test_batch_statistics_without_coarse_labels():
-    batch = {
-        "label": np.array([0, 1]),
-        "pred": np.array([1, 1]),
-        "top5": np.array([[1, 0], [1, 0]]),
-        "confidence": np.array([0.9, 0.6]),
-    }
-    assert "coarse_cm" not in batch_statistics(batch, 2, 10, None)
+    # the superclass matrix of the report is derived from the summed fine one: equal to one counted directly
+    mapping = np.arange(classes) // 5
+    np.testing.assert_array_equal(
+        metrics.coarse_confusion_matrix(stats["cm"][0], mapping, 20),
+        metrics.confusion_matrix(mapping[labels], mapping[top5[:, 0]], 20),
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,7 +35,7 @@ def test_batch_statistics_without_coarse_labels():
     ],
 )
 def test_default_output_sits_beside_the_run(model, expected):
-    assert default_output(model, "test") == expected
+    assert default_output(model, "eval-test") == expected
 
 
 def test_cpu_evaluations_run_in_the_job_process_only_on_its_own_local_instance_or_below_the_row_limit(monkeypatch):

@@ -1,4 +1,4 @@
-"""Any image in, one canonical size out (resnet_ray.data.images), and prepare of such images with the bad-image
+"""Any image in, one canonical size out (resnet_ray.images), and prepare of such images with the bad-image
 policy, on images made here: mixed sizes, grayscale, RGBA, palette, CMYK, 16-bit, EXIF-rotated, one corrupt file.
 
 Every expected array is computed directly with Pillow / numpy, independently of the code under test."""
@@ -18,8 +18,8 @@ from PIL import Image
 
 from resnet_ray.config import ConfigError, DataConfig
 from resnet_ray.data import prepare as prep
-from resnet_ray.data.images import BadImage, ResizeSpec, decode
-from resnet_ray.data.sources import DataError
+from resnet_ray.data.layout import DataError
+from resnet_ray.images import BadImage, ResizeSpec, decode
 
 S = 24  # the stored size of these tests
 BICUBIC = Image.Resampling.BICUBIC

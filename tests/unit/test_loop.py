@@ -284,10 +284,10 @@ def test_training_step_reads_no_tensor_value_on_the_host(monkeypatch):
 def test_counted_reports_steps_at_most_every_interval_and_after_the_last(monkeypatch):
     """The live bar's feed from rank 0: a step count, throttled by the clock (no device sync), and the final
     count always."""
-    import resnet_ray.train as train
+    import resnet_ray.live as live
 
     clock = iter([0.0, 0.1, 0.6, 0.7, 0.8, 1.2, 1.3, 1.4, 1.5, 1.6])
-    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(live.time, "monotonic", lambda: next(clock))
     reported = []
-    assert list(train.counted(range(6), reported.append)) == list(range(6))
+    assert list(live.counted(range(6), reported.append)) == list(range(6))
     assert reported == [2, 4, 6]  # at 0.6 s (>= 0.5 after 0.0), at 1.2 s (>= 0.5 after 0.7), then the end

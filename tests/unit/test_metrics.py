@@ -121,14 +121,10 @@ def test_zero_division_conventions_explicit():
 
 def test_report_is_plain_python():
     cm = M.confusion_matrix([0, 1, 2, 2], [0, 2, 2, 1], 3)
-    r = M.classification_report(cm, ["a", "b", "c"], topk_correct={5: 4, 3: 3})
+    r = M.classification_report(cm, ["a", "b", "c"])
     assert type(r["total_support"]) is int and type(r["accuracy"]) is float
     assert all(type(row["support"]) is int and type(row["f1"]) is float for row in r["per_class"])
-    assert r["top5_accuracy"] == 1.0 and r["top3_accuracy"] == 0.75
-    assert r["topk_correct"] == {"3": 3, "5": 4}
     assert set(r) >= {"per_class", "macro avg", "weighted avg", "micro avg", "accuracy", "total_support"}
-    r_int = M.classification_report(cm, ["a", "b", "c"], topk_correct=2)
-    assert r_int["top5_accuracy"] == 0.5
     with pytest.raises(ValueError, match="class_names"):
         M.classification_report(cm, ["a", "b"])
 
@@ -345,3 +341,21 @@ def test_calibration_bins():
     ]
     assert bins[1]["confidence"] == pytest.approx(0.35) and bins[1]["accuracy"] == 0.5
     assert math.isnan(bins[2]["accuracy"]) and bins[3]["accuracy"] == 1.0
+
+
+def test_row_coverage_refuses_duplicates_strays_and_missing_rows():
+    class Refused(RuntimeError):
+        pass
+
+    coverage = M.RowCoverage(5, Refused, "row", "split")
+    coverage.add(np.array([0, 1]))
+    coverage.add(np.array([], dtype=np.int64))  # an empty batch is no row
+    for ids in ([1], [5], [-1], [2, 2]):
+        with pytest.raises(Refused, match="^a row was predicted twice or a row id is outside the split$"):
+            coverage.add(np.array(ids))
+    with pytest.raises(Refused, match="^3 of 5 rows were never predicted$"):
+        coverage.finish()
+    coverage.add(np.array([2, 3, 4]))
+    coverage.finish()  # every row once
+    with pytest.raises(Refused, match="^an input row was predicted twice"):
+        M.RowCoverage(1, Refused, "input row", "input").add(np.array([0, 0]))

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from resnet_ray import predict
-from resnet_ray.data.images import ResizeSpec
-from resnet_ray.data.sources import DataError
+from resnet_ray.data.layout import DataError
+from resnet_ray.images import ResizeSpec
 from resnet_ray.predict import (
     Inputs,
     PredictionError,

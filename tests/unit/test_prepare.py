@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_ray.config import DataConfig
+from resnet_ray.data import digits
 from resnet_ray.data import prepare as prep
-from resnet_ray.data import sources
-from resnet_ray.data.load import split_rows, table_to_batch
-from resnet_ray.data.sources import DataError, RawDataset, RawSplit
+from resnet_ray.data.layout import DataError, split_rows
+from resnet_ray.data.load import table_to_batch
+from resnet_ray.data.sources import RawDataset, RawSplit
 
 
 def fake_source(n_per_class=20, classes=4, with_test=True, seed=0):
@@ -38,7 +39,7 @@ def fake_source(n_per_class=20, classes=4, with_test=True, seed=0):
 @pytest.fixture
 def fake(monkeypatch):
     raw = fake_source()
-    monkeypatch.setitem(sources.READERS, "digits", lambda cfg: raw)
+    monkeypatch.setitem(prep.READERS, "digits", lambda cfg: raw)
     return raw
 
 
@@ -103,7 +104,7 @@ def test_changed_settings_prepare_beside_and_never_rewrite(tmp_path, fake):
 
 
 def test_test_split_is_carved_only_when_missing(tmp_path, monkeypatch):
-    monkeypatch.setitem(sources.READERS, "digits", lambda cfg: fake_source(n_per_class=25, with_test=False))
+    monkeypatch.setitem(prep.READERS, "digits", lambda cfg: fake_source(n_per_class=25, with_test=False))
     meta = prep.read_metadata(prep.prepare(DataConfig(source="digits", root=str(tmp_path), test_fraction=0.2)))
     assert meta["counts"]["test"] == 20 and meta["counts"]["train"] + meta["counts"]["val"] == 80
 
@@ -129,7 +130,7 @@ def test_failed_prepare_leaves_nothing_behind(tmp_path, fake, monkeypatch):
 def test_bad_labels_stop_before_writing(tmp_path, monkeypatch):
     raw = fake_source()
     raw.splits["train"].labels[7] = 9
-    monkeypatch.setitem(sources.READERS, "digits", lambda cfg: raw)
+    monkeypatch.setitem(prep.READERS, "digits", lambda cfg: raw)
     with pytest.raises(DataError, match="row 7 has label 9, outside"):
         prep.prepare(DataConfig(source="digits", root=str(tmp_path)))
     assert data_files(tmp_path) == []
@@ -138,7 +139,7 @@ def test_bad_labels_stop_before_writing(tmp_path, monkeypatch):
 def test_wrong_image_size_is_an_error(tmp_path, monkeypatch):
     raw = fake_source()
     raw.splits["train"].images = raw.splits["train"].images[:, :28, :28]
-    monkeypatch.setitem(sources.READERS, "digits", lambda cfg: raw)
+    monkeypatch.setitem(prep.READERS, "digits", lambda cfg: raw)
     with pytest.raises(DataError, match=r"expected \(32, 32, 3\)"):
         prep.prepare(DataConfig(source="digits", root=str(tmp_path)))
 
@@ -158,7 +159,7 @@ def test_split_rows_names_missing_split():
 
 
 def test_digits_source_is_real_32px_rgb(tmp_path):
-    raw = sources.read_digits(DataConfig())
+    raw = digits.read_digits(DataConfig())
     split = raw.splits["train"]
     assert split.images.shape == (1797, 32, 32, 3) and split.images.dtype == np.uint8
     assert (split.images[..., 0] == split.images[..., 2]).all() and split.images.max() == 255

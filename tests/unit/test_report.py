@@ -12,14 +12,9 @@ import pytest
 from rich.console import Console
 
 from resnet_ray import metrics as M
-from resnet_ray.report import (
-    print_search_summary,
-    print_summary,
-    print_training_summary,
-    write_history_plot,
-    write_outputs,
-    write_reliability_plot,
-)
+from resnet_ray.console import print_search_summary, print_summary, print_training_summary
+from resnet_ray.plots import write_history_plot, write_reliability_plot
+from resnet_ray.report import write_outputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -315,11 +310,13 @@ def test_print_training_and_search_summaries_not_a_terminal():
         best=trials[1],
         metric="val_top1",
         best_config_path="/exp/" + "c" * 50 + "/best_config.yaml",
+        curves_path="/exp/curves.png",
         evaluation=None,
     )
     text = _narrow_text(print_search_summary, search)
     assert "trial_00001" in text and "optim.lr" in text and "train.batch_size" in text and "0.9100" in text
     assert f"python jobs/train.py --config {search.best_config_path}" in text
+    assert "curves: /exp/curves.png" in text
 
 
 def test_progress_bar_shows_the_rate_on_a_terminal_only():
@@ -327,7 +324,7 @@ def test_progress_bar_shows_the_rate_on_a_terminal_only():
 
     from rich.console import Console
 
-    from resnet_ray.report import progress_bar
+    from resnet_ray.console import progress_bar
 
     terminal = io.StringIO()
     with progress_bar("predicting", Console(file=terminal, force_terminal=True, width=120)) as (start, advance):
@@ -350,7 +347,7 @@ def test_progress_bar_rate_is_the_average_since_the_start():
 
     from rich.console import Console
 
-    from resnet_ray.report import progress_bar
+    from resnet_ray.console import progress_bar
 
     now = [0.0]
     terminal = io.StringIO()
@@ -362,3 +359,14 @@ def test_progress_bar_rate_is_the_average_since_the_start():
         now[0] = 2.0
         advance(6)  # rich's own speed: 6 img/s (the last second)
     assert "10/10" in terminal.getvalue() and "5 img/s" in terminal.getvalue().split("10/10")[-1]
+
+
+def test_search_curves_draw_every_trial(tmp_path):
+    from resnet_ray.plots import write_search_curves
+
+    trials = [
+        {"label": f"arch resnet{d}", "epoch": [1, 2, 3], "train_error": [0.9, 0.6, 0.4], "val_error": [0.8, 0.6, None]}
+        for d in (20, 56)
+    ]
+    path = write_search_curves(trials, str(tmp_path / "curves.png"))
+    assert open(path, "rb").read()[:8] == PNG_MAGIC

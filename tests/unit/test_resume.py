@@ -5,7 +5,7 @@ import os
 import pytest
 
 from resnet_ray.config import ConfigError, load_config, to_yaml
-from resnet_ray.train import config_file, config_for_resume, write_config
+from resnet_ray.run_folder import config_file, config_for_resume, write_config
 
 
 @pytest.fixture
@@ -38,3 +38,16 @@ def test_schedule_workers_and_epochs_may_change_on_resume(run_dir):
 def test_overrides_that_cannot_apply_to_a_trained_run_are_refused(run_dir, override, value):
     with pytest.raises(ConfigError, match=f"^{override}: a resumed run keeps"):
         config_for_resume(run_dir[0], [f"--{override}", value])
+
+
+def test_a_resumed_cifar_resnet_keeps_its_shortcuts(tmp_path):
+    """plain vs residual: the same weights fit both, so only this check stops a silent change of network."""
+    cfg = load_config(
+        None,
+        {"train.storage_path": str(tmp_path), "train.name": "r20", "model.arch": "resnet20", "model.weights": "none"},
+    )
+    write_config(os.path.join(tmp_path, "r20"), cfg)
+    with pytest.raises(ConfigError, match="^model.shortcut: a resumed run keeps 'identity'"):
+        config_for_resume(os.path.join(tmp_path, "r20"), ["--model.shortcut", "none"])
+    same = config_for_resume(os.path.join(tmp_path, "r20"), ["--model.shortcut", "identity"])  # its own: allowed
+    assert same.model.shortcut == "identity"

@@ -45,7 +45,7 @@ def test_a_dead_address_fails_fast_naming_it_its_source_and_the_remedy(no_cluste
     start = time.monotonic()
     with pytest.raises(RayConnectError) as err:
         probe(address, "RAY_ADDRESS", timeout_s=30.0)
-    assert time.monotonic() - start < 1  # refused: nothing listens there, no point in retrying
+    assert time.monotonic() - start < 10  # refused: nothing listens there, no retrying until the 30 s timeout
     assert f"cannot reach the Ray cluster at {address} (from RAY_ADDRESS)" in str(err.value)
     assert "--local" in str(err.value)
     with pytest.raises(RayConnectError, match=r"ray stop.*ray_current_cluster"):

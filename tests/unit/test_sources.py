@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 from resnet_ray.config import DataConfig
-from resnet_ray.data import cifar, files
-from resnet_ray.data.sources import DataError, read_source
+from resnet_ray.data import cifar, imagefolder, parquet
+from resnet_ray.data.layout import DataError
+from resnet_ray.data.prepare import read_source
 
 REAL_CIFAR10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -219,7 +220,7 @@ def test_cifar_md5_mismatch_raises_before_unpickling(tmp_path, no_unpickling, no
     with pytest.raises(DataError, match=rf"MD5 {md5} does not match the expected {wrong}"):
         cifar.read_cifar10(DataConfig(source="cifar10", path=str(archive), md5=wrong))
     # without data.md5 the official checksum applies, which a fake archive cannot match
-    with pytest.raises(DataError, match=cifar._spec("cifar10").archive_md5):
+    with pytest.raises(DataError, match=cifar._release("cifar10").archive_md5):
         cifar.read_cifar10(DataConfig(source="cifar10", path=str(archive)))
     archive100, _, _, _ = make_cifar100(tmp_path)
     with pytest.raises(DataError, match="does not match"):
@@ -235,7 +236,7 @@ def test_cifar_extracted_folder_wrong_checksums_raise(tmp_path, no_unpickling, n
     archive, md5, _, _ = make_cifar10(tmp_path)
     _extract(archive, tmp_path / "x")
     folder = tmp_path / "x" / "cifar-10-batches-py"
-    official = dict(cifar._spec("cifar10").files)
+    official = dict(cifar._release("cifar10").files)
     for path in (folder, tmp_path / "x"):  # the folder itself or a folder holding it
         with pytest.raises(DataError) as err:
             cifar.read_cifar10(DataConfig(source="cifar10", path=str(path), md5=md5, download=False))
@@ -362,7 +363,7 @@ def test_parquet_hf_struct_layout_roundtrip(tmp_path):
     _write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", train[0][:4], train[1][:4], struct_layout=True)
     _write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", train[0][4:], train[1][4:], struct_layout=True)
     (tmp_path / "README.md").write_text("no classes.json here")
-    raw = files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), classes=("w", "x", "y", "z")))
+    raw = parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), classes=("w", "x", "y", "z")))
     assert set(raw.splits) == {"train"} and raw.classes == ["w", "x", "y", "z"]
     np.testing.assert_array_equal(raw.splits["train"].images, train[0])
     np.testing.assert_array_equal(raw.splits["train"].labels, train[1])
@@ -373,7 +374,7 @@ def test_parquet_split_folders_coarse_and_default_classes(tmp_path):
     _write_parquet(tmp_path / "train" / "part-0.parquet", *train, coarse=[label // 2 for label in train[1]])
     _write_parquet(tmp_path / "test" / "part-0.parquet", *test, coarse=[label // 2 for label in test[1]])
     (tmp_path / "other.parquet").write_bytes(b"ignored: belongs to no split")
-    raw = files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), coarse_label_column="coarse"))
+    raw = parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), coarse_label_column="coarse"))
     assert raw.classes == ["0", "1", "2", "3"]
     assert raw.coarse_classes == ["0", "1"] and raw.fine_to_coarse == [0, 0, 1, 1]
     np.testing.assert_array_equal(raw.splits["test"].images, test[0])
@@ -383,20 +384,20 @@ def test_parquet_split_folders_coarse_and_default_classes(tmp_path):
 def test_parquet_classes_json_object_form(tmp_path):
     _write_parquet(tmp_path / "train.parquet", *_data(3, 5, classes=2))
     (tmp_path / "classes.json").write_text(json.dumps({"dataset": "x", "label_names": ["cat", "dog"]}))
-    assert files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path))).classes == ["cat", "dog"]
+    assert parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path))).classes == ["cat", "dog"]
 
 
 def test_parquet_missing_train_raises(tmp_path):
     _write_parquet(tmp_path / "test.parquet", *_data(2))
     with pytest.raises(DataError, match="no train split"):
-        files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
+        parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
 
 
 def test_parquet_missing_label_column_raises(tmp_path):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"image": pa.array([_png(_data(1)[0][0])]), "target": pa.array([0])}), path)
     with pytest.raises(DataError) as err:
-        files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
+        parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
     msg = str(err.value)
     assert str(path) in msg and "'label'" in msg and "columns: image, target" in msg
 
@@ -408,7 +409,7 @@ def _bad_row(tmp_path, bad_blob: bytes, row: int = 2):
     path = tmp_path / "train.parquet"
     _write_parquet(path, images, labels, blobs=blobs)
     with pytest.raises(DataError) as err:
-        files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
+        parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
     msg = str(err.value)
     assert str(path) in msg and f"row {row}" in msg, msg
     return msg
@@ -424,11 +425,11 @@ def test_parquet_truncated_png_raises(tmp_path):
 
 
 def test_parquet_other_sizes_and_grayscale_are_converted(tmp_path):
-    """Any size and mode becomes data.image_size RGB (resnet_ray.data.images; checked pixel for pixel there)."""
+    """Any size and mode becomes data.image_size RGB (resnet_ray.images; checked pixel for pixel there)."""
     images, labels = _data(3)
     blobs = [_png(np.full((28, 40, 3), 7, np.uint8)), _png(np.full((32, 32), 9, np.uint8)), _png(images[2])]
     _write_parquet(tmp_path / "train.parquet", images, labels, blobs=blobs)
-    raw = files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
+    raw = parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
     assert raw.splits["train"].images.shape == (3, 32, 32, 3)
     assert (raw.splits["train"].images[0] == 7).all() and (raw.splits["train"].images[1] == 9).all()
     np.testing.assert_array_equal(raw.splits["train"].images[2], images[2])
@@ -439,14 +440,14 @@ def test_parquet_null_label_raises(tmp_path):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"image": pa.array([_png(im) for im in images]), "label": pa.array([0, None, 1])}), path)
     with pytest.raises(DataError, match=r"train\.parquet: row 1: label is null"):
-        files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
+        parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path)))
 
 
 def test_parquet_label_outside_classes_raises(tmp_path):
     images, _ = _data(3)
     _write_parquet(tmp_path / "train.parquet", images, [0, 1, 5])
     with pytest.raises(DataError, match=r"train\.parquet: row 2: label 5 is outside \[0, 2\)"):
-        files.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), classes=("a", "b")))
+        parquet.read_parquet_source(DataConfig(source="parquet", path=str(tmp_path), classes=("a", "b")))
 
 
 @pytest.mark.skipif(not (REAL_CIFAR10 / "train.parquet").exists(), reason="shared CIFAR-10 parquet not present")
@@ -493,17 +494,17 @@ def test_imagefolder_roundtrip(tmp_path):
     assert train.images.shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(raw.splits["test"].images, images[4:])
     np.testing.assert_array_equal(raw.splits["test"].labels, [0, 1])
-    again = files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
+    again = imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
     assert again.checksum == raw.checksum and len(raw.checksum) == 64
     (tmp_path / "test" / "dog" / "d.png").rename(tmp_path / "test" / "dog" / "e.png")
-    assert files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).checksum != raw.checksum
+    assert imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).checksum != raw.checksum
 
 
 def test_imagefolder_flat_layout(tmp_path):
     images, _ = _data(2, 8)
     _save(tmp_path / "b" / "1.png", images[0])
     _save(tmp_path / "a" / "1.jpeg", images[1], "JPEG")
-    raw = files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
+    raw = imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
     assert set(raw.splits) == {"train"} and raw.classes == ["a", "b"]
     np.testing.assert_array_equal(raw.splits["train"].images[1], images[0])
 
@@ -513,7 +514,7 @@ def test_imagefolder_empty_class_raises(tmp_path):
     (tmp_path / "train" / "dog").mkdir()
     (tmp_path / "train" / "dog" / "readme.txt").write_text("no images")
     with pytest.raises(DataError, match="empty class folder") as err:
-        files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
+        imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
     assert str(tmp_path / "train" / "dog") in str(err.value)
 
 
@@ -522,13 +523,13 @@ def test_imagefolder_corrupt_raises_or_is_skipped_and_other_sizes_are_resized(tm
     bad = tmp_path / "cat" / "b.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(DataError, match="cannot decode") as err:
-        files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
+        imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
     assert str(bad) in str(err.value)
-    skipped = files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path), on_bad_image="skip"))
+    skipped = imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path), on_bad_image="skip"))
     assert skipped.bad_images == [{"split": "train", "file": str(bad), "reason": skipped.bad_images[0]["reason"]}]
     assert "cannot decode" in skipped.bad_images[0]["reason"] and len(skipped.splits["train"].labels) == 1
     _save(bad, np.zeros((28, 28, 3), np.uint8), "JPEG")  # another size: resized, not refused
-    assert files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).splits[
+    assert imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path))).splits[
         "train"
     ].images.shape == (2, 32, 32, 3)
 
@@ -538,5 +539,5 @@ def test_imagefolder_test_classes_must_match(tmp_path):
     for split, cls in (("train", "cat"), ("train", "dog"), ("test", "cat"), ("test", "cow")):
         _save(tmp_path / split / cls / "a.png", img)
     with pytest.raises(DataError, match="extra: cow; missing: dog") as err:
-        files.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
+        imagefolder.read_imagefolder(DataConfig(source="imagefolder", path=str(tmp_path)))
     assert str(tmp_path / "test") in str(err.value)

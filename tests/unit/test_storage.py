@@ -80,9 +80,8 @@ with storage.lock({path!r}):
                 pass
         holder.kill()
         holder.wait(timeout=10)
-        start = time.monotonic()
-        with storage.lock(path, wait_s=5):
-            assert time.monotonic() - start < 1
+        with storage.lock(path, wait_s=5):  # the dead holder's lock is free (a LockTimeout otherwise)
+            pass
     finally:
         holder.kill()
         holder.wait(timeout=10)
@@ -112,7 +111,7 @@ def test_split_and_local_file(tmp_path):
 
 
 def test_search_and_run_resume_from_a_uri(tmp_path):
-    from resnet_ray import train, tune
+    from resnet_ray import run_folder, tune
     from resnet_ray.config import Config, ConfigError, to_yaml
 
     storage.write_text(str(tmp_path / "exp" / tune.SEARCH_CONFIG), to_yaml(Config()))
@@ -120,7 +119,7 @@ def test_search_and_run_resume_from_a_uri(tmp_path):
     assert (cfg.tune.storage_path, cfg.tune.name, cfg.tune.num_samples) == (f"file://{tmp_path}", "exp", 3)
     assert tune.experiment_dir(cfg) == f"file://{tmp_path}/exp"
     storage.write_text(str(tmp_path / "run" / "config.yaml"), to_yaml(Config()))
-    run = train.config_for_resume(f"file://{tmp_path}/run")
-    assert train.run_dir_of(run) == f"file://{tmp_path}/run"
+    run = run_folder.config_for_resume(f"file://{tmp_path}/run")
+    assert run_folder.run_dir_of(run) == f"file://{tmp_path}/run"
     with pytest.raises(ConfigError, match="no search_config.yaml there"):
         tune.config_for_resume(f"file://{tmp_path}/run")

@@ -1,8 +1,8 @@
 """Streaming prepare: the driver holds names, row-group sizes and labels; parallel tasks decode and write shards.
 
 The driver lists the source (names only, local or URI; for Parquet the footers and the label columns), carves
-the splits from the labels alone (``prepare.carve_order``: stratified, seeded) and cuts every split, in its
-written order, into shards of ``prepare.rows_per_shard`` rows. Tasks return only small figures (rows, pixel sums
+the splits from the labels alone (``layout.carve_order``: stratified, seeded) and cuts every split, in its
+written order, into shards of ``layout.rows_per_shard`` rows. Tasks return only small figures (rows, pixel sums
 for the train split's mean/std, the bad files they left out, their share of the source checksum).
 
 - Image folders: one task per shard reads its files, decodes them to the stored size (``data.resize``) and writes
@@ -15,14 +15,15 @@ for the train split's mean/std, the bad files they left out, their share of the 
 Tasks run on the Ray cluster when this process is connected to one (jobs/train.py, jobs/evaluate.py,
 jobs/prepare.py inside ``ray job submit``), else on a thread pool of this process; either way at most a few are in
 flight, so memory stays bounded whatever the source size. The result is the same dataset, row for row, as
-reading everything into memory (``files.read_imagefolder`` / ``files.read_parquet_source``, then
-``prepare.carve_splits``), with the same checksum.
+reading everything into memory (``imagefolder.read_imagefolder`` / ``parquet.read_parquet_source``, then
+``prepare.carve_splits``), with the same checksum. What a write produced, streamed or in memory, is a
+:class:`WrittenDataset`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -32,13 +33,18 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from resnet_ray import storage
 from resnet_ray.config import DataConfig
-from resnet_ray.data.files import combine_digests, file_digest, image_blobs, list_imagefolder, list_parquet, read_file
-from resnet_ray.data.images import BadImage, ResizeSpec, decode
-from resnet_ray.data.sources import DataError, RawSplit
+from resnet_ray.data import layout
+from resnet_ray.data.imagefolder import ImageFolderListing, list_imagefolder
+from resnet_ray.data.layout import DataError
+from resnet_ray.data.parquet import ParquetListing, image_rows, list_parquet
+from resnet_ray.data.sources import combine_digests, file_digest, read_file
+from resnet_ray.images import BadImage, ResizeSpec
+from resnet_ray.watchdog import StallError, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,8 @@ STALL_S = 1800.0  # no Ray task finished for this long: stop with a diagnosis in
 
 
 @dataclass
-class Streamed:
-    """What writing the shards produced: the figures metadata.json needs."""
+class WrittenDataset:
+    """What writing the prepared splits produced (streamed or from memory): the figures metadata.json needs."""
 
     classes: list
     counts: dict
@@ -56,6 +62,24 @@ class Streamed:
     std: list
     checksum: str
     bad_images: list = field(default_factory=list)
+    coarse_classes: Optional[list] = None
+    fine_to_coarse: Optional[list] = None
+
+
+# ---------------------------------------------------------------------------
+# tasks (each runs on a Ray worker or a local thread; small figures back)
+
+
+def _file_contents(fs, paths: list, root: str, digests: list) -> Iterator:
+    """Each file's bytes in turn (a BadImage with the reason for one that cannot be read), appending its share
+    of the source checksum to ``digests``."""
+    for path in paths:
+        try:
+            content = read_file(fs, path)
+        except OSError as exc:
+            content = BadImage(f"cannot read ({exc})")
+        digests.append(file_digest(path[len(root) :].lstrip("/"), None if isinstance(content, BadImage) else content))
+        yield content
 
 
 def write_shard(task: dict) -> dict:
@@ -63,53 +87,30 @@ def write_shard(task: dict) -> dict:
 
     Never raises for a bad image: under data.on_bad_image=error it returns {"error": message naming the file}.
     """
-    from resnet_ray.data.prepare import split_table
-
     fs, _ = storage.resolve(task["source"])
-    spec = ResizeSpec.from_record(task["resize"], task["resize"]["size"])
-    paths, labels = task["paths"], np.asarray(task["labels"], dtype=np.int64)
-    images = np.empty((len(paths), spec.size, spec.size, 3), dtype=np.uint8)
-    kept, bad, digest = [], [], 0
-    for i, path in enumerate(paths):
-        shown = f"{task['scheme']}://{path}" if task["scheme"] else path
-        try:
-            content = read_file(fs, path)
-        except OSError as exc:
-            content, reason = None, f"cannot read ({exc})"
-        digest += file_digest(path[len(task["root"]) :].lstrip("/"), content)
-        try:
-            if content is None:
-                raise BadImage(reason)
-            images[i] = decode(content, spec)
-            kept.append(i)
-        except BadImage as exc:
-            if task["on_bad_image"] != "skip":
-                return {"error": f"{shown}: {exc}"}
-            bad.append({"split": task["split"], "file": shown, "reason": str(exc)})
-    images = images[kept] if len(kept) < len(paths) else images
+    resize = ResizeSpec.from_record(task["resize"], task["resize"]["size"])
+    paths, labels, digests = task["paths"], np.asarray(task["labels"], dtype=np.int64), []
+    try:
+        decoded = layout.decode_batch(
+            _file_contents(fs, paths, task["root"], digests),
+            resize,
+            task["on_bad_image"],
+            lambda i: storage.display(task["source"], paths[i]),
+            count=len(paths),
+        )
+    except DataError as exc:
+        return {"error": str(exc)}
+    images = decoded.good_images()
+    table = layout.split_table(images, labels[decoded.kept], first_row_id=task["first_row_id"])
     out_fs, out_path = storage.resolve(task["out"])
-    pq.write_table(split_table(RawSplit(images, labels[kept]), task["first_row_id"]), out_path, filesystem=out_fs)
+    pq.write_table(table, out_path, filesystem=out_fs)
     return {
         "index": task["index"],
-        "rows": len(kept),
-        "bad": bad,
-        "digest": digest,
-        **pixel_sums(images if task["stats"] else images[:0]),
+        "rows": len(images),
+        "bad": decoded.bad_images(task["split"]),
+        "digest": sum(digests),
+        **layout.pixel_sums(images if task["stats"] else images[:0]),
     }
-
-
-def pixel_sums(images: np.ndarray, chunk: int = 256) -> dict:
-    """Exact per-channel sums of the uint8 values and of their squares (integers: no rounding, any order)."""
-    total, total_sq = np.zeros(3, np.int64), np.zeros(3, np.int64)
-    for start in range(0, len(images), chunk):
-        values = images[start : start + chunk].reshape(-1, 3).astype(np.int64)
-        total += values.sum(0)
-        total_sq += (values * values).sum(0)
-    return {"sum": total.tolist(), "sum_sq": total_sq.tolist(), "pixels": int(np.prod(images.shape[:3]))}
-
-
-def _shown(task: dict, path: str) -> str:
-    return f"{task['scheme']}://{path}" if task["scheme"] else path
 
 
 def hash_file(task: dict) -> dict:
@@ -119,58 +120,48 @@ def hash_file(task: dict) -> dict:
     return {"rows": 0, "bad": [], "digest": file_digest(task["rel"], None, digest)}
 
 
-def image_rows(fs, path: str, groups: list, skip: int, take: int, column: str) -> Iterator[list]:
-    """Lists of image blobs (None where null) of rows [skip, skip + take) of a run of a Parquet file's row
-    groups, read 256 rows at a time."""
-    with fs.open_input_file(path) as f:
-        seen = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, row_groups=groups, columns=[column]):
-            lo, hi = max(skip - seen, 0), min(skip + take - seen, batch.num_rows)
-            seen += batch.num_rows
-            if lo < hi:
-                yield image_blobs(batch.column(0).slice(lo, hi - lo))
-            if seen >= skip + take:
-                return
-
-
 def stage_rows(task: dict) -> dict:
     """Decode a run of a Parquet file's rows and write each into the staging bucket of its output shard."""
     fs, _ = storage.resolve(task["source"])
-    spec = ResizeSpec.from_record(task["resize"], task["resize"]["size"])
-    n = task["take"]
-    images = np.empty((n, spec.size, spec.size, 3), dtype=np.uint8)
-    ok = np.zeros(n, dtype=bool)
-    bad, i = [], 0
+    resize = ResizeSpec.from_record(task["resize"], task["resize"]["size"])
+    n, shown = task["take"], storage.display(task["source"], task["path"])
     codes, positions = np.asarray(task["dest_split"]), np.asarray(task["dest_pos"])
-    for blobs in image_rows(fs, task["path"], task["groups"], task["skip"], task["take"], task["image_column"]):
-        for blob in blobs:
-            where = f"{_shown(task, task['path'])}: row {task['first_row'] + i}"
-            try:
-                if blob is None:
-                    raise BadImage("image is null")
-                images[i] = decode(blob, spec)
-                ok[i] = True
-            except BadImage as exc:
-                if task["on_bad_image"] != "skip":
-                    return {"error": f"{where}: {exc}"}
-                bad.append(
-                    {
-                        "split": task["splits"][codes[i]],
-                        "file": where,
-                        "reason": str(exc),
-                        "position": int(positions[i]),
-                    }
-                )
-            i += 1
-    if i != n:
-        raise RuntimeError(f"{task['path']}: read {i} rows of row groups {task['groups']}, expected {n}")
+    rows = image_rows(fs, task["path"], task["groups"], task["skip"], n, task["image_column"])
+    try:
+        decoded = layout.decode_batch(
+            itertools.chain.from_iterable(rows),
+            resize,
+            task["on_bad_image"],
+            lambda i: f"{shown}: row {task['first_row'] + i}",
+            count=n,
+        )
+    except DataError as exc:
+        return {"error": str(exc)}
+    read = int(decoded.ok.sum()) + len(decoded.bad)
+    if read != n:
+        raise RuntimeError(f"{task['path']}: read {read} rows of row groups {task['groups']}, expected {n}")
+    bad = [
+        {
+            "split": task["splits"][codes[b.index]],
+            "file": b.file,
+            "reason": b.reason,
+            "position": int(positions[b.index]),
+        }
+        for b in decoded.bad
+    ]
+    _write_buckets(task, decoded, codes, positions)
+    return {"rows": int(decoded.ok.sum()), "bad": bad, "digest": 0}
+
+
+def _write_buckets(task: dict, decoded: layout.Decoded, codes: np.ndarray, positions: np.ndarray) -> None:
+    """Every decoded row of a stage task into the staging bucket of its output shard (split code, shard number)."""
+    ok, shard = decoded.ok, positions // task["rows_per_shard"]
     labels, coarse = np.asarray(task["labels"]), task["coarse"]
-    shard = positions // task["rows_per_shard"]
     for code, number in sorted(set(zip(codes[ok].tolist(), shard[ok].tolist()))):
         rows = np.flatnonzero(ok & (codes == code) & (shard == number))
         columns = {
             "position": pa.array(positions[rows]),
-            "image": _fixed(images[rows]),
+            "image": layout.pixel_column(decoded.images[rows]),
             "label": pa.array(labels[rows]),
         }
         if coarse is not None:
@@ -180,23 +171,10 @@ def stage_rows(task: dict) -> dict:
         )
         out_fs.create_dir(out.rsplit("/", 1)[0], recursive=True)
         pq.write_table(pa.table(columns), out, filesystem=out_fs)
-    return {"rows": int(ok.sum()), "bad": bad, "digest": 0}
-
-
-def _fixed(images: np.ndarray) -> pa.Array:
-    n, h, w, c = images.shape
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(h * w * c), n, [None, pa.py_buffer(np.ascontiguousarray(images))]
-    )
 
 
 def gather_shard(task: dict) -> dict:
     """Read one output shard's staging bucket, order it by position and write the shard."""
-    import pyarrow.fs as pafs
-
-    from resnet_ray.data.load import decode_images as pixels_of
-    from resnet_ray.data.prepare import split_table
-
     fs, folder = storage.resolve(task["staging"])
     parts = sorted(
         i.path
@@ -207,7 +185,7 @@ def gather_shard(task: dict) -> dict:
     if parts:
         table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts]).sort_by("position")
         positions = table.column("position").to_numpy()
-        images = pixels_of(table.column("image"), size)
+        images = layout.pixel_array(table.column("image"), size)
         labels = table.column("label").to_numpy()
         coarse = table.column("coarse_label").to_numpy() if "coarse_label" in table.column_names else None
         first = int(positions[0]) - int(np.searchsorted(np.asarray(task["bad_positions"]), positions[0]))
@@ -215,17 +193,21 @@ def gather_shard(task: dict) -> dict:
         images, labels, first = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), 0
         coarse = np.zeros(0, np.int64) if task["has_coarse"] else None
     out_fs, out = storage.resolve(task["out"])
-    pq.write_table(split_table(RawSplit(images, labels, coarse), first), out, filesystem=out_fs)
+    pq.write_table(layout.split_table(images, labels, coarse, first), out, filesystem=out_fs)
     return {
         "index": task["index"],
         "rows": len(labels),
         "bad": [],
         "digest": 0,
-        **pixel_sums(images if task["stats"] else images[:0]),
+        **layout.pixel_sums(images if task["stats"] else images[:0]),
     }
 
 
 TASKS = {"image_shard": write_shard, "hash": hash_file, "stage": stage_rows, "gather": gather_shard}
+
+
+# ---------------------------------------------------------------------------
+# running the tasks: on Ray when connected to it, else on local threads
 
 
 def _ray_connected() -> bool:
@@ -244,8 +226,6 @@ def _run_on_ray(tasks: list, in_flight: int) -> Iterator[dict]:
                 pending.append(remote.remote(queue.pop()))
             done, pending = ray.wait(pending, num_returns=1, timeout=STALL_S)
             if not done:  # tasks that can never be scheduled (no CPU free on any node) must not hang the job
-                from resnet_ray.watchdog import StallError, diagnose
-
                 raise StallError(f"prepare: no shard task finished in {STALL_S:.0f} s; {diagnose()}")
             yield ray.get(done[0])
     finally:
@@ -287,6 +267,60 @@ def run_tasks(tasks: list) -> Iterator[dict]:
     return _run_on_threads(tasks, workers=max(1, min(MAX_THREADS, os.cpu_count() or 1)))
 
 
+def _drain(tasks: list, on_rows: Optional[Callable[[int], None]]) -> dict:
+    """Run tasks; {index: result}; the first bad-image error (data.on_bad_image=error) raised as DataError."""
+    results = {}
+    for result in run_tasks(tasks):
+        if "error" in result:
+            raise DataError(result["error"])
+        results[result["index"]] = result
+        if on_rows and result["rows"] + len(result["bad"]):
+            on_rows(result["rows"] + len(result["bad"]))
+    return results
+
+
+def _train_mean_std(results: dict, cfg: DataConfig) -> tuple[list, list]:
+    """The train split's per-channel mean and std from the shards' exact pixel sums (other shards send none)."""
+    return layout.mean_std(results.values(), f"{cfg.source} source {cfg.path}")
+
+
+def _make_dirs(tmp_uri: str, splits) -> None:
+    for split in splits:
+        out_fs, out_path = storage.resolve(storage.join(tmp_uri, split))
+        out_fs.create_dir(out_path, recursive=True)
+
+
+# ---------------------------------------------------------------------------
+# image folders
+
+
+def _shard_tasks(cfg: DataConfig, listing: ImageFolderListing, order: dict, per_shard: int, tmp_uri: str) -> list:
+    """One image_shard task per output shard of every split, in the split's written order."""
+    resize = layout.resize_for(cfg).record()
+    tasks = []
+    for split, (source, index) in order.items():
+        paths, labels = listing.splits[source]
+        for shard, start in enumerate(range(0, max(len(index), 1), per_shard)):
+            rows = index[start : start + per_shard]
+            tasks.append(
+                {
+                    "kind": "image_shard",
+                    "index": len(tasks),
+                    "split": split,
+                    "paths": [paths[i] for i in rows],
+                    "labels": labels[rows],
+                    "first_row_id": start,
+                    "stats": split == "train",
+                    "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
+                    "source": cfg.path,
+                    "root": listing.root,
+                    "resize": resize,
+                    "on_bad_image": cfg.on_bad_image,
+                }
+            )
+    return tasks
+
+
 def _renumber(results: dict, tasks: list) -> dict:
     """Shard first_row_ids after skipped images, and rewrite the row_id of the shards that moved; counts back."""
     counts, next_id = {}, {}
@@ -308,46 +342,19 @@ def write_imagefolder(
     tmp_uri: str,
     on_start: Optional[Callable[[int], None]] = None,
     on_rows: Optional[Callable[[int], None]] = None,
-) -> Streamed:
+) -> WrittenDataset:
     """Write cfg's image folder as the prepared splits under ``tmp_uri`` (a local path or URI) in shard tasks."""
-    from resnet_ray.data.prepare import carve_order, rows_per_shard
-
     listing = list_imagefolder(cfg)
-    order = carve_order({split: labels for split, (_, labels) in listing.splits.items()}, cfg)
-    per_shard = rows_per_shard(cfg.image_size)
-    resize = ResizeSpec(cfg.image_size, cfg.resize).record()
-    tasks = []
-    for split, (source, index) in order.items():
-        paths, labels = listing.splits[source]
-        for shard, start in enumerate(range(0, max(len(index), 1), per_shard)):
-            rows = index[start : start + per_shard]
-            tasks.append(
-                {
-                    "kind": "image_shard",
-                    "index": len(tasks),
-                    "split": split,
-                    "paths": [paths[i] for i in rows],
-                    "labels": labels[rows],
-                    "first_row_id": start,
-                    "stats": split == "train",
-                    "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
-                    "source": cfg.path,
-                    "root": listing.root,
-                    "scheme": listing.scheme,
-                    "resize": resize,
-                    "on_bad_image": cfg.on_bad_image,
-                }
-            )
-    for split in order:
-        out_fs, out_path = storage.resolve(storage.join(tmp_uri, split))
-        out_fs.create_dir(out_path, recursive=True)
+    order = layout.carve_order({split: labels for split, (_, labels) in listing.splits.items()}, cfg)
+    tasks = _shard_tasks(cfg, listing, order, layout.rows_per_shard(cfg.image_size), tmp_uri)
+    _make_dirs(tmp_uri, order)
     if on_start:
         on_start(sum(len(index) for _, index in order.values()))
     results = _drain(tasks, on_rows)
     bad = sorted((b for r in results.values() for b in r["bad"]), key=lambda b: b["file"])
     counts = _renumber(results, tasks) if bad else {split: len(index) for split, (_, index) in order.items()}
-    mean, std = _mean_std(results, cfg)
-    return Streamed(
+    mean, std = _train_mean_std(results, cfg)
+    return WrittenDataset(
         classes=listing.classes,
         counts=counts,
         mean=mean,
@@ -357,17 +364,8 @@ def write_imagefolder(
     )
 
 
-def _mean_std(results: dict, cfg: DataConfig) -> tuple[list, list]:
-    """The train split's per-channel mean and std on [0, 1] from the shards' exact integer sums."""
-    train = [r for r in results.values() if r.get("pixels")]
-    n = sum(r["pixels"] for r in train)
-    if not n:
-        raise DataError(f"{cfg.source} source {cfg.path}: no readable image in the train split")
-    total = [sum(r["sum"][c] for r in train) for c in range(3)]
-    total_sq = [sum(r["sum_sq"][c] for r in train) for c in range(3)]
-    mean = [t / (255.0 * n) for t in total]
-    std = [math.sqrt(max(sq / (255.0**2 * n) - m * m, 0.0)) for sq, m in zip(total_sq, mean)]
-    return mean, std
+# ---------------------------------------------------------------------------
+# Parquet: stage, then gather
 
 
 def _runs(groups: list, per_task: int) -> Iterator[tuple[list, int, int]]:
@@ -391,41 +389,23 @@ def _runs(groups: list, per_task: int) -> Iterator[tuple[list, int, int]]:
         yield run, 0, rows
 
 
-def _drain(tasks: list, on_rows: Optional[Callable[[int], None]]) -> dict:
-    """Run tasks; {index: result}; the first bad-image error (data.on_bad_image=error) raised as DataError."""
-    results = {}
-    for result in run_tasks(tasks):
-        if "error" in result:
-            raise DataError(result["error"])
-        results[result["index"]] = result
-        if on_rows and result["rows"] + len(result["bad"]):
-            on_rows(result["rows"] + len(result["bad"]))
-    return results
-
-
-def write_parquet(
-    cfg: DataConfig,
-    tmp_uri: str,
-    on_start: Optional[Callable[[int], None]] = None,
-    on_rows: Optional[Callable[[int], None]] = None,
-) -> tuple[Streamed, Optional[list], Optional[list]]:
-    """Write cfg's Parquet source as the prepared splits under ``tmp_uri``: stage, then gather (see the module
-    docstring). Returns (figures, coarse classes, fine -> coarse)."""
-    from resnet_ray.data.prepare import carve_order, rows_per_shard
-
-    listing = list_parquet(cfg)
-    order = carve_order(listing.labels, cfg)
-    names = list(order)
-    per_shard = rows_per_shard(cfg.image_size)
+def _destinations(listing: ParquetListing, order: dict) -> tuple[dict, dict]:
+    """({source split: output split code of each row, -1 for none}, {source split: row's position in it})."""
     dest_split = {src: np.full(len(labels), -1, dtype=np.int64) for src, labels in listing.labels.items()}
     dest_pos = {src: np.zeros(len(labels), dtype=np.int64) for src, labels in listing.labels.items()}
     for code, (source, index) in enumerate(order.values()):
         dest_split[source][index] = code
         dest_pos[source][index] = np.arange(len(index))
-    staging = storage.join(tmp_uri, "_staging")
-    common = {"source": cfg.path, "scheme": listing.scheme}
+    return dest_split, dest_pos
+
+
+def _stage_tasks(cfg: DataConfig, listing: ParquetListing, order: dict, per_shard: int, staging: str) -> list:
+    """A hash task per source file, then a stage task per run of about per_shard rows of each file."""
+    dest_split, dest_pos = _destinations(listing, order)
+    names = list(order)
+    resize = layout.resize_for(cfg).record()
     tasks = [
-        {"kind": "hash", "index": i, "path": path, "rel": listing.rel(path), **common}
+        {"kind": "hash", "index": i, "path": path, "rel": listing.rel(path), "source": cfg.path}
         for i, path in enumerate(path for files in listing.files.values() for path, _ in files)
     ]
     for source, files in listing.files.items():
@@ -453,46 +433,72 @@ def write_parquet(
                         "staging": staging,
                         "chunk": len(tasks),
                         "image_column": cfg.image_column,
-                        "resize": ResizeSpec(cfg.image_size, cfg.resize).record(),
+                        "resize": resize,
                         "on_bad_image": cfg.on_bad_image,
-                        **common,
+                        "source": cfg.path,
                     }
                 )
             offset += int(starts[-1])
-    del dest_split, dest_pos
+    return tasks
+
+
+def _gather_tasks(
+    cfg: DataConfig, listing: ParquetListing, order: dict, bad: list, per_shard: int, staging: str, tmp_uri: str
+) -> list:
+    """A gather task per output shard of every split; ``bad``: the staged rows left out (with their position)."""
+    gathers = []
+    for split, (_, index) in order.items():
+        bad_positions = np.asarray([b["position"] for b in bad if b["split"] == split], dtype=np.int64)
+        for shard in range(max(1, -(-len(index) // per_shard))):
+            gathers.append(
+                {
+                    "kind": "gather",
+                    "index": len(gathers),
+                    "staging": storage.join(staging, split, f"{shard:05d}"),
+                    "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
+                    "bad_positions": bad_positions,
+                    "size": cfg.image_size,
+                    "stats": split == "train",
+                    "has_coarse": listing.coarse["train"] is not None,
+                }
+            )
+    return gathers
+
+
+def write_parquet(
+    cfg: DataConfig,
+    tmp_uri: str,
+    on_start: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> WrittenDataset:
+    """Write cfg's Parquet source as the prepared splits under ``tmp_uri``: stage, then gather (see the module
+    docstring)."""
+    listing = list_parquet(cfg)
+    order = layout.carve_order(listing.labels, cfg)
+    per_shard = layout.rows_per_shard(cfg.image_size)
+    staging = storage.join(tmp_uri, "_staging")
+    tasks = _stage_tasks(cfg, listing, order, per_shard, staging)
     if on_start:
         on_start(sum(len(index) for _, index in order.values()))
     try:
         staged = _drain(tasks, on_rows)
         bad = sorted((b for r in staged.values() for b in r["bad"]), key=lambda b: (b["split"], b["position"]))
-        gathers = []
-        for split, (_, index) in order.items():
-            bad_positions = np.asarray([b["position"] for b in bad if b["split"] == split], dtype=np.int64)
-            for shard in range(max(1, -(-len(index) // per_shard))):
-                gathers.append(
-                    {
-                        "kind": "gather",
-                        "index": len(gathers),
-                        "staging": storage.join(staging, split, f"{shard:05d}"),
-                        "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
-                        "bad_positions": bad_positions,
-                        "size": cfg.image_size,
-                        "stats": split == "train",
-                        "has_coarse": listing.coarse["train"] is not None,
-                    }
-                )
-            out_fs, out = storage.resolve(storage.join(tmp_uri, split))
-            out_fs.create_dir(out, recursive=True)
+        gathers = _gather_tasks(cfg, listing, order, bad, per_shard, staging, tmp_uri)
+        _make_dirs(tmp_uri, order)
         results = _drain(gathers, None)
     finally:
         storage.delete_dir(staging)
     counts = {split: len(index) - sum(b["split"] == split for b in bad) for split, (_, index) in order.items()}
-    mean, std = _mean_std(results, cfg)
+    mean, std = _train_mean_std(results, cfg)
     for b in bad:
         del b["position"]
-    checksum = combine_digests(sum(r["digest"] for r in staged.values()))
-    return (
-        Streamed(classes=listing.classes, counts=counts, mean=mean, std=std, checksum=checksum, bad_images=bad),
-        listing.coarse_classes,
-        listing.fine_to_coarse,
+    return WrittenDataset(
+        classes=listing.classes,
+        counts=counts,
+        mean=mean,
+        std=std,
+        checksum=combine_digests(sum(r["digest"] for r in staged.values())),
+        bad_images=bad,
+        coarse_classes=listing.coarse_classes,
+        fine_to_coarse=listing.fine_to_coarse,
     )

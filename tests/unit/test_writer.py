@@ -1,4 +1,4 @@
-"""Streaming prepare of image folders and Parquet sources (resnet_ray.data.shards) on local threads: the same
+"""Streaming prepare of image folders and Parquet sources (resnet_ray.data.writer) on local threads: the same
 dataset, row for row, as reading everything into memory; only names and labels in the calling thread; contiguous
 row ids after skipped images."""
 
@@ -14,7 +14,7 @@ from conftest import make_image_folder as make_folder
 from conftest import make_parquet_source
 
 from resnet_ray.config import DataConfig
-from resnet_ray.data import files, shards
+from resnet_ray.data import imagefolder, layout, parquet, writer
 from resnet_ray.data import prepare as prep
 from resnet_ray.data.load import table_to_batch
 
@@ -29,21 +29,21 @@ def read_split(prepared, split):
 @pytest.fixture(autouse=True)
 def local_threads(monkeypatch):
     """The local thread pool even where an earlier test of the session connected to Ray."""
-    monkeypatch.setattr(shards, "_ray_connected", lambda: False)
+    monkeypatch.setattr(writer, "_ray_connected", lambda: False)
 
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    monkeypatch.setattr(prep, "rows_per_shard", lambda size: 4)  # several shards per split
+    monkeypatch.setattr(layout, "rows_per_shard", lambda size: 4)  # several shards per split
 
 
 def test_streamed_prepare_equals_the_in_memory_dataset(tmp_path, small_shards, monkeypatch):
     source = make_folder(tmp_path / "src")
     cfg = DataConfig(source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=S)
     reads = []
-    real_read = shards.read_file
+    real_read = writer.read_file
     monkeypatch.setattr(
-        shards, "read_file", lambda fs, p: reads.append(threading.current_thread().name) or real_read(fs, p)
+        writer, "read_file", lambda fs, p: reads.append(threading.current_thread().name) or real_read(fs, p)
     )
     progress = []
     prepared = prep.prepare(cfg, on_start=lambda n: progress.append(("start", n)), on_rows=lambda n: progress.append(n))
@@ -52,7 +52,7 @@ def test_streamed_prepare_equals_the_in_memory_dataset(tmp_path, small_shards, m
     assert len(reads) == 36 and all(name.startswith("prepare") for name in reads)
     assert progress[0] == ("start", 36) and sum(progress[1:]) == 36
 
-    raw = files.read_imagefolder(cfg)
+    raw = imagefolder.read_imagefolder(cfg)
     expected = prep.carve_splits(raw, cfg)
     assert meta["source_checksum"] == raw.checksum
     assert meta["counts"] == {name: len(split.labels) for name, split in expected.items()}
@@ -62,7 +62,8 @@ def test_streamed_prepare_equals_the_in_memory_dataset(tmp_path, small_shards, m
         np.testing.assert_array_equal(batch["image"], split.images)
         np.testing.assert_array_equal(batch["label"], split.labels)
         assert batch["row_id"].tolist() == list(range(len(split.labels)))
-    mean, std = prep._channel_stats(expected["train"].images)
+    pixels = expected["train"].images.reshape(-1, 3) / 255.0
+    mean, std = pixels.mean(0), pixels.std(0)
     np.testing.assert_allclose(meta["mean"], mean, rtol=1e-12)
     np.testing.assert_allclose(meta["std"], std, rtol=1e-10)
 
@@ -104,7 +105,7 @@ def test_streamed_parquet_equals_the_in_memory_dataset(tmp_path, small_shards):
     )
     prepared = prep.prepare(cfg)
     meta = prep.read_metadata(prepared)
-    raw = files.read_parquet_source(cfg)
+    raw = parquet.read_parquet_source(cfg)
     expected = prep.carve_splits(raw, cfg)
     assert meta["source_checksum"] == raw.checksum and meta["fine_to_coarse"] == [0, 0, 1]
     assert meta["counts"] == {name: len(split.labels) for name, split in expected.items()}

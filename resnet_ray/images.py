@@ -1,8 +1,9 @@
 """Any image in, one canonical size out: decoding, EXIF orientation, 8-bit RGB, and the resize policies.
 
-Shared by ``prepare`` (user images -> the stored size ``data.image_size``) and the prediction job (unlabeled
+Shared by ``prepare`` (user images -> the stored size ``data.image_size``) and the inference jobs (unlabeled
 images -> the stored size of the model's training data), so that a model sees new images exactly as it saw its
-training images. No Ray, no torch.
+training images. No Ray, no torch. Decoding a batch under the bad-image policy is
+:func:`resnet_ray.data.layout.decode_batch`.
 
 Steps, in order, for one encoded image:
 

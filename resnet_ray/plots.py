@@ -1,0 +1,262 @@
+"""The figures (PNG, local path or URI, written atomically): confusion matrices, per-class F1, the reliability
+diagram and a training run's history. matplotlib is imported lazily with the Agg backend; no ray, no torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from resnet_ray import storage
+from resnet_ray.formatting import fmt
+from resnet_ray.metrics import calibration_bins, expected_calibration_error
+
+
+@contextlib.contextmanager
+def _figure(path: str, **subplots: Any) -> Iterator[tuple]:
+    """``(fig, axes)`` from ``plt.subplots(**subplots)`` (Agg backend); on a clean exit the figure is saved as
+    PNG to ``path`` (local path or URI, written atomically); the figure is always closed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        storage.write_bytes(path, buffer.getvalue())
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(path: str, cm: np.ndarray, names: Sequence[str], title: str) -> None:
+    cm = np.asarray(cm, dtype=np.float64)
+    C = cm.shape[0]
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+
+    side = float(np.clip(0.2 * C + 3.0, 6.0, 40.0))  # inches; ~0.2 in per class
+    cell_pt = 72.0 * (side - 2.5) / C
+    tick_fs = float(np.clip(0.7 * cell_pt, 3.0, 10.0))
+    dpi = 150 if C <= 30 else 100
+
+    with _figure(path, figsize=(side + 1.5, side), dpi=dpi) as (fig, ax):
+        im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+        ticks = np.arange(C)
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.set_xticklabels(
+            [str(n) for n in names], rotation=90 if C > 12 else 45, ha="center" if C > 12 else "right", fontsize=tick_fs
+        )
+        ax.set_yticklabels([str(n) for n in names], fontsize=tick_fs)
+        ax.set_xlabel("Predicted")
+        ax.set_ylabel("True")
+        ax.set_title(title)
+        if C <= 20:
+            for i in range(C):
+                for j in range(C):
+                    v = norm[i, j]
+                    if v > 0:
+                        ax.text(
+                            j,
+                            i,
+                            f"{v:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=max(tick_fs - 1, 5),
+                            color="white" if v > 0.5 else "black",
+                        )
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Fraction of true class")
+
+
+def plot_f1(path: str, report: dict) -> None:
+    """Horizontal bars of per-class F1, worst class on top, with the macro-F1 as a line."""
+    rows = sorted(report["per_class"], key=lambda r: (r["f1"] if math.isfinite(r["f1"]) else -1.0, r["index"]))
+    C = len(rows)
+    fontsize = 7 if C > 60 else 9
+    with _figure(path, figsize=(8, max(4.0, 0.16 * C + 1.5)), dpi=110) as (fig, ax):
+        y = np.arange(C)
+        f1 = np.array([r["f1"] for r in rows], dtype=np.float64)
+        ax.barh(y, np.nan_to_num(f1), color=_score_colors(f1), height=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels([f"{r['class']} ({r['support']})" for r in rows], fontsize=fontsize)
+        ax.invert_yaxis()  # worst first, at the top
+        ax.set_ylim(C - 0.5, -0.5)
+        macro = report.get("macro avg", {}).get("f1")
+        if macro is not None and math.isfinite(macro):
+            ax.axvline(macro, color="black", linestyle="--", linewidth=1, label=f"macro-F1 {macro:.3f}")
+            ax.legend(loc="upper right")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("F1")
+        ax.set_title(f"Per-class F1, worst first ({C} classes; support in parentheses)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labeltop=True)
+
+
+def _score_colors(scores: np.ndarray) -> list:
+    """Red (0) to green (1) bar colours for scores in [0, 1]."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdYlGn"]
+    return [cmap(float(v)) for v in np.clip(np.nan_to_num(scores), 0.0, 1.0)]
+
+
+def write_reliability_plot(calibration: Any, path: str) -> str:
+    """Draw the reliability diagram behind the ECE into ``path`` (PNG; local path or URI).
+
+    Args:
+        calibration: ``(n_bins, 3)`` summed ``metrics.calibration_counts`` (count, sum confidence, sum correct).
+        path: where to write the PNG.
+
+    Top: accuracy per confidence bin (bars) against the diagonal of perfect calibration, the gap to the
+    bin's mean confidence shaded; bottom: the number of predictions per bin (log scale). Returns ``path``.
+    """
+    bins = calibration_bins(calibration)
+    ece = expected_calibration_error(calibration)
+    low = np.array([b["low"] for b in bins])
+    width = np.array([b["high"] - b["low"] for b in bins])
+    count = np.array([b["count"] for b in bins], dtype=np.float64)
+    used = count > 0
+    acc = np.array([b["accuracy"] for b in bins])[used]
+    conf = np.array([b["confidence"] for b in bins])[used]
+    with _figure(path, nrows=2, figsize=(6, 7), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}) as (
+        fig,
+        (top, bottom),
+    ):
+        top.bar(
+            low[used],
+            acc,
+            width=width[used],
+            align="edge",
+            color="tab:blue",
+            edgecolor="black",
+            linewidth=0.5,
+            label="accuracy",
+        )
+        top.bar(
+            low[used],
+            conf - acc,
+            bottom=acc,
+            width=width[used],
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            edgecolor="tab:red",
+            hatch="//",
+            label="gap to mean confidence",
+        )
+        top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("Accuracy")
+        top.set_title(f"Reliability diagram: ECE {fmt(ece)} over {int(count.sum())} predictions")
+        top.legend(loc="upper left")
+        top.grid(alpha=0.3)
+        bottom.bar(low, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+        if count.max(initial=0) > 0:
+            bottom.set_yscale("log")
+        bottom.set_xlabel("Confidence (max softmax probability)")
+        bottom.set_ylabel("Predictions")
+    return path
+
+
+def _history_series(history: Sequence[dict], key: str) -> tuple[list, list]:
+    points = [
+        (row["epoch"], row[key]) for row in history if row.get(key) is not None and math.isfinite(float(row[key]))
+    ]
+    return [e for e, _ in points], [float(v) for _, v in points]
+
+
+def write_history_plot(history: Sequence[dict], path: str) -> str:
+    """Draw a training run's curves into ``path`` (PNG; local path or URI): loss, top-1 and learning rate per epoch.
+
+    Args:
+        history: one dict per epoch with ``epoch`` and any of ``train_loss``, ``val_loss``, ``train_acc``,
+            ``val_top1``, ``val_top5``, ``lr`` (fractions; missing or non-finite values are skipped).
+        path: where to write the PNG.
+
+    Returns ``path``. Raises ValueError on an empty history or rows without ``epoch``.
+    """
+    if not history:
+        raise ValueError("history is empty: no epoch to plot")
+    missing = [i for i, row in enumerate(history) if "epoch" not in row]
+    if missing:
+        raise ValueError(f"history row {missing[0]} has no 'epoch'")
+    panels = (
+        ("Loss", (("train_loss", "train"), ("val_loss", "validation"))),
+        (
+            "Accuracy",
+            (("train_acc", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")),
+        ),
+        ("Learning rate", (("lr", "lr"),)),
+    )
+    from matplotlib.ticker import MaxNLocator
+
+    with _figure(path, ncols=3, figsize=(15, 4.2), dpi=110) as (fig, axes):
+        for ax, (title, series) in zip(axes, panels):
+            for key, label in series:
+                epochs, values = _history_series(history, key)
+                if epochs:
+                    ax.plot(
+                        epochs,
+                        values,
+                        marker="o",
+                        markersize=3,
+                        linestyle=":" if key == "val_top5" else "-",
+                        label=label,
+                    )
+            ax.set_title(title)
+            ax.set_xlabel("Epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if ax.has_data() and title != "Learning rate":  # one curve needs no legend
+                ax.legend()
+        _, lrs = _history_series(history, "lr")
+        if lrs and min(lrs) > 0 and max(lrs) / min(lrs) > 20:
+            axes[2].set_yscale("log")
+        fig.suptitle(f"Training history ({len(history)} epochs)")
+    return path
+
+
+def write_search_curves(trials: Sequence[dict], path: str) -> str:
+    """Draw every trial's training error (dashed) and validation error (solid) per epoch into ``path`` (PNG; local
+    path or URI), one colour per trial: the picture of He et al. 2016's Figure 6 for a grid over depth x shortcut.
+
+    Args:
+        trials: one dict per trial with ``label`` (its varied values), ``epoch``, ``train_error`` and
+            ``val_error`` (lists of equal length, fractions; ``None`` where an epoch had no validation).
+        path: where to write the PNG.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    with _figure(path, figsize=(9, 5.5), dpi=110) as (fig, ax):
+        colours = _trial_colours(len(trials))
+        for trial, colour in zip(sorted(trials, key=lambda t: t["label"]), colours):
+            ax.plot(trial["epoch"], [100 * e for e in trial["train_error"]], "--", color=colour, linewidth=1.2)
+            val = [(e, 100 * v) for e, v in zip(trial["epoch"], trial["val_error"]) if v is not None]
+            ax.plot([e for e, _ in val], [v for _, v in val], "-", color=colour, linewidth=2, label=trial["label"])
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel("Error (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        style = [Line2D([], [], color="gray", linestyle="--"), Line2D([], [], color="gray", linewidth=2)]
+        first = ax.legend(style, ["training error", "validation error"], loc="upper right")
+        ax.add_artist(first)
+        ax.legend(loc="lower left", fontsize=8, title="trial")
+        ax.set_title(f"Training (dashed) and validation (solid) error of {len(trials)} trials")
+    return path
+
+
+def _trial_colours(n: int) -> list:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
