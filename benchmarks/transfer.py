@@ -13,46 +13,13 @@ Prints every run's two test accuracies, their medians and the median of the per-
 """
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 
-from _common import SHARED_CIFAR10
+from _common import SHARED_CIFAR10, subset
 
 A, B = range(0, 5), range(5, 10)
-
-
-def subset(out_dir: str, classes: range, per_class: dict, seed: int = 0) -> str:
-    """A Parquet source folder (train.parquet, test.parquet, classes.json) with ``classes`` relabelled 0..k-1:
-    per_class["train"] seeded-random training images of each class (None: all) and every test image."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = json.load(open(os.path.join(SHARED_CIFAR10, "classes.json")))
-    names = names["label_names"] if isinstance(names, dict) else names
-    for split in ("train", "test"):
-        table = pq.read_table(os.path.join(SHARED_CIFAR10, f"{split}.parquet"))
-        parts = []
-        for new, label in enumerate(classes):
-            rows = np.flatnonzero(pc.equal(table["label"], label).to_numpy(zero_copy_only=False))
-            n = per_class.get(split)
-            if n is not None:
-                rows = rng.choice(rows, size=n, replace=False)
-            part = table.take(pa.array(np.sort(rows)))
-            parts.append(
-                part.set_column(
-                    part.column_names.index("label"), "label", pa.array(np.full(len(part), new, dtype=np.int64))
-                )
-            )
-        pq.write_table(pa.concat_tables(parts), os.path.join(out_dir, f"{split}.parquet"))
-    with open(os.path.join(out_dir, "classes.json"), "w") as f:
-        json.dump([names[i] for i in classes], f)
-    return out_dir
 
 
 def train(source: str, name: str, root: str, weights: str, epochs: int, seed: int) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from resnet_ray import storage
-from resnet_ray.config import ModelConfig, from_dict
+from resnet_ray.config import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _checkpoint_weights(folder: str) -> dict:
 
 def load_model(path: str) -> LoadedModel:
     """Rebuild the model from an exported, checkpoint or run folder (local or URI) on the CPU, in eval mode."""
-    from resnet_ray.model import build_model
+    from resnet_ray.model import build_model, saved_model_config
 
     folder, name = _locate(path)
     info = _read_json(folder, name)
@@ -276,7 +276,7 @@ def load_model(path: str) -> LoadedModel:
     if missing:
         raise CheckpointError(f"{folder}: model metadata lacks {', '.join(missing)}")
     with torch.device("meta"):  # no random init of weights that are replaced at once (~0.5 s on one core)
-        model = build_model(ModelConfig(arch=info["arch"], weights="none"), info["num_classes"])
+        model = build_model(saved_model_config(info), info["num_classes"])  # the arch with its switches
     try:
         model.load_state_dict(weights, assign=True)  # strict: no meta tensor is left
     except RuntimeError as exc:

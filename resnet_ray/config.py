@@ -19,12 +19,42 @@ from typing import Any, Optional
 import yaml
 
 SOURCES = ("digits", "cifar10", "cifar100", "parquet", "imagefolder")
-ARCHS = ("resnet18", "resnet34", "resnet50")
+# model.arch -> the architecture's own switches: what a null ModelConfig.shortcut / block / preact /
+# zero_init_residual means (the papers' choices). resnet_ray/model.py builds every name (a unit test checks its
+# registry against this table); no torch here.
+_CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # the 6n+2 CIFAR ResNets of He et al. 2016a (arXiv 1512.03385), Table 6
+
+
+def _own(depth: int, shortcut: str, block: str = "basic", preact: bool = False, zero_init: bool = False) -> dict:
+    return {"depth": depth, "shortcut": shortcut, "block": block, "preact": preact, "zero_init_residual": zero_init}
+
+
+ARCH_SWITCHES = {
+    # torchvision's ImageNet ResNets: option B shortcuts, post-activation, zero-init residual (as before)
+    "resnet18": _own(18, "projection", zero_init=True),
+    "resnet34": _own(34, "projection", zero_init=True),
+    "resnet50": _own(50, "projection", "bottleneck", zero_init=True),
+    # CIFAR ResNets (He et al. 2016a, sec. 4.2): option A (zero-padded identity) shortcuts, no zero-init
+    **{f"resnet{d}": _own(d, "identity") for d in _CIFAR_DEPTHS},
+    # ResNet-164 of He et al. 2016b (arXiv 1603.05027): pre-activation bottleneck blocks (9n+2, n=18) with 1x1
+    # projection shortcuts where the shape changes (the authors' code, github.com/KaimingHe/resnet-1k-layers)
+    "resnet164": _own(164, "projection", "bottleneck", preact=True),
+    # the plain nets of He et al. 2016a (Fig. 6): the same stacks as resnetN without any shortcut
+    **{f"plain{d}": _own(d, "none") for d in _CIFAR_DEPTHS},
+}
+ARCHS = tuple(ARCH_SWITCHES)
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")  # the only ones with ImageNet weights
+SHORTCUTS = ("identity", "projection", "none")
+BLOCKS = ("basic", "bottleneck")
+NORMS = ("batch", "none")
+INITS = ("he", "xavier", "default")
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "step")  # optim.schedule
 AUGMENTS = ("crop", "rrc", "none")
 AUTO_AUGMENTS = ("none", "trivialaugment")
 SPLITS = ("train", "val", "test")
-SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint")
+SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint", "grid")
+SCHEDULERS = ("asha", "none")  # tune.scheduler: none runs every trial to tune.max_epochs
 RESIZE_POLICIES = ("center_crop", "stretch", "pad")  # resnet_ray.data.images
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -98,23 +128,98 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: torchvision ResNet, its initial weights and input resolution."""
+    """The network: a torchvision ImageNet ResNet or a CIFAR ResNet of He et al. (ARCH_SWITCHES), its switches,
+    initial weights and input resolution.
 
-    arch: str = "resnet50"  # one of ARCHS (resnet18 is the small option for tests)
+    The switches left null take the architecture's own value (ARCH_SWITCHES), so configs and model.json files
+    written before the switches existed build exactly the same model."""
+
+    arch: str = "resnet50"  # one of ARCHS (resnet18 / resnet20 are the small options for tests)
     weights: str = "imagenet"  # imagenet (=V2 for resnet50) | imagenet_v1 | imagenet_v2 | none | path to a state_dict
-    image_size: int = 224  # images are resized to this on the device
+    image_size: int = 224  # images are resized to this on the device (CIFAR ResNets: 32, their native size)
     channels_last: bool = True  # memory format on GPU
     compile: bool = False  # torch.compile the model
+    # identity (option A: zero-padded, subsampled identity; no parameters) | projection (option B: 1x1 conv + norm
+    # where the shape changes) | none (a plain net); null: the arch's own (identity for resnetN, none for plainN,
+    # projection for resnet164 and the torchvision nets)
+    shortcut: Optional[str] = None
+    block: Optional[str] = None  # basic | bottleneck (CIFAR depth 9n+2); null: the arch's own
+    preact: Optional[bool] = None  # pre-activation blocks, BN-ReLU before each conv (He et al. 2016b); null: own
+    norm: str = "batch"  # batch | none (no BatchNorm at all; the convs then get a bias). CIFAR archs only
+    init: str = (
+        "he"  # he (kaiming_normal_, fan_out, relu: the papers') | xavier (xavier_uniform_) | default (PyTorch's)
+    )
+    # zero the last BN gamma of every residual branch so each block starts as the identity (Goyal et al. 2017);
+    # null: the arch's own (true for the torchvision nets, as before; false for the CIFAR nets, as in the papers)
+    zero_init_residual: Optional[bool] = None
+
+    def own(self, switch: str) -> Any:
+        """The value of ``switch`` this model is built with: the field, or the arch's own where it is null."""
+        value = getattr(self, switch)
+        return ARCH_SWITCHES[self.arch][switch] if value is None else value
+
+    def resolved(self) -> ModelConfig:
+        """This config with every null switch replaced by the architecture's own."""
+        return dataclasses.replace(
+            self, **{name: self.own(name) for name in ("shortcut", "block", "preact", "zero_init_residual")}
+        )
+
+    @property
+    def torchvision(self) -> bool:
+        return self.arch in TORCHVISION_ARCHS
 
     def __post_init__(self):
         _choice(self.arch, "model.arch", ARCHS)
         _check(bool(self.weights), "model.weights", "must be imagenet, imagenet_v1, imagenet_v2, none or a file path")
+        _check(
+            self.torchvision or self.weights not in ("imagenet", "imagenet_v1", "imagenet_v2"),
+            "model.weights",
+            f"imagenet weights exist only for {', '.join(TORCHVISION_ARCHS)} (torchvision); use none for {self.arch} "
+            "(or a state_dict file of the same architecture)",
+        )
         _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
+        for name, allowed in (("shortcut", SHORTCUTS), ("block", BLOCKS), ("norm", NORMS), ("init", INITS)):
+            if getattr(self, name) is not None:
+                _choice(getattr(self, name), f"model.{name}", allowed)
+        if self.torchvision:
+            self._check_torchvision()
+        else:
+            depth, per_block = ARCH_SWITCHES[self.arch]["depth"], 6 if self.own("block") == "basic" else 9
+            _check(
+                (depth - 2) % per_block == 0,
+                "model.block",
+                f"{self.own('block')} blocks stack {per_block}n+2 layers; {self.arch} has {depth} "
+                f"({'resnet20, resnet56, resnet110 and resnet164 fit' if per_block == 9 else 'use resnet164'})",
+            )
+        if self.own("zero_init_residual"):
+            _check(self.norm == "batch", "model.zero_init_residual", "needs model.norm batch (there is no BN gamma)")
+            _check(
+                self.own("shortcut") != "none",
+                "model.zero_init_residual",
+                "needs shortcuts: without them every block would start at zero output, a dead net",
+            )
+
+    def _check_torchvision(self) -> None:
+        """Refuse the switches that torchvision's ResNet classes cannot apply, naming the field."""
+        own, where = ARCH_SWITCHES[self.arch], f"torchvision {self.arch}"
+        _check(
+            self.shortcut in (None, "projection"),
+            "model.shortcut",
+            f"{self.shortcut} cannot apply to {where} (it has projection shortcuts, option B); "
+            "the CIFAR archs (resnet20..110, plain20..110) have identity and none",
+        )
+        _check(
+            self.block in (None, own["block"]),
+            "model.block",
+            f"{self.block} cannot apply to {where} (its block is {own['block']})",
+        )
+        _check(not self.preact, "model.preact", f"cannot apply to {where} (post-activation only); try resnet164")
+        _check(self.norm == "batch", "model.norm", f"none cannot apply to {where} (its convs have no bias)")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and learning-rate schedule (linear warmup, then cosine decay)."""
+    """Optimizer and learning-rate schedule: a linear warmup, then a cosine decay or steps (optim.py)."""
 
     name: str = "sgd"  # one of OPTIMIZERS
     lr: float = 0.01  # head learning rate at reference_batch_size
@@ -122,7 +227,12 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear from peak / warmup steps to the peak, before either schedule
+    schedule: str = "cosine"  # cosine (after the warmup, down to min_lr_ratio) | step (x gamma at each milestone)
+    # step: fractions of the run's total steps at which the lr is multiplied by gamma, so that one recipe fits any
+    # length (He et al. 2016a: lr/10 at 32k and 48k of 64k iterations = [0.5, 0.75])
+    milestones: tuple = ()
+    gamma: float = 0.1  # step: lr factor at each milestone
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     label_smoothing: float = 0.0
     grad_clip_norm: float = 0.0  # 0 disables clipping
@@ -141,6 +251,26 @@ class OptimConfig:
         )
         _positive(self.weight_decay, "optim.weight_decay", allow_zero=True)
         _positive(self.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
+        _choice(self.schedule, "optim.schedule", LR_SCHEDULES)
+        _check(
+            all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0.0 < m < 1.0 for m in self.milestones),
+            "optim.milestones",
+            f"must be fractions of the run's steps in (0, 1), got {list(self.milestones)}",
+        )
+        _check(
+            list(self.milestones) == sorted(set(self.milestones)),
+            "optim.milestones",
+            f"must increase, got {list(self.milestones)}",
+        )
+        if self.schedule == "step":
+            _check(bool(self.milestones), "optim.milestones", "the step schedule needs at least one, e.g. [0.5, 0.75]")
+        else:
+            _check(
+                not self.milestones,
+                "optim.milestones",
+                f"only the step schedule has milestones (optim.schedule is {self.schedule}); set []",
+            )
+        _check(0.0 < self.gamma <= 1.0, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(
             0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
@@ -251,7 +381,8 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Hyperparameter search: ASHA over Ray Train trials."""
+    """Hyperparameter search over Ray Train trials: sampled values (Optuna's TPE) stopped early by ASHA, or a grid
+    (``type: grid``: every combination, ``num_samples`` times) run to the end with ``scheduler: none``."""
 
     num_samples: int = 8
     max_concurrent_trials: int = 2
@@ -261,11 +392,13 @@ class TuneConfig:
     trial_workers: Optional[int] = None
     grace_period: int = 1
     reduction_factor: int = 2
+    scheduler: str = "asha"  # asha (early stopping) | none (every trial runs tune.max_epochs epochs)
     metric: str = "val_top1"
     mode: str = "max"
     storage_path: Optional[str] = None  # defaults to train.storage_path
     name: Optional[str] = None  # experiment name; the same name resumes
-    search_space: dict = field(default_factory=dict)  # dotted key -> {type, low, high} | {type: choice, values}
+    # dotted key -> {type, low, high} | {type: choice, values} | {type: grid, values}
+    search_space: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("num_samples", "max_concurrent_trials", "max_epochs", "grace_period"):
@@ -278,6 +411,7 @@ class TuneConfig:
         _check(self.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
         _check(self.grace_period <= self.max_epochs, "tune.grace_period", "must be <= tune.max_epochs")
         _choice(self.mode, "tune.mode", ("max", "min"))
+        _choice(self.scheduler, "tune.scheduler", SCHEDULERS)
         for key, spec in self.search_space.items():
             _validate_search_spec(key, spec)
 
@@ -504,9 +638,10 @@ def _validate_search_spec(key: str, spec: Any) -> None:
     _check(section is not None and len(parts) == 2, name, "must name a config field as section.field")
     fields = {f.name for f in dataclasses.fields(typing.get_type_hints(Config)[parts[0]])}
     _check(parts[1] in fields, name, f"unknown field; {parts[0]} has: {', '.join(sorted(fields))}")
-    if spec["type"] == "choice":
-        _check(isinstance(spec.get("values"), list) and spec["values"], name, "choice needs a non-empty 'values' list")
-        _check(set(spec) <= {"type", "values"}, name, "choice takes only 'values'")
+    if spec["type"] in ("choice", "grid"):
+        kind = spec["type"]
+        _check(isinstance(spec.get("values"), list) and spec["values"], name, f"{kind} needs a non-empty 'values' list")
+        _check(set(spec) <= {"type", "values"}, name, f"{kind} takes only 'values'")
     else:
         _check(set(spec) == {"type", "low", "high"}, name, f"{spec['type']} needs exactly 'low' and 'high'")
         low, high = spec["low"], spec["high"]

@@ -1,15 +1,24 @@
-"""ResNet backbones from torchvision with a new classification head."""
+"""The model registry: ``model.arch`` name -> builder, with weights loading and a new classification head.
+
+torchvision's ImageNet ResNets (resnet18/34/50, ImageNet weights allowed) and the CIFAR ResNets of He et al.
+(resnet20..110, resnet164, plain20..110; resnet_ray/cifar_resnet.py). Every builder takes the resolved
+ModelConfig (its null switches replaced by the arch's own, config.ARCH_SWITCHES) and the number of classes;
+config.ARCHS lists the same names (a unit test checks).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torchvision
 from torch import nn
 
-from resnet_ray.config import ModelConfig
+from resnet_ray.cifar_resnet import CifarResNet, init_weights
+from resnet_ray.config import TORCHVISION_ARCHS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +97,43 @@ def load_state_dict(path: str) -> dict:
     return state
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """torchvision ResNet with cfg.weights loaded and a freshly initialised num_classes head."""
+def _torchvision_resnet(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """torchvision ResNet (its own he init; zero_init_residual true unless configured) with a num_classes head."""
     # zero_init_residual: each block starts as identity, which speeds up training from scratch (Goyal et al. 2017)
-    model = torchvision.models.get_model(cfg.arch, weights=None, zero_init_residual=True)
+    model = torchvision.models.get_model(cfg.arch, weights=None, zero_init_residual=cfg.zero_init_residual)
+    if cfg.init != "he":  # torchvision's own init is he (kaiming_normal_, fan_out, relu)
+        init_weights(model, cfg.init)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def _cifar_resnet(depth: int, cfg: ModelConfig, num_classes: int) -> nn.Module:
+    return CifarResNet(
+        depth,
+        num_classes,
+        shortcut=cfg.shortcut,
+        block=cfg.block,
+        preact=cfg.preact,
+        norm=cfg.norm,
+        init=cfg.init,
+        zero_init_residual=cfg.zero_init_residual,
+    )
+
+
+# model.arch -> builder(resolved cfg, num_classes). resnetN and plainN share a builder: what tells them apart is
+# the arch's own shortcut (config.ARCH_SWITCHES), which the resolved cfg carries
+ARCHITECTURES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    **{arch: _torchvision_resnet for arch in TORCHVISION_ARCHS},
+    **{f"resnet{depth}": partial(_cifar_resnet, depth) for depth in (20, 32, 44, 56, 110, 164)},
+    **{f"plain{depth}": partial(_cifar_resnet, depth) for depth in (20, 32, 44, 56, 110)},
+}
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The cfg.arch network with its switches, cfg.weights loaded (all but the head) and a freshly initialised
+    num_classes head named ``fc``."""
+    cfg = cfg.resolved()
+    model = ARCHITECTURES[cfg.arch](cfg, num_classes)
     if cfg.weights != "none":
         enum = _weights_enum(cfg)
         state = (
@@ -111,13 +153,27 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             )
         model.load_state_dict(state, strict=False)
         log.info("loaded %s weights into %s", cfg.weights, cfg.arch)
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
+# the fields that shape a model's weights: a saved model is rebuilt with them (init and zero-init are overwritten)
+STRUCTURE = ("shortcut", "block", "preact", "norm")
+
+
+def saved_model_config(info: dict) -> ModelConfig:
+    """The ModelConfig (weights none) that rebuilds a saved model from its model.json / meta.json: ``arch`` and
+    the structural switches of its stored config. Files written before the switches existed lack them, and a
+    stored config of another arch says nothing about this one: null switches, the arch's own, as before."""
+    saved = (info.get("config") or {}).get("model") or {}
+    if saved.get("arch") != info["arch"]:
+        saved = {}
+    return ModelConfig(arch=info["arch"], weights="none", **{k: saved[k] for k in STRUCTURE if k in saved})
+
+
 def normalization(cfg: ModelConfig, meta: dict) -> tuple[tuple, tuple]:
-    """(mean, std) on the [0, 1] scale: the pretrained weights' for ImageNet weights, else the train split's."""
-    if cfg.weights == "none":
+    """(mean, std) on the [0, 1] scale: the pretrained weights' for torchvision nets with ImageNet weights or a
+    weights file, else the train split's (a CIFAR net's weights file comes from a run of this product)."""
+    if cfg.weights == "none" or not cfg.torchvision:
         return tuple(meta["mean"]), tuple(meta["std"])
     return IMAGENET_MEAN, IMAGENET_STD
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from resnet_ray import storage
+from resnet_ray import plots, storage
 from resnet_ray.checkpoint import export_checkpoint
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_yaml
 from resnet_ray.model import fetch_weights
@@ -36,6 +36,8 @@ def _domain(spec: dict):
     kind = spec["type"]
     if kind == "choice":
         return tune.choice(spec["values"])
+    if kind == "grid":
+        return tune.grid_search(spec["values"])
     if kind == "randint":
         return tune.randint(int(spec["low"]), int(spec["high"]))
     return getattr(tune, kind)(spec["low"], spec["high"])
@@ -44,7 +46,7 @@ def _domain(spec: dict):
 def validate_search_space(cfg: Config) -> None:
     """Every value the space can produce must make a valid config (checked at its bounds / choices)."""
     for key, spec in cfg.tune.search_space.items():
-        values = spec["values"] if spec["type"] == "choice" else [spec["low"], spec["high"]]
+        values = spec["values"] if "values" in spec else [spec["low"], spec["high"]]
         if spec["type"] == "randint":
             values = [int(spec["low"]), int(spec["high"]) - 1]
         for value in values:
@@ -102,15 +104,19 @@ def run_trial(params: dict, base: dict, exp_dir: str) -> None:
 class SearchResult:
     experiment_dir: str
     metric: str  # what the search maximised or minimised (tune.metric)
-    trials: list  # one dict per trial: trial_id, status, epochs, best_epoch, val_top1, params
+    trials: list  # one dict per trial: trial_id, status, epochs, best_epoch, val_top1, params, history
     best: dict  # the best trial's row
     best_config_path: str  # YAML that jobs/train.py --config takes as is
     model_dir: str  # the best trial's best checkpoint, exported
+    curves_path: str  # curves.png: training (dashed) and validation (solid) error per epoch of every trial
     evaluation: Optional[dict] = None
 
 
 def _searcher(cfg: Config):
-    """Optuna's TPE (better than random on small budgets); random search if optuna is missing."""
+    """Optuna's TPE (better than random on small budgets); random search if optuna is missing, and for a grid
+    (every combination of the grid's values, the other keys sampled at random)."""
+    if any(spec["type"] == "grid" for spec in cfg.tune.search_space.values()):
+        return None
     try:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -183,7 +189,9 @@ def _tuner(cfg: Config, exp_dir: str, restore: bool):
                 max_t=cfg.tune.max_epochs,
                 grace_period=cfg.tune.grace_period,
                 reduction_factor=cfg.tune.reduction_factor,
-            ),
+            )
+            if cfg.tune.scheduler == "asha"
+            else None,  # FIFO: every trial runs to tune.max_epochs
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -211,9 +219,35 @@ def _trial_rows(grid, cfg: Config) -> list:
                 "best_epoch": best.get("epoch"),
                 cfg.tune.metric: best.get(cfg.tune.metric),
                 "params": result.config,
+                "history": history,
             }
         )
     return rows
+
+
+def _curves(rows: list) -> list:
+    """Per trial: its label (the values that vary between trials) and its training / validation error per epoch
+    (1 - train_acc, 1 - val_top1; an epoch reported twice after a restart counts once, the last time)."""
+    keys = sorted({k for row in rows for k in row["params"]})
+    varied = [k for k in keys if len({repr(row["params"].get(k)) for row in rows}) > 1] or keys
+    curves = []
+    for row in rows:
+        by_epoch = {int(h["epoch"]): h for h in row["history"]}
+        epochs = sorted(by_epoch)
+        label = ", ".join(f"{k.split('.')[-1]} {_short(row['params'].get(k))}" for k in varied) or row["trial_id"]
+        curves.append(
+            {
+                "label": label,
+                "epoch": epochs,
+                "train_error": [1 - by_epoch[e]["train_acc"] for e in epochs],
+                "val_error": [1 - by_epoch[e]["val_top1"] if "val_top1" in by_epoch[e] else None for e in epochs],
+            }
+        )
+    return curves
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def best_checkpoint(run_dir: str, metric: str, mode: str):
@@ -288,6 +322,7 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
 
     rows = _trial_rows(grid, cfg)
     _write_trials_csv(storage.join(exp_dir, "trials.csv"), rows, cfg.tune.metric)
+    curves_path = plots.write_search_curves(_curves(rows), storage.join(exp_dir, "curves.png"))
     scored = [r for r in rows if r[cfg.tune.metric] is not None]
     if not scored:
         raise RuntimeError(f"no trial reported {cfg.tune.metric}; see {exp_dir}")
@@ -308,4 +343,4 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     from resnet_ray.evaluate import evaluate
 
     evaluation = evaluate(best_cfg, model_dir, split="test", output=storage.join(exp_dir, "best_model_eval-test"))
-    return SearchResult(exp_dir, cfg.tune.metric, rows, best, best_config_path, model_dir, evaluation)
+    return SearchResult(exp_dir, cfg.tune.metric, rows, best, best_config_path, model_dir, curves_path, evaluation)

@@ -160,3 +160,111 @@ def test_jobs_read_a_config_from_a_uri(tmp_path):
     assert cfg.optim.lr == 0.123 and cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="missing.yaml: not found"):
         cli.config_from(*cli.parse(cli.parser("x"), ["--config", f"file://{tmp_path}/missing.yaml"]))
+
+
+# ---------------------------------------------------------------------------
+# model switches and the step schedule (He et al. 2016a/b)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"model.arch": "resnet56"},
+            "model.weights: imagenet weights exist only for resnet18, resnet34, resnet50 (torchvision); use none for "
+            "resnet56",
+        ),
+        (
+            {"model.arch": "resnet18", "model.block": "bottleneck"},
+            "model.block: bottleneck cannot apply to torchvision ",
+        ),
+        ({"model.arch": "resnet50", "model.block": "basic"}, "model.block: basic cannot apply to torchvision resnet50"),
+        ({"model.arch": "resnet18", "model.shortcut": "none"}, "model.shortcut: none cannot apply to torchvision"),
+        ({"model.arch": "resnet34", "model.shortcut": "identity"}, "model.shortcut: identity cannot apply"),
+        ({"model.arch": "resnet18", "model.preact": True}, "model.preact: cannot apply to torchvision resnet18"),
+        ({"model.arch": "resnet50", "model.norm": "none"}, "model.norm: none cannot apply to torchvision resnet50"),
+        (
+            {"model.arch": "resnet20", "model.weights": "none", "model.norm": "none", "model.zero_init_residual": True},
+            "model.zero_init_residual: needs model.norm batch",
+        ),
+        (
+            {"model.arch": "plain20", "model.weights": "none", "model.zero_init_residual": True},
+            "model.zero_init_residual: needs shortcuts",
+        ),
+        (
+            {"model.arch": "resnet32", "model.weights": "none", "model.block": "bottleneck"},
+            "model.block: bottleneck blocks stack 9n+2 layers; resnet32 has 32",
+        ),
+        ({"model.arch": "resnet20", "model.weights": "none", "model.shortcut": "C"}, "model.shortcut: 'C' is not one"),
+        ({"model.arch": "resnet20", "model.weights": "none", "model.norm": "layer"}, "model.norm: 'layer' is not one"),
+        ({"model.arch": "resnet20", "model.weights": "none", "model.init": "lecun"}, "model.init: 'lecun' is not one"),
+        (
+            {"model.arch": "resnet20", "model.weights": "none", "model.preact": "yes"},
+            "model.preact: expected true/false",
+        ),
+        ({"model.arch": "resnet19"}, "model.arch: 'resnet19' is not one of"),
+        ({"optim.schedule": "poly"}, "optim.schedule: 'poly' is not one of 'cosine', 'step'"),
+        ({"optim.schedule": "step"}, "optim.milestones: the step schedule needs at least one"),
+        ({"optim.milestones": [0.5]}, "optim.milestones: only the step schedule has milestones"),
+        ({"optim.schedule": "step", "optim.milestones": [0.75, 0.5]}, "optim.milestones: must increase"),
+        ({"optim.schedule": "step", "optim.milestones": [0.5, 0.5]}, "optim.milestones: must increase"),
+        ({"optim.schedule": "step", "optim.milestones": [32000]}, "optim.milestones: must be fractions"),
+        ({"optim.schedule": "step", "optim.milestones": 0.5}, "optim.milestones: expected a list"),
+        ({"optim.schedule": "step", "optim.milestones": [0.5], "optim.gamma": 0}, "optim.gamma: must be in (0, 1]"),
+    ],
+)
+def test_model_switches_and_schedules_refuse_what_cannot_apply_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_null_switches_are_the_archs_own_and_older_configs_load_unchanged():
+    from resnet_ray.config import ARCHS, ModelConfig
+
+    old = to_dict(Config())
+    for key in ("shortcut", "block", "preact", "norm", "init", "zero_init_residual"):
+        del old["model"][key]  # a config.yaml / model.json written before the switches existed
+    for key in ("schedule", "milestones", "gamma"):
+        del old["optim"][key]
+    assert from_dict(old) == Config()
+    own = {
+        arch: tuple(ModelConfig(arch=arch, weights="none").own(k) for k in ("shortcut", "block", "preact"))
+        for arch in ARCHS
+    }
+    assert own["resnet18"] == own["resnet34"] == ("projection", "basic", False)
+    assert own["resnet50"] == ("projection", "bottleneck", False)
+    assert own["resnet20"] == own["resnet110"] == ("identity", "basic", False)
+    assert own["plain56"] == ("none", "basic", False)
+    assert own["resnet164"] == ("projection", "bottleneck", True)
+    assert ModelConfig(arch="resnet50").own("zero_init_residual") is True  # torchvision: as before
+    assert ModelConfig(arch="resnet20", weights="none").own("zero_init_residual") is False  # the paper
+    resolved = ModelConfig(arch="plain20", weights="none", preact=True).resolved()
+    assert (resolved.shortcut, resolved.block, resolved.preact, resolved.zero_init_residual) == (
+        "none",
+        "basic",
+        True,
+        False,
+    )
+    cfg = load_config(None, {"model.arch": "resnet20", "model.weights": "none", "model.shortcut": "projection"})
+    assert from_dict(to_dict(cfg)) == cfg and cfg.model.shortcut == "projection"
+
+
+def test_the_paper_recipe_is_he_et_al_section_4_2():
+    cfg = load_config(os.path.join(ROOT, "configs", "cifar10-resnet-paper.yaml"))
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.arch, m.weights, m.image_size, m.own("shortcut"), m.init) == ("resnet20", "none", 32, "identity", "he")
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.1, 0.9, False, 1e-4)
+    assert (o.schedule, o.milestones, o.gamma, o.warmup_epochs, o.label_smoothing) == ("step", (0.5, 0.75), 0.1, 0, 0)
+    assert cfg.global_batch_size == o.reference_batch_size == 128
+    assert (t.augment, t.crop_padding, t.hflip, t.ema_decay, cfg.data.val_fraction) == ("crop", 4, True, None, 0.1)
+    steps = 45000 // 128 * t.epochs  # 351 steps per epoch on the 45k split
+    assert steps == pytest.approx(64000, rel=0.01)
+    cpu = load_config(os.path.join(ROOT, "configs", "cifar10-resnet-cpu.yaml"))
+    assert not cpu.scaling.use_gpu and cpu.scaling.num_workers == 1 and cpu.scaling.cpus_per_worker == 2
+    assert 15 <= cpu.train.epochs <= 30 and cpu.model == cfg.model
+    assert cpu.optim.warmup_epochs * 351 == pytest.approx(200, rel=0.05)
+    assert {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))} >= {
+        "cifar10-resnet-paper.yaml",
+        "cifar10-resnet-cpu.yaml",
+    }  # so test_every_shipped_config_parses covers them

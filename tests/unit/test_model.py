@@ -180,3 +180,165 @@ def test_the_driver_fetches_or_refuses_weights_before_any_ray_work(monkeypatch, 
     with pytest.raises(ModelError, match="missing.pt' is neither imagenet"):
         fit(cfg)  # no Ray instance in this process: it stopped before needing one
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------
+# the registry of model.arch names and the switches (He et al. 2016a/b; resnet_ray/cifar_resnet.py)
+
+
+def test_registry_builds_exactly_the_names_config_lists():
+    from resnet_ray.config import ARCH_SWITCHES, ARCHS
+    from resnet_ray.model import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == set(ARCHS) == set(ARCH_SWITCHES)
+    for arch in ARCHS:
+        with torch.device("meta"):  # shapes only
+            model = build_model(ModelConfig(arch=arch, weights="none", image_size=32), 10)
+        assert model.fc.out_features == 10, arch
+        if arch not in ("resnet18", "resnet34", "resnet50"):  # 6n+2 / 9n+2 layers: the convs off the shortcuts + fc
+            convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and "shortcut" not in n]
+            assert len(convs) + 1 == ARCH_SWITCHES[arch]["depth"], arch
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_arch_defaults_follow_the_papers():
+    from resnet_ray.cifar_resnet import Block, PadShortcut
+
+    def blocks(model):
+        return [m for m in model.modules() if isinstance(m, Block)]
+
+    with torch.device("meta"):
+        r20 = build_model(ModelConfig(arch="resnet20", weights="none"), 10)
+        p20 = build_model(ModelConfig(arch="plain20", weights="none"), 10)
+        r164 = build_model(ModelConfig(arch="resnet164", weights="none"), 10)
+        r20b = build_model(ModelConfig(arch="resnet20", weights="none", shortcut="projection"), 10)
+    assert sum(isinstance(b.shortcut, PadShortcut) for b in blocks(r20)) == 2  # option A
+    assert all(b.shortcut is None for b in blocks(p20)) and n_params(p20) == n_params(r20)
+    assert n_params(r20) / 1e6 == pytest.approx(0.27, rel=0.01)
+    assert all(b.preact and b.depth == 3 for b in blocks(r164)) and len(blocks(r164)) == 54
+    assert n_params(r164) / 1e6 == pytest.approx(1.7, rel=0.01)
+    assert n_params(r20b) > n_params(r20)
+    r20 = build_model(ModelConfig(arch="resnet20", weights="none"), 10)
+    assert all(b.last_norm.weight.all() for b in blocks(r20))  # the paper's nets: no zero-init residual
+    zero = build_model(ModelConfig(arch="resnet20", weights="none", zero_init_residual=True), 10)
+    assert not any(b.last_norm.weight.any() for b in blocks(zero))
+    plain = build_model(ModelConfig(arch="resnet20", weights="none", shortcut="none", norm="none"), 10)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+
+
+def test_torchvision_nets_build_exactly_as_before():
+    """Configs and model.json files without the switches: the same resnet18 as the code before them built."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", weights="none"), 7)
+    torch.manual_seed(0)
+    before = torchvision.models.get_model("resnet18", weights=None, zero_init_residual=True)
+    before.fc = torch.nn.Linear(before.fc.in_features, 7)
+    a, b = model.state_dict(), before.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not model.layer1[0].bn2.weight.any()  # zero_init_residual stays on for torchvision nets
+
+
+def test_torchvision_init_and_zero_init_switches():
+    torch.manual_seed(0)
+    he = build_model(ModelConfig(arch="resnet18", weights="none"), 3)
+    xavier = build_model(ModelConfig(arch="resnet18", weights="none", init="xavier", zero_init_residual=False), 3)
+    w = xavier.layer4[0].conv2.weight  # 512 x 512 x 3 x 3
+    assert w.std().item() == pytest.approx((2 / (2 * 512 * 9)) ** 0.5, rel=0.03)
+    assert he.layer4[0].conv2.weight.std().item() == pytest.approx((2 / (512 * 9)) ** 0.5, rel=0.03)
+    assert xavier.layer1[0].bn2.weight.all()
+
+
+def test_cifar_nets_normalize_with_the_datasets_statistics_even_from_a_weights_file(tmp_path):
+    meta = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    path = tmp_path / "r20.pt"
+    torch.save(build_model(ModelConfig(arch="resnet20", weights="none"), 10).state_dict(), path)
+    cfg = ModelConfig(arch="resnet20", weights=str(path))
+    assert normalization(cfg, meta) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    model = build_model(cfg, 4)  # a CIFAR net's weights file: all but the head loaded
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(model.layer3[2].conv2.weight, state["layer3.2.conv2.weight"]) and model.fc.out_features == 4
+    with pytest.raises(ModelError, match="does not fit resnet20"):
+        build_model(ModelConfig(arch="resnet20", weights=str(path), shortcut="projection"), 4)
+
+
+def test_a_cifar_net_trains_at_32_px():
+    """One SGD step of resnet20 at its native size: the loss is finite and the weights move."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet20", weights="none", image_size=32), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = model.layer3[2].conv2.weight.detach().clone()
+    loss = torch.nn.functional.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 10, (8,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(model.layer3[2].conv2.weight, before)
+
+
+# every family, at its smallest, and the switches that change the weights' layout or (shortcut none) only the forward
+ROUND_TRIPS = [
+    {"arch": "resnet18"},
+    {"arch": "resnet20"},
+    {"arch": "plain20"},
+    {"arch": "resnet20", "preact": True},
+    {"arch": "resnet20", "block": "bottleneck", "preact": True, "shortcut": "projection"},
+    {"arch": "resnet164"},
+    {"arch": "resnet20", "shortcut": "none"},  # same weights as resnet20: only the stored switch tells them apart
+    {"arch": "resnet20", "shortcut": "projection", "norm": "none"},
+]
+
+
+@pytest.mark.parametrize("switches", ROUND_TRIPS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_export_and_load_round_trip_with_the_switches(tmp_path, switches):
+    from resnet_ray.checkpoint import export_model, load_model, save_training_state
+    from resnet_ray.config import Config, to_dict
+
+    cfg = Config(model=ModelConfig(weights="none", image_size=32, **switches))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        model.train()(torch.rand(4, 3, 32, 32))  # moves the BN running statistics
+    model.eval()
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    meta = {
+        "arch": cfg.model.arch,
+        "num_classes": 3,
+        "classes": ["a", "b", "c"],
+        "coarse_classes": None,
+        "fine_to_coarse": None,
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "dataset": "digits",
+        "epoch": 1,
+        "metrics": [],
+        "config": to_dict(cfg),
+    }
+    save_training_state(str(folder), {"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, meta)
+    loaded = load_model(export_model(str(folder), str(tmp_path / "model")))
+    assert type(loaded.model) is type(model)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x), atol=0, rtol=0)
+    if switches.get("shortcut") == "none":  # the stored switch matters: built as resnet20 it computes otherwise
+        plainless = build_model(ModelConfig(arch="resnet20", weights="none"), 3).eval()
+        plainless.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(plainless(x), model(x))
+
+
+def test_saved_model_config_of_older_files_and_of_another_arch():
+    from resnet_ray.config import Config, to_dict
+    from resnet_ray.model import saved_model_config
+
+    old = to_dict(Config(model=ModelConfig(arch="resnet20", weights="none")))
+    for key in ("shortcut", "block", "preact", "norm", "init", "zero_init_residual"):
+        del old["model"][key]  # a model.json written before the switches existed
+    assert saved_model_config({"arch": "resnet20", "config": old}) == ModelConfig(arch="resnet20", weights="none")
+    other = to_dict(Config(model=ModelConfig(arch="resnet20", weights="none", shortcut="none")))
+    assert saved_model_config({"arch": "resnet18", "config": other}) == ModelConfig(arch="resnet18", weights="none")
+    assert saved_model_config({"arch": "resnet20", "config": other}).own("shortcut") == "none"

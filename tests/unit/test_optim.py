@@ -7,7 +7,16 @@ import torch
 from torch import nn
 
 from resnet_ray.config import OptimConfig
-from resnet_ray.optim import build_optimizer, build_scheduler, lr_factor, param_groups, peak_lr
+from resnet_ray.optim import (
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    milestone_steps,
+    param_groups,
+    peak_lr,
+    set_schedule_step,
+    step_lr_factor,
+)
 
 
 class Tiny(nn.Module):
@@ -145,3 +154,86 @@ def test_scheduler_state_dict_round_trip(tmp_path):
     expected = 0.1 * lr_factor(13, 20, 5, 0.1)
     assert opt_b.param_groups[0]["lr"] == pytest.approx(expected)
     assert not math.isclose(expected, 0.1)
+
+
+# ---------------------------------------------------------------------------
+# the step schedule (He et al. 2016a: lr/10 at 32k and 48k of 64k iterations)
+
+
+def step_cfg(**kwargs):
+    return OptimConfig(lr=0.1, schedule="step", milestones=(0.5, 0.75), reference_batch_size=128, **kwargs)
+
+
+def test_step_schedule_divides_the_lr_at_fractions_of_the_run():
+    cfg = step_cfg()
+    assert milestone_steps(cfg, 64000) == [32000, 48000]
+    opt = build_optimizer(Tiny(), cfg, 128)
+    sched = build_scheduler(opt, cfg, 100, 8)  # 800 steps: milestones at 400 and 600
+    lrs = []
+    for _ in range(800):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == lrs[399] == pytest.approx(0.1)
+    assert lrs[400] == lrs[599] == pytest.approx(0.01)
+    assert lrs[600] == lrs[799] == pytest.approx(0.001)
+    assert len(set(round(lr, 12) for lr in lrs)) == 3
+
+
+def test_the_same_step_recipe_fits_any_length():
+    cfg = step_cfg()
+    assert milestone_steps(cfg, 182 * 351) == [31941, 47912]  # the paper's run at 45k images, batch 128
+    assert milestone_steps(cfg, 20 * 351) == [3510, 5265]
+    assert milestone_steps(OptimConfig(schedule="step", milestones=(0.3,)), 10) == [3]
+
+
+def test_warmup_comes_before_the_steps():
+    total, warmup, milestones = 100, 10, [50, 75]
+    warm = [step_lr_factor(s, warmup, milestones, 0.1) for s in range(warmup)]
+    assert warm == pytest.approx([(s + 1) / warmup for s in range(warmup)])  # the same linear warmup as cosine
+    assert warm == pytest.approx([lr_factor(s, total, warmup, 0.0) for s in range(warmup)])
+    assert step_lr_factor(warmup, warmup, milestones, 0.1) == 1.0
+    assert step_lr_factor(49, warmup, milestones, 0.1) == 1.0
+    assert step_lr_factor(50, warmup, milestones, 0.1) == pytest.approx(0.1)
+    assert step_lr_factor(99, warmup, milestones, 0.1) == pytest.approx(0.01)
+    cfg = step_cfg(warmup_epochs=0.5)
+    opt = build_optimizer(Tiny(), cfg, 128)
+    sched = build_scheduler(opt, cfg, 20, 10)  # 200 steps, 10 of warmup, milestones at 100 and 150
+    assert sched.lr_lambdas[0].warmup_steps == 10 and sched.lr_lambdas[0].milestone_steps == [100, 150]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 10)
+
+
+def test_cosine_stays_the_default():
+    assert OptimConfig().schedule == "cosine" and OptimConfig().milestones == ()
+    opt = build_optimizer(Tiny(), OptimConfig(lr=0.1, warmup_epochs=1), 256)
+    sched = build_scheduler(opt, OptimConfig(lr=0.1, warmup_epochs=1), 5, 4)
+    assert type(sched.lr_lambdas[0]).__name__ == "WarmupCosine"
+
+
+def test_step_scheduler_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    cfg = step_cfg(warmup_epochs=1)
+
+    def make():
+        opt = build_optimizer(Tiny(), cfg, 128)
+        return opt, build_scheduler(opt, cfg, 5, 4)  # 20 steps: warmup 5, milestones at 10 and 15
+
+    opt_a, sched_a = make()
+    for _ in range(8):
+        opt_a.step()
+        sched_a.step()
+    torch.save({"scheduler": sched_a.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)["scheduler"]
+    opt_b, sched_b = make()
+    sched_b.load_state_dict(state)
+    for _ in range(10):
+        opt_a.step()
+        sched_a.step()
+        opt_b.step()
+        sched_b.step()
+        assert [g["lr"] for g in opt_b.param_groups] == pytest.approx([g["lr"] for g in opt_a.param_groups])
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(0.1 * 0.01)
+    # a resumed session puts a fresh scheduler at its step (session.restore): the lr the next step uses
+    opt_c, sched_c = make()
+    set_schedule_step(sched_c, 12)
+    assert opt_c.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1)
+    assert sched_c.last_epoch == 12
