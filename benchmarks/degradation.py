@@ -4,9 +4,10 @@ python benchmarks/degradation.py [--seeds 3] [--per-class 500] [--epochs 8] [--d
 
 Plain-20, plain-56, ResNet-20 and ResNet-56 (option A shortcuts; a plain net is the same stack without them) are
 trained under one short recipe on a stratified subset of the shared CIFAR-10 copy (--per-class training images of
-every class, 10% of them carved for validation; all 10,000 test images), through the product's own jobs: the
-search of configs/tune-degradation.yaml (a grid over depth x shortcut, every cell once, no early stopping) shrunk
-to --depths, then the evaluation job on each net's exported model. Once per seed (train.seed).
+every class, 10% of them carved for validation; all 10,000 test images, or --test-per-class of each class),
+through the product's own jobs: the search of configs/tune-degradation.yaml (a grid over depth x shortcut, every
+cell once, no early stopping) shrunk to --depths, then the evaluation job on each net's exported model. Once per
+seed (train.seed).
 Prints the final training error (the last epoch's, measured on the fly with augmentation as in the paper's
 Figure 6) and the test error of every net per seed with medians, the paper's figures beside them, and the three
 claims with a yes/no each; writes <out>/degradation.png (median curves over the seeds, training error dashed,
@@ -67,9 +68,13 @@ def run_seed(source: str, root: str, seed: int, args) -> list[dict]:
     result = search(cfg)
     nets = []
     for row in result.trials:
-        trial = trial_config(cfg, row["params"], row["trial_id"], result.experiment_dir)
-        model = os.path.join(result.experiment_dir, TRIALS_FOLDER, row["trial_id"], "model")
-        report = evaluate(trial, model, split="test", output=os.path.join(root, f"eval-{row['trial_id']}"))["report"]
+        if row is result.best:  # the search evaluated the best trial's model on test already
+            report = result.evaluation["report"]
+        else:
+            trial = trial_config(cfg, row["params"], row["trial_id"], result.experiment_dir)
+            model = os.path.join(result.experiment_dir, TRIALS_FOLDER, row["trial_id"], "model")
+            output = os.path.join(root, f"eval-{row['trial_id']}")
+            report = evaluate(trial, model, split="test", output=output)["report"]
         last = max(row["history"], key=lambda h: h["epoch"])
         nets.append(
             {
@@ -138,6 +143,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--per-class", type=int, default=500, help="training images per class (10%% of them: val)")
+    p.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: all 1,000)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up (steps of batch 128)")
     p.add_argument("--depths", default="20,56", help="two depths: the shallow and the deep net")
@@ -156,13 +162,15 @@ def main():
     quiet_data_progress()
     seeds = list(range(args.seeds))
     with tempfile.TemporaryDirectory(prefix="resnet_ray-degradation-") as root:
-        source = subset(os.path.join(root, "sources", "cifar10-subset"), range(10), {"train": args.per_class})
+        per_class = {"train": args.per_class, "test": args.test_per_class}
+        source = subset(os.path.join(root, "sources", "cifar10-subset"), range(10), per_class)
         nets = [net for seed in seeds for net in run_seed(source, root, seed, args)]
 
     shallow, deep = args.depths[0], args.depths[-1]
     print(
         f"\n{args.per_class * 10} CIFAR-10 training images (10% for validation), {args.epochs} epochs, batch 128, "
-        f"SGD lr 0.1 momentum 0.9 wd 1e-4, {args.warmup_steps}-step warm-up then cosine; test: 10,000 images; "
+        f"SGD lr 0.1 momentum 0.9 wd 1e-4, {args.warmup_steps}-step warm-up then cosine; test: "
+        f"{10 * (args.test_per_class or 1000):,} images; "
         f"seeds {seeds}"
     )
     print(f"{'net':<10} {'train error % (median; runs)':<34} {'test error % (median; runs)':<34} paper test error %")
