@@ -7,7 +7,8 @@ python benchmarks/gpu_check.py --skip-compile     # without the model.compile pa
 python benchmarks/gpu_check.py --cpu              # the same stages at tiny sizes on the CPU (CI runs this)
 
 Prints one PASS/FAIL/SKIP line per stage, then train img/s, inference img/s and peak GPU memory, for the
-eager model and for model.compile. The measured training epoch runs every step under
+eager model and for model.compile, and the training img/s of the CIFAR ResNet-20 and ResNet-56 of He et al. at
+32 px, batch 128. The measured training epoch runs every step under
 torch.cuda.set_sync_debug_mode("error"): a host-device synchronization inside the step fails the stage.
 Exit status 1 when a stage fails. --json PATH also writes the figures as JSON.
 """
@@ -29,6 +30,8 @@ SIZES = {  # arch, image size, batch, measured steps, val rows, inference rows, 
     "gpu": dict(arch="resnet50", image_size=224, batch=256, steps=60, val=2048, infer=20480, infer_batch=1024),
     "cpu": dict(arch="resnet18", image_size=32, batch=8, steps=3, val=16, infer=64, infer_batch=32),
 }
+# the CIFAR ResNets of He et al. at their native 32 px and the paper's batch of 128: (archs, measured steps)
+CIFAR_NETS = {"gpu": (("resnet20", "resnet56"), 100), "cpu": (("resnet20",), 2)}
 CLASSES = [f"class{i}" for i in range(10)]
 
 
@@ -187,6 +190,28 @@ def predict(model_dir: str, size: dict, compile_model: bool):
     return f"{rows / seconds:.0f} img/s over {rows} images, batch {batch}", rows / seconds
 
 
+def cifar_resnets(mode: str, meta: dict, device, workdir: str):
+    """Training img/s of the CIFAR ResNets (batch 128, 32 px, pad-and-crop + flip), the measured epoch without a
+    host-device sync on a GPU."""
+    from resnet_ray.config import replace
+    from resnet_ray.session import WorkerSession
+
+    archs, steps = CIFAR_NETS[mode]
+    on_gpu = device.type == "cuda"
+    train = synthetic_batches(steps * 128, 128, 2, on_gpu)
+    figures = {}
+    for arch in archs:
+        cfg = replace(
+            make_config(SIZES[mode], False, workdir),
+            {"model.arch": arch, "model.image_size": 32, "train.batch_size": 128, "train.augment": "crop"},
+        )
+        session = WorkerSession(cfg, {**meta, "counts": {**meta["counts"], "train": steps * 128, "val": 0}}, device)
+        session.run_epoch(1, train, [])  # warm-up
+        session.settings.sync_debug = on_gpu
+        figures[f"{arch}_train_img_s"] = session.run_epoch(2, train, [])["images_per_s"]
+    return ", ".join(f"{k} {v:.0f}" for k, v in figures.items()), figures
+
+
 def run_pass(stages: Stages, size: dict, meta: dict, device, compile_model: bool, workdir: str) -> dict:
     """WorkerSession, warm-up epoch, measured epoch (no sync allowed), checkpoint, Predictor: figures of one pass."""
     import torch
@@ -268,6 +293,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
         stages.run("process group", process_group, process_group_backend(not args.cpu))
         results["eager"] = run_pass(stages, size, meta, device, False, workdir)
+        mode = "cpu" if args.cpu else "gpu"
+        results["cifar"] = stages.run("CIFAR ResNets at 32 px, batch 128", cifar_resnets, mode, meta, device, workdir)
         if args.skip_compile or (args.cpu and not args.compile_on_cpu):
             stages.skip(
                 "model.compile pass",

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = ("process group", "build the worker session", "measured epoch", "checkpoint save / load", "Predictor")
+STAGES = (
+    "process group",
+    "build the worker session",
+    "measured epoch",
+    "checkpoint save / load",
+    "Predictor",
+    "CIFAR ResNets",
+)
 
 
 def run_check(tmp_path, *args: str, timeout_s: float) -> dict:
@@ -33,6 +40,7 @@ def run_check(tmp_path, *args: str, timeout_s: float) -> dict:
     assert "'ray' imported: False" in out.stdout and "ALL STAGES PASSED" in out.stdout
     figures = json.load(open(tmp_path / "figures.json"))
     assert figures["failed"] == [] and figures["eager"]["train_img_s"] > 0 and figures["eager"]["inference_img_s"] > 0
+    assert figures["cifar"]["resnet20_train_img_s"] > 0
     return figures
 
 
