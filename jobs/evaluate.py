@@ -28,7 +28,7 @@ def main() -> int:
     cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     result = evaluate(cfg, args.model, split=args.split, output=args.output)
-    print_summary(result["report"])
+    print_summary(result["report"], output=result["output"])
     print(
         f"{result['report']['rows']} images in {result['seconds']:.1f} s ({result['images_per_s']:.0f} img/s); "
         f"report in {result['output']}"

@@ -2,8 +2,10 @@
 
 python jobs/predict.py --model RUN_OR_MODEL --input PATH_OR_URI [--output OUT.parquet] [--top-k 5]
 --input: a folder or glob of image files, or a Parquet file or folder with an image column, local or URI.
-Images are resized like the model's training data (model.json). Without --config, the model's own config is
-used (overrides still apply: --eval.num_actors 4, --data.on_bad_image skip, ...), also with --local.
+Images are resized like the model's training data (model.json); probabilities are calibrated by the model's
+temperature (model.json; --no-calibration: the raw softmax; top-1 is the same either way); --eval.tta flip
+averages each image with its mirror. Without --config, the model's own config is used (overrides still apply:
+--eval.num_actors 4, --data.on_bad_image skip, ...), also with --local.
 """
 
 import os
@@ -23,6 +25,11 @@ def main() -> int:
     p.add_argument("--output", help="predictions Parquet file (default: <run>/predict-<input name>.parquet)")
     p.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5)")
     p.add_argument("--image-column", help="image column of a Parquet input (default: data.image_column)")
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="raw softmax probabilities instead of the calibrated ones (the model's temperature, model.json)",
+    )
     args, overrides = cli.parse(p, local_config=None)  # --local: the model's own config
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
@@ -40,13 +47,15 @@ def main() -> int:
             output=args.output,
             k=args.top_k,
             image_column=args.image_column,
+            calibrated=not args.no_calibration,
             on_start=start,
             on_rows=advance,
         )
     skipped = f", {len(result['skipped'])} skipped (unreadable)" if result["skipped"] else ""
+    probabilities = f"calibrated (T = {result['temperature']:.4g})" if result["calibrated"] else "raw (T = 1)"
     print(
         f"{result['rows']} images{skipped} in {result['seconds']:.1f} s ({result['images_per_s']:.3g} img/s); "
-        f"predictions in {result['output']}"
+        f"{probabilities} probabilities, eval.tta {result['tta']}; predictions in {result['output']}"
     )
     return 0
 

@@ -19,6 +19,7 @@ def main() -> int:
     cli.setup_logging()
     address = check_cluster(args.local)  # a dead cluster address fails here, in seconds
     from resnet_ray.console import progress_bar
+    from resnet_ray.data.layout import duplicates_summary
     from resnet_ray.data.prepare import ensure_prepared
 
     cfg = cli.config_from(args, overrides)
@@ -27,7 +28,8 @@ def main() -> int:
     with progress_bar(f"preparing {cfg.data.dataset_name}") as (start, advance):
         prepared, meta = ensure_prepared(cfg.data, on_start=start, on_rows=advance)
     counts = ", ".join(f"{split} {n}" for split, n in meta["counts"].items())
-    print(f"{meta['name']}: {len(meta['classes'])} classes; {counts} -> {prepared}")
+    duplicates = duplicates_summary(meta.get("duplicates"))
+    print(f"{meta['name']}: {len(meta['classes'])} classes; {counts}; {duplicates} -> {prepared}")
     return 0
 
 

@@ -3,7 +3,9 @@
 A training checkpoint folder holds ``state.pt`` (model, optimizer, epoch) and ``meta.json``
 (resolved config, class names, normalization, metrics history). An exported model folder holds
 ``model.pt`` (a plain state_dict) and ``model.json`` (everything needed to use it, with the
-SHA-256 of model.pt, checked before loading). Everything loads with ``weights_only=True``.
+SHA-256 of model.pt, checked before loading, and the calibration ``temperature``: 1 where absent). Everything
+loads with ``weights_only=True``: a file whose pickle asks to run code is refused in one line naming it, and no
+code in it runs (:func:`load_weights`).
 
 Models on remote storage (URIs) are fetched file by file: an exported model's ``model.pt`` and ``model.json``
 only, verified once per node and cached under ``<cache>/models/<sha256>/`` (``RESNET_RAY_CACHE``, default
@@ -16,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,6 +43,36 @@ class CheckpointError(RuntimeError):
 
 def _sha256(path: str) -> str:
     return storage.file_sha256(path)
+
+
+def refusal(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line: a pickle that asks to run code (a global
+    that is not a tensor type) is named as such; anything else by the first line of torch's message."""
+    text = str(exc)
+    asked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
+    if "Weights only load failed" in text or asked:
+        what = f" ({asked.group(1)})" if asked else ""
+        return f"not a weights-only state_dict: its pickle asks to run code{what}, which is never run"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"not a readable weights file ({type(exc).__name__}: {first})"
+
+
+def load_weights(path: str, mmap: bool = False) -> dict:
+    """The state_dict (name -> tensor) in a weights file, loaded with weights_only=True, so that no code in it can
+    run; CheckpointError in one line naming the file for anything else (a pickle payload, a corrupt file, a file
+    of other objects). ``mmap``: map the tensors instead of reading them (a cheap check of the pickle)."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # an old (not zip) file: read it whole
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {refusal(exc)}; refusing to load") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state_dict (a mapping of names to tensors); refusing to load")
+    return state
 
 
 def unwrap_state_dict(state: dict) -> dict:
@@ -67,9 +100,14 @@ def load_training_state(folder: str) -> tuple[dict, dict]:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
+    except Exception as exc:
+        raise CheckpointError(f"{meta_path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc})") from None
+    try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{folder}: corrupt checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{state_path}: corrupt checkpoint, {refusal(exc)}; refusing to load") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{state_path}: corrupt checkpoint, not a training state (no 'model' entry)")
     return state, meta
 
 
@@ -243,20 +281,31 @@ def _verified_model_file(folder: str, info: dict) -> str:
     return model_path
 
 
+def temperature_of(info: dict, where: str = MODEL_INFO) -> float:
+    """The calibration temperature stored with a model (model.json's ``temperature``); 1 for models exported
+    before temperature scaling existed. CheckpointError naming the field for a value that is not > 0."""
+    value = info.get("temperature", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise CheckpointError(f"{where}: temperature must be a number > 0, got {value!r}")
+    return float(value)
+
+
 def verify_model(path: str) -> tuple[str, dict]:
     """(folder, metadata) like read_info, after checking that a local exported model's weights are there and
     intact: bad weights fail here, before any inference starts. A remote model is verified where it is used
     (fetch_model, once per node), so that the driver's node downloads nothing."""
     folder, name = _locate(path)
     info = _read_json(folder, name)
-    if name == MODEL_INFO and not storage.is_uri(folder):
-        _verified_model_file(folder, info)
+    if name == MODEL_INFO:
+        temperature_of(info, f"{folder}/{MODEL_INFO}")
+        if not storage.is_uri(folder):
+            load_weights(_verified_model_file(folder, info), mmap=True)  # the pickle checked, no tensor read
     return folder, info
 
 
 def _exported_weights(folder: str, info: dict) -> dict:
     """An exported model's state_dict: SHA-256 checked here, or taken from this node's verified cache."""
-    return torch.load(_verified_model_file(folder, info), map_location="cpu", weights_only=True)
+    return load_weights(_verified_model_file(folder, info))
 
 
 def _checkpoint_weights(folder: str) -> dict:

@@ -8,6 +8,10 @@ cover the same dataset, split and rows, with the same label for every row id; an
 The accuracy difference is tested with McNemar's exact test on the paired predictions: under the null hypothesis
 that both models are equally accurate, the rows that exactly one of them gets right are equally likely to favour
 either, so the count favouring B is Binomial(discordant rows, 1/2); the p-value is two-sided. No Ray, no torch.
+
+An evaluation with test-time augmentation (report.json ``tta``: flip) and a plain one (``none``, also what older
+reports without the field were) differ in how they predict, not only in the model: they are paired only when asked
+(``allow_tta``, ``jobs/compare.py --allow-tta``), which measures the gain of TTA on the same split.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "Evaluation",
     "load_evaluation",
     "check_comparable",
+    "tta_of",
     "mcnemar_exact",
     "compare",
     "compare_folders",
@@ -129,8 +134,19 @@ def load_evaluation(path: str) -> Evaluation:
     return Evaluation(folder, report, row_id, label, pred)
 
 
-def check_comparable(a: Evaluation, b: Evaluation) -> None:
-    """Refuse two evaluations of different datasets, splits, rows, classes or labels (ComparisonError)."""
+def tta_of(evaluation: Evaluation) -> str:
+    """The test-time augmentation of an evaluation: report.json's ``tta`` ("none" for reports before it)."""
+    return str(evaluation.report.get("tta") or "none")
+
+
+def check_comparable(a: Evaluation, b: Evaluation, allow_tta: bool = False) -> None:
+    """Refuse two evaluations of different datasets, splits, rows, classes or labels, or (unless ``allow_tta``)
+    of different test-time augmentation (ComparisonError)."""
+    if tta_of(a) != tta_of(b) and not allow_tta:
+        raise ComparisonError(
+            f"A was evaluated with eval.tta {tta_of(a)} ({a.folder}), B with eval.tta {tta_of(b)} ({b.folder}): "
+            "pass --allow-tta to pair them (it measures the gain of test-time augmentation on the same split)"
+        )
     for key, what in (("dataset", "datasets"), ("split", "splits"), ("rows", "row counts")):
         if a.report[key] != b.report[key]:
             raise ComparisonError(
@@ -206,8 +222,9 @@ def _per_class(a: dict, b: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["difference"], r["index"]))
 
 
-def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05) -> dict:
-    """Paired comparison of two comparable evaluations (see :func:`check_comparable`).
+def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05, allow_tta: bool = False) -> dict:
+    """Paired comparison of two comparable evaluations (see :func:`check_comparable`; ``allow_tta``: pair a
+    test-time-augmented evaluation with a plain one).
 
     Returns a JSON-ready dict: the folders, dataset/split/rows, both accuracies with their Wilson intervals,
     the difference B - A (fraction), the discordant counts, McNemar's exact p-value, ``significant`` at
@@ -216,7 +233,7 @@ def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05) -> dict:
     """
     if not 0.0 < alpha < 1.0:
         raise ComparisonError(f"alpha must be in (0, 1), got {alpha}")
-    check_comparable(a, b)
+    check_comparable(a, b, allow_tta)
     right_a, right_b = a.pred == a.label, b.pred == b.label
     a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
     difference = b.report["accuracy"] - a.report["accuracy"]
@@ -228,6 +245,7 @@ def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05) -> dict:
         "dataset": a.report["dataset"],
         "split": a.report["split"],
         "rows": int(a.report["rows"]),
+        "tta": {"a": tta_of(a), "b": tta_of(b)},
         "accuracy": {
             "a": a.report["accuracy"],
             "b": b.report["accuracy"],
@@ -257,9 +275,9 @@ def compare(a: Evaluation, b: Evaluation, alpha: float = 0.05) -> dict:
     }
 
 
-def compare_folders(path_a: str, path_b: str, alpha: float = 0.05) -> dict:
+def compare_folders(path_a: str, path_b: str, alpha: float = 0.05, allow_tta: bool = False) -> dict:
     """:func:`compare` of two evaluation folders (local paths or URIs, or their report.json paths)."""
-    result = compare(load_evaluation(path_a), load_evaluation(path_b), alpha)
+    result = compare(load_evaluation(path_a), load_evaluation(path_b), alpha, allow_tta)
     log.debug(
         "compared %s and %s on %s/%s: %s",
         result["a"],
@@ -296,6 +314,10 @@ def _headline(result: dict) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def _tta(result: dict) -> dict:
+    return result.get("tta") or {"a": "none", "b": "none"}
+
+
 def _class_row(r: dict) -> list[str]:
     return [str(r["index"]), r["class"], fmt(r["f1_a"]), fmt(r["f1_b"]), f"{r['difference']:+.4f}", str(r["support"])]
 
@@ -308,6 +330,7 @@ def markdown(result: dict) -> str:
         f"- **A:** {result['a']}",
         f"- **B:** {result['b']}",
         f"- **Dataset / split / rows:** {result['dataset']} / {result['split']} / {result['rows']}",
+        f"- **Test-time augmentation (eval.tta):** A {_tta(result)['a']}, B {_tta(result)['b']}",
         f"- **Test:** {result['test']}, p = {result['p_value']:.3g}; both right "
         f"{result['pairs']['both_right']}, both wrong {result['pairs']['both_wrong']}",
         "",
@@ -353,7 +376,9 @@ def print_comparison(result: dict, console: Any = None) -> None:
     from rich.table import Table
 
     console = default_console(console)
-    console.print(f"A: {result['a']}\nB: {result['b']}", soft_wrap=True, highlight=False)
+    tta = _tta(result)
+    marks = {k: f" (eval.tta {v})" if tta["a"] != tta["b"] else "" for k, v in tta.items()}
+    console.print(f"A: {result['a']}{marks['a']}\nB: {result['b']}{marks['b']}", soft_wrap=True, highlight=False)
     table = Table(title=f"{result['dataset']} / {result['split']} / {result['rows']} rows", box=box.SIMPLE_HEAD)
     for header in ("Measure", "A", "B", "B - A"):
         table.add_column(header, justify="left" if header == "Measure" else "right")

@@ -56,6 +56,7 @@ SPLITS = ("train", "val", "test")
 SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint", "grid")
 SCHEDULERS = ("asha", "none")  # tune.scheduler: none runs every trial to tune.max_epochs
 RESIZE_POLICIES = ("center_crop", "stretch", "pad")  # resnet_ray.data.images
+TTA_MODES = ("none", "flip")  # eval.tta: flip = the mean softmax over the image and its mirror (predictor.py)
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -427,6 +428,11 @@ class EvalConfig:
     cpus_per_actor: float = 1.0
     output: Optional[str] = None  # report folder; defaults to <run>/eval-<split> or <model>/eval-<split>
     ece_bins: int = 15
+    # test-time augmentation of evaluation and prediction: none | flip (the mean of the softmax over the image and
+    # its horizontal mirror, on the device; twice the inference). Recorded in the report; compare.py pairs a flip
+    # evaluation with a plain one only when asked (--allow-tta)
+    tta: str = "none"
+    errors_shown: int = 32  # errors.png: the most confidently wrong images of the split (per_class_errors/: 8 each)
     stall_timeout_s: float = 600.0  # no prediction batch for this long (actors or reads unscheduled): fail
     # CPU evaluations (no eval.gpus_per_actor) of at most this many rows run in the job's own process, not on Ray
     # Data actors (a process start, torch and torchvision imports and a model load each: ~5 s on 2 cores).
@@ -446,7 +452,83 @@ class EvalConfig:
         _positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)
         _positive(self.cpus_per_actor, "eval.cpus_per_actor", allow_zero=True)
         _check(self.ece_bins >= 1, "eval.ece_bins", f"must be >= 1, got {self.ece_bins}")
+        _choice(self.tta, "eval.tta", TTA_MODES)
+        _check(self.errors_shown >= 1, "eval.errors_shown", f"must be >= 1, got {self.errors_shown}")
         _positive(self.stall_timeout_s, "eval.stall_timeout_s")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Online prediction with Ray Serve (jobs/serve.py, resnet_ray/serve.py): where it listens, the replicas,
+    dynamic batching, the bounds on queues and request bodies, and an optional API key."""
+
+    host: str = "127.0.0.1"  # the HTTP proxy's address; 0.0.0.0 serves every interface (anyone who reaches it)
+    port: int = 8000
+    route_prefix: str = "/"  # the application's routes: <prefix>predict, <prefix>healthz, <prefix>model
+    num_replicas: Optional[int] = None  # a fixed replica count; null: 1, or autoscaling when max_replicas is set
+    min_replicas: int = 1  # autoscaling (with max_replicas): the fewest replicas kept
+    max_replicas: Optional[int] = None  # set: autoscale between min_replicas and max_replicas
+    target_ongoing_requests: float = 16.0  # autoscaling: requests in flight per replica it aims at
+    cpus_per_replica: float = 1.0  # also the replica's torch threads (at least 1)
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 16  # dynamic batching (@serve.batch): images per forward pass at most
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill after its first image
+    max_ongoing_requests: int = 32  # per replica (at least max_batch_size, or batches never fill)
+    max_queued_requests: int = 64  # per proxy, beyond those in the replicas: then 503 with Retry-After
+    retry_after_s: float = 1.0  # the Retry-After of that 503
+    max_image_bytes: int = 10 * 2**20  # request bodies above this get 413, before anything is decoded
+    max_image_pixels: int = 40_000_000  # width x height above this gets 413 (a decompression bomb), before decoding
+    top_k: int = 5  # classes per answer at most (a request may ask for fewer: ?top_k=N)
+    api_key_env: Optional[str] = None  # name of an environment variable holding the key; set: 401 without it
+
+    def __post_init__(self):
+        _check(bool(self.host.strip()), "serve.host", "must not be empty (127.0.0.1: this machine only)")
+        _check(1 <= self.port <= 65535, "serve.port", f"must be in [1, 65535], got {self.port}")
+        _check(self.route_prefix.startswith("/"), "serve.route_prefix", f"must start with /, got {self.route_prefix!r}")
+        if self.num_replicas is not None:
+            _check(self.num_replicas >= 1, "serve.num_replicas", f"must be >= 1, got {self.num_replicas}")
+            _check(
+                self.max_replicas is None,
+                "serve.num_replicas",
+                "a fixed count and autoscaling (serve.max_replicas) exclude each other; set one of them",
+            )
+        if self.max_replicas is not None:
+            _check(self.max_replicas >= 1, "serve.max_replicas", f"must be >= 1, got {self.max_replicas}")
+            _check(
+                0 <= self.min_replicas <= self.max_replicas,
+                "serve.min_replicas",
+                f"must be in [0, serve.max_replicas={self.max_replicas}], got {self.min_replicas}",
+            )
+        _positive(self.target_ongoing_requests, "serve.target_ongoing_requests")
+        _positive(self.cpus_per_replica, "serve.cpus_per_replica", allow_zero=True)
+        _positive(self.gpus_per_replica, "serve.gpus_per_replica", allow_zero=True)
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+        _positive(self.batch_wait_timeout_s, "serve.batch_wait_timeout_s", allow_zero=True)
+        _check(
+            self.max_ongoing_requests >= self.max_batch_size,
+            "serve.max_ongoing_requests",
+            f"must be >= serve.max_batch_size={self.max_batch_size} (a replica batches only the requests it holds), "
+            f"got {self.max_ongoing_requests}",
+        )
+        _check(
+            self.max_queued_requests >= 1,
+            "serve.max_queued_requests",
+            f"must be >= 1 (the queue is bounded on purpose), got {self.max_queued_requests}",
+        )
+        _positive(self.retry_after_s, "serve.retry_after_s", allow_zero=True)
+        _check(self.max_image_bytes >= 1, "serve.max_image_bytes", f"must be >= 1, got {self.max_image_bytes}")
+        _check(self.max_image_pixels >= 1, "serve.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        _check(self.top_k >= 1, "serve.top_k", f"must be >= 1, got {self.top_k}")
+        if self.api_key_env is not None:
+            _check(
+                self.api_key_env.isidentifier() and self.api_key_env.isascii(),
+                "serve.api_key_env",
+                f"must name an environment variable (letters, digits, _), got {self.api_key_env!r}",
+            )
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
 
 
 @dataclass(frozen=True)
@@ -458,6 +540,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         if self.train.mixup_alpha > 0 or self.train.cutmix_alpha > 0:
@@ -591,6 +674,8 @@ def _read_yaml(path: str, including: tuple = ()) -> dict:
             raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    if "applications" in loaded:  # a Ray Serve config file (configs/serve.yaml)
+        return serve_file_tree(loaded, path)
     base = loaded.pop("base", None)
     if base is None:
         return loaded
@@ -605,6 +690,30 @@ def _read_yaml(path: str, including: tuple = ()) -> dict:
             tree[section] = {**tree[section], **values}
         else:
             tree[section] = values
+    return tree
+
+
+def serve_file_tree(loaded: dict, path: str) -> dict:
+    """A Ray Serve config file (top-level ``applications``, for `serve run` / `serve deploy`) as a config tree:
+    the ``args`` of its one application, less ``model`` (sections as mappings or dotted keys, as
+    ``resnet_ray.serve.app_builder`` reads them), with ``http_options`` host and port as serve.host / serve.port."""
+    apps = loaded["applications"]
+    if not (isinstance(apps, list) and len(apps) == 1 and isinstance(apps[0], dict)):
+        raise ConfigError(f"config file {path}: a Ray Serve config file must hold exactly one application")
+    args = apps[0].get("args") or {}
+    _check(isinstance(args, dict), f"{path}: applications[0].args", f"expected a mapping, got {args!r}")
+    tree: dict = {}
+    for key, value in args.items():
+        if key == "model":  # what the app builder serves
+            continue
+        if "." in key:
+            set_dotted(tree, key, value)
+        else:
+            tree[key] = value
+    http = loaded.get("http_options") or {}
+    for key in ("host", "port"):
+        if key in http:
+            tree.setdefault("serve", {})[key] = http[key]
     return tree
 
 

@@ -82,13 +82,14 @@ def default_console(console: Any = None) -> Any:
     return console if console is not None else Console()
 
 
-def print_summary(report: dict, console: Any = None, worst: int = 5) -> None:
+def print_summary(report: dict, console: Any = None, worst: int = 5, output: Any = None) -> None:
     """Print per-class rows, averages (and the coarse report if present) as rich tables.
 
     The ``worst`` classes by F1 (among classes with support > 0) are shown in
     red, with 95% intervals next to precision and recall, followed by one
-    line with accuracy and macro-F1 (with their intervals) / top-5 / ECE /
-    total support.
+    line with accuracy and macro-F1 (with their intervals) / top-5 / ECE (before -> after the temperature) /
+    total support, and, when the report has them, a line with the calibration and test-time augmentation and
+    one naming the gallery of the most confident mistakes (in ``output``, the report folder, when given).
     """
     console = default_console(console)
     bits = [identity(report[k]) for k in ("model", "dataset", "split") if report.get(k) is not None]
@@ -108,7 +109,10 @@ def print_summary(report: dict, console: Any = None, worst: int = 5) -> None:
         parts.append(f"macro-F1 {fmt(macro['f1'])} {fmt_ci(macro['f1_ci'])}")
     if "top5_accuracy" in report:
         parts.append(f"top-5 {fmt(report['top5_accuracy'])}")
-    if "ece" in report:
+    calibration = report.get("calibration")
+    if calibration:
+        parts.append(f"ECE {fmt(calibration['before']['ece'])} -> {fmt(calibration['after']['ece'])}")
+    elif "ece" in report:
         parts.append(f"ECE {fmt(report['ece'])}")
     if isinstance(coarse, dict) and "accuracy" in coarse:
         parts.append(f"coarse accuracy {fmt(coarse['accuracy'])}")
@@ -120,6 +124,37 @@ def print_summary(report: dict, console: Any = None, worst: int = 5) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    if calibration:
+        fitted = f"fitted on {calibration['fitted_on']}" if calibration.get("fitted_on") else "not fitted"
+        console.print(
+            f"calibration: temperature {calibration['temperature']:.4g} ({fitted}); NLL "
+            f"{fmt(calibration['before']['nll'])} -> {fmt(calibration['after']['nll'])} | test-time augmentation: "
+            f"{report.get('tta', 'none')}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    errors = report.get("errors")
+    if errors:
+        folder = f"{output}/" if output else ""
+        per_class = f"; per class: {folder}per_class_errors/" if errors["per_class"] else ""
+        shown = f"{len(errors['rows'])} of {errors['wrong']}"
+        console.print(
+            f"most confident mistakes ({shown}): {folder}{errors['file']}{per_class}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def calibration_line(record: dict) -> str:
+    """One line on a temperature fit (resnet_ray.calibration's record): the temperature and what it did on the
+    split it was fitted on, or why it stays 1."""
+    if not record.get("fitted"):
+        return f"temperature 1 (not fitted): {record['reason']}"
+    return (
+        f"temperature {record['temperature']:.4g} fitted on {record['split']} ({record['rows']} rows, eval.tta "
+        f"{record['tta']}): NLL {fmt(record['nll_before'])} -> {fmt(record['nll_after'])}, ECE "
+        f"{fmt(record['ece_before'])} -> {fmt(record['ece_after'])}"
+    )
 
 
 def print_training_summary(result: Any, console: Any = None) -> None:
@@ -154,8 +189,11 @@ def print_training_summary(result: Any, console: Any = None) -> None:
     else:
         chosen = f"refit on train+val (no validation): the last epoch, {best_epoch}, is exported"
     console.print(f"{chosen}; model exported to {result.model_dir}", soft_wrap=True)
+    calibration = getattr(result, "calibration", None)
+    if calibration:
+        console.print(calibration_line(calibration), soft_wrap=True, highlight=False)
     if result.evaluation:
-        print_summary(result.evaluation["report"], console)
+        print_summary(result.evaluation["report"], console, output=result.evaluation["output"])
         console.print(f"evaluation report: {result.evaluation['output']}", soft_wrap=True)
 
 

@@ -1,4 +1,11 @@
-"""Distributed evaluation: Ray Data batch inference on actors -> summed confusion matrices -> report files."""
+"""Distributed evaluation: Ray Data batch inference on actors -> summed confusion matrices -> report files.
+
+Per batch the Predictor returns calibrated probabilities (the model's temperature, model.json) and the scores they
+come from; the statistics summed here are the confusion matrix, top-5 hits, the calibration bins and the NLL
+before and after the temperature, and (eval.tta) the predictions may average the image and its mirror. After the
+split, ``errors.png`` and ``per_class_errors/`` show the most confident mistakes, their pixels read by row id from
+the prepared split (no second inference). :func:`collect_logits` gives a split's scores to the temperature fit
+(resnet_ray.calibration)."""
 
 from __future__ import annotations
 
@@ -13,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_ray import console, metrics, report, storage
-from resnet_ray.checkpoint import CheckpointError, checkpoint_config, verify_model
+from resnet_ray.checkpoint import CheckpointError, checkpoint_config, temperature_of, verify_model
 from resnet_ray.config import Config, EvalConfig, parse_overrides, replace, to_dict
-from resnet_ray.data.layout import split_rows
+from resnet_ray.data.layout import read_rows, split_rows
 from resnet_ray.data.load import (
     IN_MEMORY_BYTES,
     load_split,
@@ -47,20 +54,30 @@ def check_model_fits(info: dict, meta: dict, model_path: str) -> None:
         raise CheckpointError(f"{model_path}: the model's class names differ from dataset {meta['name']}'s")
 
 
-def batch_statistics(batch: dict, num_classes: int, ece_bins: int) -> dict:
-    """One row per prediction batch: its C x C confusion matrix, top-5 hits, calibration bins, row count."""
+def batch_statistics(batch: dict, num_classes: int, ece_bins: int, temperature: float = 1.0) -> dict:
+    """One row per prediction batch: its C x C confusion matrix, top-5 hits, calibration bins (of the batch's
+    confidence, calibrated at ``temperature`` by the Predictor), row count; where the batch has the Predictor's
+    ``logits``, also the bins before calibration (T = 1) and the summed NLL after and before."""
     labels, preds = batch["label"], batch["pred"]
+    correct = preds == labels
     stats = {
         "cm": metrics.confusion_matrix(labels, preds, num_classes)[None],
         "top5": np.array([(batch["top5"] == labels[:, None]).any(1).sum()]),
-        "calibration": metrics.calibration_counts(batch["confidence"], preds == labels, ece_bins)[None],
+        "calibration": metrics.calibration_counts(batch["confidence"], correct, ece_bins)[None],
         "rows": np.array([len(labels)]),
     }
+    if "logits" in batch:
+        raw = np.exp(metrics.log_softmax(batch["logits"]).max(axis=1))
+        stats["calibration_raw"] = metrics.calibration_counts(raw, correct, ece_bins)[None]
+        stats["nll"] = np.array([metrics.negative_log_likelihood(batch["logits"], labels, temperature)])
+        stats["nll_raw"] = np.array([metrics.negative_log_likelihood(batch["logits"], labels)])
     return stats
 
 
 def _predictions_table(batch: dict) -> pa.Table:
-    columns = {k: v for k, v in batch.items() if k != "top5"}
+    columns = {k: v for k, v in batch.items() if k not in ("top5", "logits")}
+    if "logits" in batch:
+        columns["confidence_raw"] = np.exp(metrics.log_softmax(batch["logits"]).max(axis=1))
     columns["top5"] = pa.array(list(batch["top5"]), type=pa.list_(pa.int64()))
     return pa.table(columns)
 
@@ -88,8 +105,17 @@ def _consume(batches, path: str, expected_rows: int, stats_kwargs: dict) -> dict
     return total
 
 
-def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta: dict, what: str):
-    """Prediction batches of a split from a Ray Data actor pool sized to fit the cluster, as they arrive.
+def predictor_kwargs(cfg: EvalConfig, calibrated: bool = True) -> dict:
+    """The Predictor settings of an evaluation: the scores with every batch (for the NLL and the uncalibrated
+    bins), eval.tta, and calibrated probabilities unless ``calibrated`` is False (the temperature fit)."""
+    return {"logits": True, "tta": cfg.tta, "calibrated": calibrated}
+
+
+def predict_stream(
+    cfg: Config, model_path: str, split: str, prepared: str, meta: dict, what: str, options: Optional[dict] = None
+):
+    """Prediction batches of a split from a Ray Data actor pool sized to fit the cluster, as they arrive
+    (``options``: further Predictor arguments, predictor_kwargs).
 
     Raises StallError when no batch arrives for eval.stall_timeout_s (actors or reads that cannot start).
     """
@@ -106,7 +132,11 @@ def predict_stream(cfg: Config, model_path: str, split: str, prepared: str, meta
     rows = rows.repartition(target_num_rows_per_block=cfg.eval.batch_size)
     predictions = rows.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_path": storage.normalize(model_path), "threads": pool.threads},
+        fn_constructor_kwargs={
+            "model_path": storage.normalize(model_path),
+            "threads": pool.threads,
+            **(options or {}),
+        },
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -129,7 +159,7 @@ def in_process(cfg: EvalConfig, rows: int) -> bool:
     return started_here() if cfg.in_process_rows is None else rows <= cfg.in_process_rows
 
 
-def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
+def predict_here(cfg: Config, model_path: str, split: str, prepared: str, options: Optional[dict] = None):
     """Prediction batches of a split from a Predictor in this process: the rows of ``load_split``, in batches of
     eval.batch_size, on this machine's cores (at most the CPUs that a local instance of this job declares)."""
     import ray
@@ -139,7 +169,7 @@ def predict_here(cfg: Config, model_path: str, split: str, prepared: str):
     threads = os.cpu_count() or 1
     if started_here():  # --num-cpus / RESNET_RAY_NUM_CPUS
         threads = max(1, min(threads, int(ray.cluster_resources().get("CPU", threads))))
-    predictor = Predictor(storage.normalize(model_path), threads=threads)
+    predictor = Predictor(storage.normalize(model_path), threads=threads, **(options or {}))
     b = cfg.eval.batch_size
     for part in read_split(cfg.data, split, prepared):
         for i in range(0, len(part["label"]), b):
@@ -150,6 +180,34 @@ def _advancing(batches, advance):
     for batch in batches:
         advance(len(batch["row_id"]))
         yield batch
+
+
+def _predictions(cfg: Config, model_path: str, split: str, prepared: str, meta: dict, rows: int, options: dict):
+    """Prediction batches of ``rows`` rows of a split: in this process or on Ray Data actors (in_process)."""
+    if in_process(cfg.eval, rows):
+        return predict_here(cfg, model_path, split, prepared, options)
+    return predict_stream(cfg, model_path, split, prepared, meta, f"evaluation of {split}", options)
+
+
+def collect_logits(cfg: Config, model_path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N, C) float32, labels (N,)) of every row of a prepared split, in row-id order, before any
+    temperature (eval.tta as configured): the evaluation's inference, checked to cover the split exactly once."""
+    info = verify_model(model_path)[1]
+    prepared, meta = ensure_prepared(cfg.data)
+    check_model_fits(info, meta, model_path)
+    expected = split_rows(meta, split, cfg.data.limit)
+    coverage = metrics.RowCoverage(expected, EvaluationError, "row", "split")
+    logits = np.zeros((expected, info["num_classes"]), dtype=np.float32)
+    labels = np.zeros(expected, dtype=np.int64)
+    options = predictor_kwargs(cfg.eval, calibrated=False)
+    with console.progress_bar(f"scoring {split}", console.logging_console()) as (begin, advance):
+        stream = _predictions(cfg, model_path, split, prepared, meta, expected, options)
+        begin(expected)
+        for batch in _advancing(stream, advance):
+            coverage.add(batch["row_id"])
+            logits[batch["row_id"]], labels[batch["row_id"]] = batch["logits"], batch["label"]
+    coverage.finish()
+    return logits, labels
 
 
 def model_config(model_path: str, overrides=()) -> Config:
@@ -170,18 +228,15 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
     output = output or cfg.eval.output or default_output(model_path, f"eval-{split}")
     classes = list(meta["classes"])
 
-    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins}
+    temperature = temperature_of(info)
+    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins, "temperature": temperature}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
+        predictions = os.path.join(tmp, "predictions.parquet")
         with console.progress_bar(f"evaluating {split}", console.logging_console()) as (begin, advance):
-            if in_process(cfg.eval, expected):
-                stream = predict_here(cfg, model_path, split, prepared)
-            else:
-                stream = predict_stream(cfg, model_path, split, prepared, meta, f"evaluation of {split}")
+            stream = _predictions(cfg, model_path, split, prepared, meta, expected, predictor_kwargs(cfg.eval))
             begin(expected)
-            stats = _consume(
-                _advancing(stream, advance), os.path.join(tmp, "predictions.parquet"), expected, stats_kwargs
-            )
+            stats = _consume(_advancing(stream, advance), predictions, expected, stats_kwargs)
         seconds = time.perf_counter() - start
         if int(stats["rows"]) != expected or int(stats["cm"].sum()) != expected:
             raise EvaluationError(f"total support {int(stats['cm'].sum())} != {expected} rows in split {split!r}")
@@ -191,7 +246,22 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
                 stats["cm"], meta["fine_to_coarse"], len(meta["coarse_classes"])
             )
         result = _report(stats, coarse_cm, info, meta, cfg, model_path, split, expected, seconds)
-        report.write_outputs(result, stats["cm"], classes, tmp, coarse_cm=coarse_cm, calibration=stats["calibration"])
+        result["errors"] = report.error_selection(
+            pq.read_table(predictions, columns=["row_id", "label", "pred", "confidence"]),
+            classes,
+            cfg.eval.errors_shown,
+        )
+        images = read_rows(prepared, split, report.error_rows(result["errors"]), meta["image_size"])
+        report.write_outputs(
+            result,
+            stats["cm"],
+            classes,
+            tmp,
+            coarse_cm=coarse_cm,
+            calibration=stats["calibration"],
+            calibration_before=stats["calibration_raw"],
+            error_images=images,
+        )
         storage.upload_dir(tmp, output)
     log.debug(
         "evaluated %s on %s/%s: accuracy %.4f over %d rows in %.1f s -> %s",
@@ -234,6 +304,9 @@ def _report(
             "rows": expected,
             "top5_accuracy": float(stats["top5"]) / expected,
             "ece": metrics.expected_calibration_error(stats["calibration"]),
+            "nll": float(stats["nll"]) / expected,
+            "calibration": _calibration(stats, info, expected),
+            "tta": cfg.eval.tta,
             "confused_pairs": metrics.most_confused_pairs(stats["cm"], classes, k=10),
             "images_per_s": expected / seconds,
             "config": to_dict(cfg),
@@ -244,3 +317,19 @@ def _report(
         coarse["confused_pairs"] = metrics.most_confused_pairs(coarse_cm, meta["coarse_classes"], k=10)
         result["coarse"] = coarse
     return result
+
+
+def _calibration(stats: dict, info: dict, rows: int) -> dict:
+    """The report's ``calibration``: the model's temperature, where it was fitted, and NLL / ECE before (T = 1)
+    and after it."""
+    fitted = info.get("calibration") or {}
+    return {
+        "temperature": temperature_of(info),
+        "fitted_on": fitted.get("split") if fitted.get("fitted") else None,
+        "fitted_with_tta": fitted.get("tta") if fitted.get("fitted") else None,
+        "before": {
+            "nll": float(stats["nll_raw"]) / rows,
+            "ece": metrics.expected_calibration_error(stats["calibration_raw"]),
+        },
+        "after": {"nll": float(stats["nll"]) / rows, "ece": metrics.expected_calibration_error(stats["calibration"])},
+    }

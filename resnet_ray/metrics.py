@@ -5,6 +5,11 @@ many actors and then summed:
 
 * ``confusion_matrix`` -> ``(C, C)`` int64 counts; sum matrices over batches.
 * ``calibration_counts`` -> ``(n_bins, 3)`` float64 statistics; sum them too.
+* ``negative_log_likelihood`` -> a float sum over rows (at a temperature); sum it too.
+
+Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks"): ``fit_temperature`` finds the
+one T > 0 that minimises the NLL of ``softmax(logits / T)`` on held-out logits; dividing by T never changes the
+ranking of the classes, so top-1 (and top-k) stay the same.
 
 The final numbers are then derived once from the summed statistics with
 ``classification_report``, ``expected_calibration_error``,
@@ -62,6 +67,9 @@ __all__ = [
     "calibration_counts",
     "expected_calibration_error",
     "calibration_bins",
+    "log_softmax",
+    "negative_log_likelihood",
+    "fit_temperature",
     "wilson_interval",
     "bootstrap_macro_f1",
     "classification_report",
@@ -218,6 +226,59 @@ def calibration_bins(counts: Any) -> list[dict]:
         }
         for b in range(c.shape[0])
     ]
+
+
+# --------------------------------------------------------------------------
+# Likelihood and temperature scaling
+# --------------------------------------------------------------------------
+def log_softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """``(N, C)`` log-probabilities ``log softmax(logits / temperature)`` in float64, computed stably."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if z.ndim != 2:
+        raise ValueError(f"logits must have shape (N, C), got {z.shape}")
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def negative_log_likelihood(logits: Any, labels: Any, temperature: float = 1.0) -> float:
+    """Sum over rows of ``-log softmax(logits / temperature)[label]`` (nats): additive over batches; divide by
+    the row count for the mean NLL (the cross-entropy)."""
+    logp = log_softmax(logits, temperature)
+    y = _as_int_labels(labels, "labels", logp.shape[1])
+    if y.shape[0] != logp.shape[0]:
+        raise ValueError(f"logits and labels have different lengths: {logp.shape[0]} != {y.shape[0]}")
+    return float(-logp[np.arange(len(y)), y].sum())
+
+
+def fit_temperature(logits: Any, labels: Any, low: float = 0.05, high: float = 20.0) -> float:
+    """The temperature T in ``[low, high]`` that minimises the mean NLL of ``softmax(logits / T)`` (Guo et al.
+    2017): a bounded scalar search over log T. The NLL is convex in 1/T, so the search finds the global minimum.
+
+    Args:
+        logits: ``(N, C)`` held-out scores (the validation split's; never the test split's).
+        labels: ``(N,)`` their true classes.
+
+    Returns:
+        T (> 1 softens over-confident probabilities, < 1 sharpens under-confident ones); 1.0 without rows.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"logits must have shape (N, C), got {z.shape}")
+    y = _as_int_labels(labels, "labels", z.shape[1])
+    if not len(y):
+        return 1.0
+    picked = z[np.arange(len(y)), y]
+
+    def mean_nll(log_t: float) -> float:
+        scaled = z / math.exp(log_t)
+        top = scaled.max(axis=1)
+        lse = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+        return float(np.mean(lse - picked / math.exp(log_t)))
+
+    best = minimize_scalar(mean_nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-5})
+    return float(math.exp(best.x))
 
 
 # --------------------------------------------------------------------------

@@ -85,11 +85,13 @@ def _require_file(path: str) -> None:
 
 def load_state_dict(path: str) -> dict:
     """A state_dict from a file, loaded with weights_only=True (no arbitrary unpickling)."""
+    from resnet_ray.checkpoint import refusal
+
     _require_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"model.weights: cannot load {path}: {exc}") from None
+    except Exception as exc:  # one line: torch's message runs over many, and a pickle payload never runs
+        raise ModelError(f"model.weights: cannot load {path}: {refusal(exc)}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

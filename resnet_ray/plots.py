@@ -1,5 +1,6 @@
 """The figures (PNG, local path or URI, written atomically): confusion matrices, per-class F1, the reliability
-diagram and a training run's history. matplotlib is imported lazily with the Agg backend; no ray, no torch."""
+diagram (before and after temperature scaling), the gallery of the most confident mistakes and a training run's
+history. matplotlib is imported lazily with the Agg backend; no ray, no torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import io
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -108,15 +109,18 @@ def _score_colors(scores: np.ndarray) -> list:
     return [cmap(float(v)) for v in np.clip(np.nan_to_num(scores), 0.0, 1.0)]
 
 
-def write_reliability_plot(calibration: Any, path: str) -> str:
+def write_reliability_plot(calibration: Any, path: str, before: Any = None, temperature: Optional[float] = None) -> str:
     """Draw the reliability diagram behind the ECE into ``path`` (PNG; local path or URI).
 
     Args:
         calibration: ``(n_bins, 3)`` summed ``metrics.calibration_counts`` (count, sum confidence, sum correct).
         path: where to write the PNG.
+        before: the same counts before temperature scaling (T = 1), drawn as a line beside the bars.
+        temperature: the temperature that ``calibration`` was computed at (shown in the title).
 
     Top: accuracy per confidence bin (bars) against the diagonal of perfect calibration, the gap to the
-    bin's mean confidence shaded; bottom: the number of predictions per bin (log scale). Returns ``path``.
+    bin's mean confidence shaded (and, with ``before``, the uncalibrated accuracy per bin as a line); bottom: the
+    number of predictions per bin (log scale). Returns ``path``.
     """
     bins = calibration_bins(calibration)
     ece = expected_calibration_error(calibration)
@@ -126,6 +130,7 @@ def write_reliability_plot(calibration: Any, path: str) -> str:
     used = count > 0
     acc = np.array([b["accuracy"] for b in bins])[used]
     conf = np.array([b["confidence"] for b in bins])[used]
+    after = "after temperature scaling" if before is not None else "accuracy"
     with _figure(path, nrows=2, figsize=(6, 7), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}) as (
         fig,
         (top, bottom),
@@ -138,7 +143,7 @@ def write_reliability_plot(calibration: Any, path: str) -> str:
             color="tab:blue",
             edgecolor="black",
             linewidth=0.5,
-            label="accuracy",
+            label=after,
         )
         top.bar(
             low[used],
@@ -152,18 +157,63 @@ def write_reliability_plot(calibration: Any, path: str) -> str:
             hatch="//",
             label="gap to mean confidence",
         )
+        title = f"Reliability diagram: ECE {fmt(ece)} over {int(count.sum())} predictions"
+        if before is not None:
+            old = calibration_bins(before)
+            seen = [b for b in old if b["count"] > 0]
+            top.plot(
+                [b["confidence"] for b in seen],
+                [b["accuracy"] for b in seen],
+                "o-",
+                color="tab:orange",
+                linewidth=1.5,
+                markersize=4,
+                label="before (T = 1): accuracy at mean confidence",
+            )
+            t = f", T = {temperature:.3g}" if temperature is not None else ""
+            title = f"Reliability: ECE {fmt(expected_calibration_error(before))} -> {fmt(ece)}{t}"
+            bottom.step(
+                np.append(low, 1.0),
+                np.append([b["count"] for b in old], old[-1]["count"]),
+                where="post",
+                color="tab:orange",
+                linewidth=1,
+            )
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
         top.set_ylabel("Accuracy")
-        top.set_title(f"Reliability diagram: ECE {fmt(ece)} over {int(count.sum())} predictions")
-        top.legend(loc="upper left")
+        top.set_title(title)
+        top.legend(loc="upper left", fontsize=8)
         top.grid(alpha=0.3)
         bottom.bar(low, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
         if count.max(initial=0) > 0:
             bottom.set_yscale("log")
         bottom.set_xlabel("Confidence (max softmax probability)")
         bottom.set_ylabel("Predictions")
+    return path
+
+
+def write_error_gallery(path: str, images: Sequence[np.ndarray], captions: Sequence[str], title: str) -> str:
+    """A grid of images (uint8 H x W x 3, shown pixel for pixel, nearest-neighbour) with a caption under each,
+    8 to a row, into ``path`` (PNG; local path or URI); a figure that says so when there are none."""
+    n = len(images)
+    cols = max(1, min(8, n))
+    rows = max(1, math.ceil(n / cols))
+    with _figure(
+        path, nrows=rows, ncols=cols, figsize=(1.7 * cols + 0.4, 2.0 * rows + 0.6), dpi=110, squeeze=False
+    ) as (
+        fig,
+        axes,
+    ):
+        for i, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if i < n:
+                ax.imshow(images[i], interpolation="nearest")
+                ax.set_title(captions[i], fontsize=6.5, loc="left")
+        if not n:
+            axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=12)
+        fig.suptitle(title, fontsize=10)
     return path
 
 

@@ -6,8 +6,11 @@ and decoding run as Ray Data tasks, prediction on an actor pool with the evaluat
 is brought to the stored size by the resize policy of the model's training data (``model.json``), so new images
 are seen exactly as the training images were.
 
-The output Parquet has one row per input row (``row_id`` = the input order), written to a temporary file and
-published atomically only after every row id came back exactly once.
+The probabilities are calibrated by the model's temperature (model.json; ``calibrated=False``: the raw softmax;
+the classes and their order are the same either way), and with ``eval.tta: flip`` they are the mean over each
+image and its mirror. The output Parquet has one row per input row (``row_id`` = the input order), with the
+temperature applied (column ``temperature``), written to a temporary file and published atomically only after
+every row id came back exactly once.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from resnet_ray import run_folder, storage
-from resnet_ray.checkpoint import STATE, verify_model
+from resnet_ray.checkpoint import STATE, temperature_of, verify_model
 from resnet_ray.config import Config
 from resnet_ray.data.layout import DataError, decode_batch
 from resnet_ray.data.load import quiet_data_progress
+from resnet_ray.data.sources import walk
 from resnet_ray.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec
 from resnet_ray.metrics import RowCoverage
 from resnet_ray.resources import alive_nodes, size_actor_pool
@@ -91,8 +95,15 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile(out + r"\Z")
 
 
-def _visible(rel: str) -> bool:
-    return not any(part.startswith((".", "_")) for part in rel.split("/"))
+def _files_below(fs: pafs.FileSystem, base: str) -> list[str]:
+    """Every visible file below ``base`` (hidden entries and ``_*`` skipped), links to folders not followed (they
+    could lead into a loop: :func:`resnet_ray.data.sources.walk`), in path order."""
+    try:
+        return [e.path for e in walk(fs, base, hidden=(".", "_")) if e.kind == "file"]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise DataError(f"--input {base}: cannot list ({exc})") from None
 
 
 def _list_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -105,12 +116,7 @@ def _list_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         fs, fs_base = storage.resolve(base or "/")
         fs_pattern = fs_base.rstrip("/") + "/" + rest.lstrip("/")
         regex = glob_regex(fs_pattern)
-        infos = fs.get_file_info(pafs.FileSelector(fs_base, recursive=True, allow_not_found=True))
-        found = [
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File and regex.match(i.path) and _visible(i.path[len(fs_base) :].lstrip("/"))
-        ]
+        found = [p for p in _files_below(fs, fs_base) if regex.match(p)]
         if not found:
             raise DataError(f"--input {path}: no file matches")
         return fs, sorted(found)
@@ -120,10 +126,7 @@ def _list_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         raise DataError(f"--input {path}: not found")
     if info.type == pafs.FileType.File:
         return fs, [fs_path]
-    infos = fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
-    return fs, sorted(
-        i.path for i in infos if i.type == pafs.FileType.File and _visible(i.path[len(fs_path) :].lstrip("/"))
-    )
+    return fs, _files_below(fs, fs_path)
 
 
 def _row_groups(fs: pafs.FileSystem, files: list[str], path: str, image_column: str) -> tuple[list[dict], int]:
@@ -247,10 +250,10 @@ def read_row_groups(batch: dict, spec: dict, base: str, image_column: str) -> di
 class ImagePredictor:
     """The evaluation's Predictor on the decodable rows of a batch; rows with an error pass through unpredicted."""
 
-    def __init__(self, model_path: str, threads: int, k: int):
+    def __init__(self, model_path: str, threads: int, k: int, calibrated: bool = True, tta: str = "none"):
         from resnet_ray.predictor import Predictor
 
-        self.predictor = Predictor(model_path, threads=threads, k=k, probabilities=True)
+        self.predictor = Predictor(model_path, threads=threads, k=k, probabilities=True, calibrated=calibrated, tta=tta)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
@@ -292,7 +295,16 @@ def default_output(model_path: str, input_path: str) -> str:
     return run_folder.default_output(model_path, f"predict-{name.removesuffix('.parquet') or 'input'}.parquet")
 
 
-def _stream(cfg: Config, inputs: Inputs, model_folder: str, spec: ResizeSpec, base: str, k: int, image_column: str):
+def _stream(
+    cfg: Config,
+    inputs: Inputs,
+    model_folder: str,
+    spec: ResizeSpec,
+    base: str,
+    k: int,
+    image_column: str,
+    calibrated: bool = True,
+):
     import ray.data
 
     fn_kwargs = {"spec": spec.record(), "base": base}
@@ -311,7 +323,13 @@ def _stream(cfg: Config, inputs: Inputs, model_folder: str, spec: ResizeSpec, ba
         )
     predictions = decoded.map_batches(
         ImagePredictor,
-        fn_constructor_kwargs={"model_path": model_folder, "threads": pool.threads, "k": k},
+        fn_constructor_kwargs={
+            "model_path": model_folder,
+            "threads": pool.threads,
+            "k": k,
+            "calibrated": calibrated,
+            "tta": cfg.eval.tta,
+        },
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -331,7 +349,7 @@ def _where(batch: dict, i: int, kind: str) -> str:
     return f"{batch['path'][i]}: row {batch['row'][i]}" if kind == "parquet" else str(batch["path"][i])
 
 
-def _table(batch: dict, classes: list, sha: str, kind: str) -> pa.Table:
+def _table(batch: dict, classes: list, sha: str, kind: str, temperature: float = 1.0) -> pa.Table:
     ok = batch["pred"] >= 0
     names = np.asarray(classes, dtype=object)
     top = [list(names[t]) if good else [] for t, good in zip(batch["top5"], ok)]
@@ -347,6 +365,7 @@ def _table(batch: dict, classes: list, sha: str, kind: str) -> pa.Table:
         "top_probs": pa.array(probs, pa.list_(pa.float64())),
         "error": pa.array([None if good else str(e) for e, good in zip(batch["error"], ok)], pa.string()),
         "model_sha256": pa.array([sha] * n, pa.string()),
+        "temperature": pa.array(np.full(n, temperature), pa.float64()),
     }
     return pa.table(columns)
 
@@ -359,6 +378,7 @@ def _consume(
     sha: str,
     on_bad_image: str,
     on_rows: Optional[Callable[[int], None]],
+    temperature: float = 1.0,
 ) -> list[dict]:
     """Write prediction batches to the local Parquet file ``path``; returns the skipped rows [{file, reason}].
 
@@ -378,7 +398,7 @@ def _consume(
                         f"--data.on_bad_image skip leaves such images out of the predictions)"
                     )
                 skipped.append({"file": _where(batch, i, inputs.kind), "reason": str(batch["error"][i])})
-            table = _table(batch, classes, sha, inputs.kind)
+            table = _table(batch, classes, sha, inputs.kind, temperature)
             writer = writer or pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
             if on_rows:
@@ -402,6 +422,7 @@ def _consume(
                 classes,
                 sha,
                 inputs.kind,
+                temperature,
             ),
             path,
         )
@@ -415,14 +436,17 @@ def predict(
     output: Optional[str] = None,
     k: int = 5,
     image_column: Optional[str] = None,
+    calibrated: bool = True,
     on_start: Optional[Callable[[int], None]] = None,
     on_rows: Optional[Callable[[int], None]] = None,
 ) -> dict:
     """Predict the top-k classes of every image of ``input_path`` with the model at ``model_path``.
 
-    ``cfg``: the model's config (eval.* sizes the actor pool, data.on_bad_image decides about undecodable
-    images). ``on_start(rows)`` / ``on_rows(n)`` report progress. Returns {"output", "rows", "predicted",
-    "skipped" ([{file, reason}]), "seconds", "images_per_s", "model_sha256", "resize"}.
+    ``cfg``: the model's config (eval.* sizes the actor pool, eval.tta, data.on_bad_image decides about
+    undecodable images). ``calibrated``: probabilities at the model's temperature (model.json), else the raw
+    softmax. ``on_start(rows)`` / ``on_rows(n)`` report progress. Returns {"output", "rows", "predicted",
+    "skipped" ([{file, reason}]), "seconds", "images_per_s", "model_sha256", "resize", "calibrated",
+    "temperature" (the one applied), "tta"}.
     """
     folder, info = verify_model(model_path)  # local weights checked before the actors load them
     spec = resize_of(info, cfg)
@@ -434,6 +458,7 @@ def predict(
             spec.policy,
         )
     sha = model_sha256(folder, info)
+    temperature = temperature_of(info) if calibrated else 1.0
     classes = list(info.get("classes") or [str(i) for i in range(info["num_classes"])])
     if k < 1:
         raise DataError(f"--top-k must be >= 1, got {k}")
@@ -456,12 +481,13 @@ def predict(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="resnet_ray-predict-") as tmp:
         local = os.path.join(tmp, "predictions.parquet")
+        column = image_column or cfg.data.image_column
         stream = (
-            _stream(cfg, inputs, storage.normalize(folder), spec, base, k, image_column or cfg.data.image_column)
+            _stream(cfg, inputs, storage.normalize(folder), spec, base, k, column, calibrated)
             if inputs.rows
             else iter(())
         )
-        skipped = _consume(stream, local, inputs, classes, sha, cfg.data.on_bad_image, on_rows)
+        skipped = _consume(stream, local, inputs, classes, sha, cfg.data.on_bad_image, on_rows, temperature)
         seconds = time.perf_counter() - start
         storage.upload_file(local, output)
     if skipped:
@@ -482,4 +508,7 @@ def predict(
         "images_per_s": inputs.rows / seconds if seconds > 0 else 0.0,
         "model_sha256": sha,
         "resize": spec.record(),
+        "calibrated": calibrated,
+        "temperature": temperature,
+        "tta": cfg.eval.tta,
     }

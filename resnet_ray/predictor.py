@@ -1,14 +1,18 @@
-"""Batch inference callable for ``Dataset.map_batches``: one model per actor, the evaluation preprocessing."""
+"""Batch inference callable for ``Dataset.map_batches``: one model per actor, the evaluation preprocessing, the
+model's calibration temperature, optional flip test-time augmentation. Shared by evaluation, prediction and
+serving."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
 import numpy as np
 import torch
 
-from resnet_ray.checkpoint import load_model
+from resnet_ray.checkpoint import load_model, temperature_of
+from resnet_ray.config import TTA_MODES
 from resnet_ray.loop import autocast
 from resnet_ray.transforms import Preprocess
 
@@ -20,12 +24,19 @@ class Predictor:
 
     ``threads``: torch intra-op threads of this actor (default: $OMP_NUM_THREADS, which Ray sets to the
     actor's CPUs, else 1). ``k``: how many of the most probable classes to return (at most C);
-    ``probabilities``: also return their softmax probabilities.
+    ``probabilities``: also return their probabilities. ``calibrated``: probabilities of ``softmax(scores / T)``
+    with the temperature T of the model's model.json (Guo et al. 2017; 1 for models without one), else of
+    ``softmax(scores)``. ``tta``: "none", or "flip": the scores are the log of the mean softmax over the image and
+    its horizontal mirror (one forward pass of both, on the device). ``logits``: also return the scores (float32,
+    N x C) that the probabilities come from, before the temperature.
+
+    The classes are ranked by the scores themselves, so the temperature never changes pred or top5: calibrated
+    and raw predictions differ in their probabilities only.
 
     Input: a batch with ``image`` (N, H, W, 3) uint8 at the stored size; every other column (row_id, label,
-    coarse_label, path, ...) is passed through. Output columns added per row: pred, confidence (top-1 softmax
-    probability), top5 (the k most probable classes, most probable first) and, with ``probabilities``,
-    top_probs (their probabilities).
+    coarse_label, path, ...) is passed through. Output columns added per row: pred, confidence (top-1
+    probability), top5 (the k most probable classes, most probable first), with ``probabilities`` top_probs
+    (their probabilities), with ``logits`` logits.
     """
 
     def __init__(
@@ -35,7 +46,12 @@ class Predictor:
         threads: Optional[int] = None,
         k: int = TOPK,
         probabilities: bool = False,
+        calibrated: bool = True,
+        tta: str = "none",
+        logits: bool = False,
     ):
+        if tta not in TTA_MODES:
+            raise ValueError(f"eval.tta: {tta!r} is not one of {', '.join(TTA_MODES)}")
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         loaded = load_model(model_path)  # a URI: fetched once per node into the model cache
         info = loaded.info
@@ -49,21 +65,38 @@ class Predictor:
         self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
         self.k = min(k, info["num_classes"])
         self.probabilities = probabilities
+        self.model_temperature = temperature_of(info, f"{loaded.source}/model.json")
+        self.temperature = self.model_temperature if calibrated else 1.0
+        self.tta = tta
+        self.logits = logits
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C) float32 scores of a uint8 NHWC batch on the device: the logits, or with flip TTA the log of the
+        mean softmax of the image and its mirror (a log-probability: softmax of it is that mean)."""
+        x = self.preprocess(images)
+        if self.tta == "flip":
+            x = torch.cat([x, x.flip(dims=[3])])  # NCHW: the width axis
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(x)
+        out = out.float()
+        if self.tta == "flip":
+            n = len(images)
+            views = torch.stack([out[:n].log_softmax(dim=1), out[n:].log_softmax(dim=1)])
+            out = torch.logsumexp(views, dim=0) - math.log(2.0)
+        return out
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
-        with autocast(self.device, self.amp_dtype):
-            logits = self.model(self.preprocess(images))
-        probs = logits.float().softmax(dim=1)
-        top = probs.topk(self.k, dim=1)
-        values = top.values.cpu().numpy().astype(np.float64)
+        scores = self.scores(images)
+        probs = (scores / self.temperature).softmax(dim=1)
+        top = scores.topk(self.k, dim=1).indices  # the ranking of the scores: the same at any temperature
+        values = probs.gather(1, top).cpu().numpy().astype(np.float64)
+        indices = top.cpu().numpy().astype(np.int64)
         out = {key: value for key, value in batch.items() if key != "image"}
-        out.update(
-            pred=top.indices[:, 0].cpu().numpy().astype(np.int64),
-            confidence=values[:, 0],
-            top5=top.indices.cpu().numpy().astype(np.int64),
-        )
+        out.update(pred=indices[:, 0], confidence=values[:, 0], top5=indices)
         if self.probabilities:
             out["top_probs"] = values
+        if self.logits:
+            out["logits"] = scores.cpu().numpy()
         return out

@@ -9,8 +9,12 @@ folder:
   recall,
 * ``report.md`` - human-readable Markdown (numbers to 4 decimals, intervals in brackets),
 * the figures of :mod:`resnet_ray.plots`: ``confusion_matrix.png`` (row-normalised), ``reliability.png`` (when
-  calibration counts are given), ``per_class_f1.png`` (more than 20 classes), and ``coarse_per_class.csv`` /
-  ``coarse_confusion_matrix.png`` when a ``coarse`` sub-report / ``coarse_cm`` are given.
+  calibration counts are given; before and after the temperature when both are), ``per_class_f1.png`` (more
+  than 20 classes), and ``coarse_per_class.csv`` / ``coarse_confusion_matrix.png`` when a ``coarse`` sub-report /
+  ``coarse_cm`` are given,
+* ``errors.png`` and ``per_class_errors/<index>-<class>.png`` when the report has an ``errors`` selection
+  (:func:`error_selection`: the most confidently wrong rows of the split, and each class's, for up to 20 classes)
+  and their images are given.
 
 The terminal tables are in :mod:`resnet_ray.console`. No ray/torch imports.
 """
@@ -30,7 +34,7 @@ import numpy as np
 from resnet_ray import storage
 from resnet_ray.formatting import AVERAGES, fmt, fmt_ci, identity, to_jsonable
 from resnet_ray.metrics import calibration_bins, most_confused_pairs
-from resnet_ray.plots import plot_confusion, plot_f1, write_reliability_plot
+from resnet_ray.plots import plot_confusion, plot_f1, write_error_gallery, write_reliability_plot
 
 _CSV_FIELDS = (
     "class",
@@ -46,6 +50,113 @@ _CSV_FIELDS = (
 )
 
 F1_CHART_MIN_CLASSES = 21  # per_class_f1.png for more classes than a confusion matrix shows legibly
+ERRORS_FILE = "errors.png"
+PER_CLASS_ERRORS = "per_class_errors"
+PER_CLASS_SHOWN = 8  # mistakes per class in per_class_errors/
+PER_CLASS_MAX = 20  # classes with a per_class_errors/ picture: those with the most mistakes
+
+
+# ---------------------------------------------------------------------------
+# the most confident mistakes (errors.png, per_class_errors/)
+
+
+def _worst(row_id: np.ndarray, confidence: np.ndarray, wrong: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` wrong rows of highest confidence, most confident first (ties: lower row id)."""
+    positions = np.flatnonzero(wrong)
+    order = np.lexsort((row_id[positions], -confidence[positions]))
+    return positions[order[:n]]
+
+
+def error_selection(predictions: Any, classes: Sequence[str], shown: int = 32) -> dict:
+    """The report's ``errors``: which rows errors.png and per_class_errors/ show, from the predictions table.
+
+    Args:
+        predictions: table or dict of columns ``row_id``, ``label``, ``pred``, ``confidence`` (predictions.parquet).
+        classes: class names, by index.
+        shown: rows of errors.png: the ``shown`` wrong rows with the highest confidence, most confident first.
+
+    Returns:
+        ``{"file", "shown", "wrong", "rows": [{"row_id", "label", "pred", "confidence"}], "per_class": [{"index",
+        "class", "file", "wrong", "rows"}]}``: per_class for the classes (by true label) with the most mistakes, at
+        most PER_CLASS_MAX of them, each with its PER_CLASS_SHOWN most confident mistakes.
+    """
+    columns = {
+        key: np.asarray(predictions[key] if isinstance(predictions, dict) else predictions.column(key).to_numpy())
+        for key in ("row_id", "label", "pred", "confidence")
+    }
+    wrong = columns["pred"] != columns["label"]
+
+    def rows(positions: np.ndarray) -> list[dict]:
+        return [
+            {
+                "row_id": int(columns["row_id"][i]),
+                "label": int(columns["label"][i]),
+                "pred": int(columns["pred"][i]),
+                "confidence": float(columns["confidence"][i]),
+            }
+            for i in positions
+        ]
+
+    per_class_wrong = np.bincount(columns["label"][wrong], minlength=len(classes))
+    ranked = [int(c) for c in np.lexsort((np.arange(len(classes)), -per_class_wrong)) if per_class_wrong[c] > 0]
+    per_class = [
+        {
+            "index": c,
+            "class": str(classes[c]),
+            "file": f"{PER_CLASS_ERRORS}/{c:03d}-{_file_name(classes[c])}.png",
+            "wrong": int(per_class_wrong[c]),
+            "rows": rows(
+                _worst(columns["row_id"], columns["confidence"], wrong & (columns["label"] == c), PER_CLASS_SHOWN)
+            ),
+        }
+        for c in ranked[:PER_CLASS_MAX]
+    ]
+    return {
+        "file": ERRORS_FILE,
+        "shown": int(shown),
+        "wrong": int(wrong.sum()),
+        "rows": rows(_worst(columns["row_id"], columns["confidence"], wrong, int(shown))),
+        "per_class": per_class,
+    }
+
+
+def _file_name(name: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))[:40] or "class"
+
+
+def error_rows(selection: dict) -> list[int]:
+    """Every row id that errors.png and per_class_errors/ show (the pixels to read)."""
+    ids = {r["row_id"] for r in selection["rows"]}
+    for entry in selection["per_class"]:
+        ids.update(r["row_id"] for r in entry["rows"])
+    return sorted(ids)
+
+
+def _write_galleries(out_dir: str, selection: dict, images: dict, names: Sequence[str]) -> dict:
+    """errors.png and per_class_errors/*.png from the selection and {row id: image}; {kind: path}."""
+
+    def caption(r: dict) -> str:
+        return f"true {names[r['label']]}\npred {names[r['pred']]} {r['confidence']:.2f}\nrow {r['row_id']}"
+
+    def draw(path: str, rows: list, title: str) -> None:
+        write_error_gallery(path, [images[r["row_id"]] for r in rows], [caption(r) for r in rows], title)
+
+    paths = {"errors_png": os.path.join(out_dir, selection["file"])}
+    draw(
+        paths["errors_png"],
+        selection["rows"],
+        f"The {len(selection['rows'])} most confident mistakes of {selection['wrong']}",
+    )
+    if selection["per_class"]:
+        os.makedirs(os.path.join(out_dir, PER_CLASS_ERRORS), exist_ok=True)
+        paths["per_class_errors"] = os.path.join(out_dir, PER_CLASS_ERRORS)
+    for entry in selection["per_class"]:
+        draw(
+            os.path.join(out_dir, entry["file"]),
+            entry["rows"],
+            f"{entry['class']}: the {len(entry['rows'])} most confident of its {entry['wrong']} mistakes",
+        )
+    return paths
 
 
 def _with_ci(value: Any, pair: Any) -> str:
@@ -131,17 +242,51 @@ def _intervals_note(report: dict) -> list[str]:
     return [text + ".", ""]
 
 
-def _calibration_section(bins: Sequence[dict]) -> list[str]:
+def _bins_table(bins: Sequence[dict]) -> list[str]:
     rows = [
         [f"({b['low']:.3f}, {b['high']:.3f}]", fmt(b["count"]), fmt(b["confidence"]), fmt(b["accuracy"])]
         for b in bins
         if b["count"] > 0
     ]
-    return (
-        ["## Calibration (reliability.png)", ""]
-        + md_table(["Confidence bin", "Count", "Mean confidence", "Accuracy"], rows)
-        + [""]
+    return md_table(["Confidence bin", "Count", "Mean confidence", "Accuracy"], rows)
+
+
+def _calibration_section(report: dict) -> list[str]:
+    lines = ["## Calibration (reliability.png)", ""]
+    calibration = report.get("calibration")
+    if calibration:
+        lines += [_calibration_line(calibration), ""]
+    lines += _bins_table(report["calibration_bins"]) + [""]
+    if report.get("calibration_bins_uncalibrated"):
+        lines += ["Before the temperature (T = 1):", ""] + _bins_table(report["calibration_bins_uncalibrated"])
+        lines.append("")
+    return lines
+
+
+def _calibration_line(calibration: dict) -> str:
+    """Temperature, where it was fitted, NLL and ECE before -> after, as one Markdown line."""
+    where = (
+        f"fitted on {calibration['fitted_on']}" if calibration.get("fitted_on") else "not fitted: the raw probabilities"
     )
+    before, after = calibration["before"], calibration["after"]
+    return (
+        f"Temperature {calibration['temperature']:.4g} ({where}): NLL {fmt(before['nll'])} -> {fmt(after['nll'])}, "
+        f"ECE {fmt(before['ece'])} -> {fmt(after['ece'])} (before -> after; top-1 is the same)"
+    )
+
+
+def _errors_section(selection: dict) -> list[str]:
+    lines = [
+        f"## Most confident mistakes ([{selection['file']}]({selection['file']}))",
+        "",
+        f"{selection['wrong']} of the split's rows are wrong; [{selection['file']}]({selection['file']}) shows the "
+        f"{len(selection['rows'])} with the highest confidence, from the stored pixels.",
+        "",
+    ]
+    if selection["per_class"]:
+        links = ", ".join(f"[{e['class']}]({e['file']}) ({e['wrong']})" for e in selection["per_class"])
+        lines += [f"Per class ({PER_CLASS_ERRORS}/, the classes with the most mistakes): {links}", ""]
+    return lines
 
 
 def _markdown(report: dict, cm: np.ndarray, names: Sequence[str], coarse_cm: Optional[np.ndarray]) -> str:
@@ -160,14 +305,23 @@ def _markdown(report: dict, cm: np.ndarray, names: Sequence[str], coarse_cm: Opt
     macro = report.get("macro avg", {})
     if "f1" in macro:
         lines.append(f"- **Macro-F1:** {_with_ci(macro['f1'], macro.get('f1_ci'))}")
-    for label, key in (("Top-5 accuracy", "top5_accuracy"), ("ECE", "ece")):
+    for label, key in (("Top-5 accuracy", "top5_accuracy"), ("ECE", "ece"), ("NLL", "nll")):
         if key in report:
             lines.append(f"- **{label}:** {fmt(report[key])}")
+    if report.get("calibration"):
+        lines.append(f"- **Calibration:** {_calibration_line(report['calibration'])}")
+    if "tta" in report:
+        tta = "flip: the mean softmax of each image and its mirror" if report["tta"] == "flip" else "none"
+        lines.append(f"- **Test-time augmentation (eval.tta):** {tta}")
+    if report.get("errors"):
+        lines.append(f"- **Most confident mistakes:** [{report['errors']['file']}]({report['errors']['file']})")
     lines.append("")
     lines += _intervals_note(report)
     lines += _report_sections(report, cm, names, "##")
     if report.get("calibration_bins"):
-        lines += _calibration_section(report["calibration_bins"])
+        lines += _calibration_section(report)
+    if report.get("errors"):
+        lines += _errors_section(report["errors"])
 
     coarse = report.get("coarse")
     if isinstance(coarse, dict) and "per_class" in coarse:
@@ -217,6 +371,8 @@ def write_outputs(
     out_dir: str,
     coarse_cm: Optional[np.ndarray] = None,
     calibration: Optional[np.ndarray] = None,
+    calibration_before: Optional[np.ndarray] = None,
+    error_images: Optional[dict] = None,
 ) -> dict:
     """Write report.json, per_class.csv, report.md, confusion_matrix.png and the other pictures.
 
@@ -233,6 +389,10 @@ def write_outputs(
         calibration: optional ``(n_bins, 3)`` summed ``metrics.calibration_counts``;
             if given, writes ``reliability.png`` and adds ``calibration_bins`` to
             report.json and a calibration table to report.md.
+        calibration_before: the same counts before the temperature (T = 1): drawn beside them in
+            reliability.png, ``calibration_bins_uncalibrated`` in report.json.
+        error_images: ``{row id: (H, W, 3) uint8}`` of the rows of ``report["errors"]``
+            (:func:`error_selection`): writes errors.png and per_class_errors/.
 
     With more than 20 classes, also writes ``per_class_f1.png`` (F1 sorted worst-first).
 
@@ -254,6 +414,8 @@ def write_outputs(
 
     if calibration is not None:
         report = {**report, "calibration_bins": calibration_bins(calibration)}
+    if calibration_before is not None:
+        report = {**report, "calibration_bins_uncalibrated": calibration_bins(calibration_before)}
     storage.write_text(paths["json"], json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
     _write_csv(paths["csv"], report.get("per_class", []))
     coarse = report.get("coarse")
@@ -264,7 +426,12 @@ def write_outputs(
     storage.write_text(paths["markdown"], _markdown(report, cm, names, coarse_cm if has_coarse else None))
     plot_confusion(paths["png"], cm, names, "Confusion matrix (row-normalised)")
     if calibration is not None:
-        paths["reliability_png"] = write_reliability_plot(calibration, os.path.join(out_dir, "reliability.png"))
+        temperature = (report.get("calibration") or {}).get("temperature")
+        paths["reliability_png"] = write_reliability_plot(
+            calibration, os.path.join(out_dir, "reliability.png"), before=calibration_before, temperature=temperature
+        )
+    if report.get("errors") and error_images is not None:
+        paths.update(_write_galleries(out_dir, report["errors"], error_images, names))
     if len(names) >= F1_CHART_MIN_CLASSES and report.get("per_class"):
         paths["f1_png"] = os.path.join(out_dir, "per_class_f1.png")
         plot_f1(paths["f1_png"], report)

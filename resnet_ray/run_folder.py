@@ -70,8 +70,7 @@ def config_for_resume(run_dir: str, overrides=()) -> Config:
         trained = _trained_value(saved, section, name)
         if trained != _trained_value(cfg, section, name):
             raise ConfigError(
-                f"{key}: a resumed run keeps {trained!r} (it was trained with it); "
-                f"start a new run to change it"
+                f"{key}: a resumed run keeps {trained!r} (it was trained with it); start a new run to change it"
             )
     new["train"].update(zip(("storage_path", "name"), storage.split(run_dir)))
     return from_dict(new)

@@ -1,5 +1,6 @@
 """Ray Train (TorchTrainer, DDP) training on the driver: ``fit(cfg)`` prepares the data, builds the trainer
-(workers: :mod:`resnet_ray.worker`), watches it, exports the best model and evaluates it on test."""
+(workers: :mod:`resnet_ray.worker`), watches it, exports the best model, fits its temperature on val
+(:mod:`resnet_ray.calibration`) and evaluates it on test."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class FitResult:
     best: dict  # metrics of the best epoch by validation top-1
     model_dir: str  # exported best model
     evaluation: Optional[dict] = None  # test report (resnet_ray.evaluate) when train.evaluate_test
+    calibration: Optional[dict] = (
+        None  # the temperature fitted on val (resnet_ray.calibration) when train.evaluate_test
+    )
 
 
 def _check_batches(cfg: Config, meta: dict) -> None:
@@ -110,7 +114,8 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
 
 
 def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -> FitResult:
-    """Prepare data if needed, train with TorchTrainer, export the best model, evaluate it on test.
+    """Prepare data if needed, train with TorchTrainer, export the best model; with train.evaluate_test, fit its
+    temperature on val (stored in model.json; T = 1 in a refit on train+val) and evaluate it on test.
 
     ``epoch_log``: log one line per finished epoch on this process (off for Tune trials)."""
     cfg = with_run_name(cfg)
@@ -143,9 +148,11 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     history = read_history(run_dir)
     plots.write_history_plot(history, storage.join(run_dir, "history.png"))
     best, model_dir = _export_best(result, cfg, run_dir)
-    evaluation = None
-    if cfg.train.evaluate_test:
+    evaluation = calibration = None
+    if cfg.train.evaluate_test:  # the end of a run: a temperature fitted on val (T = 1 in a refit), then test
+        from resnet_ray.calibration import calibrate
         from resnet_ray.evaluate import evaluate
 
+        calibration = calibrate(cfg, model_dir)
         evaluation = evaluate(cfg, model_dir, split="test", output=storage.join(run_dir, "eval-test"))
-    return FitResult(run_dir, history, best, model_dir, evaluation)
+    return FitResult(run_dir, history, best, model_dir, evaluation, calibration)

@@ -6,11 +6,16 @@ the same dataset. Images are decoded with :func:`resnet_ray.data.layout.decode_b
 ``data.image_size`` RGB by the ``data.resize`` policy); an undecodable image raises
 :class:`~resnet_ray.data.layout.DataError` naming the file under ``data.on_bad_image: error`` and is left out,
 listed in ``RawDataset.bad_images``, under ``skip``.
+
+Links: a link to a folder is never followed (it could lead out of the source or into a loop, multiplying and
+relabelling images); a link to a file is read by its target, and each real file is listed once, under its real
+name where that is inside the source (see ``_walk``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -20,7 +25,16 @@ import pyarrow.fs as pafs
 from resnet_ray import storage
 from resnet_ray.config import DataConfig
 from resnet_ray.data.layout import DataError, decode_batch, resize_for
-from resnet_ray.data.sources import SPLIT_NAMES, RawDataset, RawSplit, combine_digests, file_digest, read_file
+from resnet_ray.data.sources import (
+    SPLIT_NAMES,
+    RawDataset,
+    RawSplit,
+    combine_digests,
+    file_digest,
+    read_file,
+    unique_files,
+    walk,
+)
 from resnet_ray.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -45,23 +59,61 @@ class ImageFolderListing:
 
 
 def _walk(cfg: DataConfig, fs, root: str) -> tuple[set, list]:
-    """(folders, image files) below root, relative to it; hidden files and folders skipped."""
+    """(folders, image files) below root, relative to it; hidden files and folders skipped.
+
+    Links to folders are never followed (:func:`resnet_ray.data.sources.walk`): one directly below the source or a
+    split folder (a class or split folder that is a link) is refused, one deeper inside a class folder is left
+    out with a warning. A link to a file is read by its target, and each real file is listed once: where a file
+    is reached by several names (a link to an image of another class, a hard link), its real name (the one that
+    is not a link) wins, else the first by path, and the others are left out with a warning.
+    """
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise DataError(f"image folder {cfg.path}: not a folder")
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        entries = walk(fs, root, hidden=(".",))
     except OSError as exc:
         raise DataError(f"image folder {cfg.path}: cannot list ({exc})") from None
-    dirs, files = set(), []
-    for info in infos:
-        rel = info.path[len(root) :].lstrip("/")
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if info.type == pafs.FileType.Directory:
+    dirs, files, links = set(), [], []
+    for entry in entries:
+        rel = entry.path[len(root) :].lstrip("/")
+        if entry.kind == "dir":
             dirs.add(rel)
-        elif info.type == pafs.FileType.File and rel.lower().endswith(IMAGE_EXTENSIONS):
-            files.append(rel)
-    return dirs, files
+        elif entry.kind == "dir_link":
+            links.append(rel)
+        elif rel.lower().endswith(IMAGE_EXTENSIONS):
+            files.append(entry)
+    _check_folder_links(cfg, root, dirs, links)
+    files, again = unique_files(files)
+    if again:
+        log.warning(
+            "image folder %s: %d image(s) are other names (links) of images already listed, e.g. %s: each image is "
+            "read once, under its real name",
+            cfg.path,
+            len(again),
+            again[0].path[len(root) :].lstrip("/"),
+        )
+    return dirs, [e.path[len(root) :].lstrip("/") for e in files]
+
+
+def _check_folder_links(cfg: DataConfig, root: str, dirs: set, links: list) -> None:
+    """Refuse a class or split folder that is a link to a folder; warn of the links inside class folders."""
+    split_level = "train" in dirs
+    for rel in links:
+        parts = rel.split("/")
+        if len(parts) == 1 or (split_level and len(parts) == 2 and parts[0] in SPLIT_NAMES):
+            raise DataError(
+                f"image folder {cfg.path}: {posixpath.join(root, rel)} is a link to a folder "
+                f"({os.path.realpath(posixpath.join(root, rel))}); links to folders are never followed (they can "
+                "lead out of the source or into a loop): copy or move the folder in, or point data.path at it"
+            )
+    if links:
+        log.warning(
+            "image folder %s: not following %d link(s) to folders inside class folders, e.g. %s (links to folders "
+            "can lead out of the source or into a loop; images are listed where they are)",
+            cfg.path,
+            len(links),
+            links[0],
+        )
 
 
 def _class_dirs(dirs: set, prefix: str) -> list:
@@ -74,7 +126,8 @@ def _class_dirs(dirs: set, prefix: str) -> list:
 def list_imagefolder(cfg: DataConfig) -> ImageFolderListing:
     """cfg.path/{train,test}/<class>/<image> or cfg.path/<class>/<image> (then all of it is train); local or URI.
 
-    Images at any depth below a class folder count; hidden files and folders are skipped. Only names are read.
+    Images at any depth below a class folder count; hidden files and folders are skipped; links to folders are
+    never followed and each real file is listed once (see _walk). Only names are read.
     """
     fs, root = storage.resolve(cfg.path)
     root = root.rstrip("/") or "/"

@@ -8,14 +8,23 @@ Layout under ``<data.root>/<dataset name>/<fingerprint>/`` (written by :mod:`res
 
 Here: the metadata file (:data:`METADATA`, :func:`read_metadata`, :func:`split_rows`), the shard sizes
 (:func:`rows_per_shard`) and tables (:func:`split_table`, :func:`pixel_array`), the carve order of the splits
-(:func:`carve_order`), the channel statistics (:func:`pixel_sums`, :func:`mean_std`) and decoding a batch of
-encoded images under ``data.on_bad_image`` (:func:`decode_batch`, also used by the prediction job).
+(:func:`carve_order`) with exact duplicates kept together (:func:`pixel_digests`, :func:`duplicate_groups`,
+:func:`keep_together`), reading stored rows by id (:func:`read_rows`), the channel statistics (:func:`pixel_sums`,
+:func:`mean_std`) and decoding a batch of encoded images under ``data.on_bad_image`` (:func:`decode_batch`, also
+used by the prediction job).
+
+Exact duplicates: every stored image is hashed (BLAKE2b of its pixels), and each group of equal images is kept in
+one split (the first of train, val, test that holds one of them), never dropped: a model cannot be tested or
+validated on a copy of a training image, and every row stays. Format 2 (:data:`FORMAT_VERSION`) carves so and
+counts them in metadata.json's ``duplicates``; without duplicates across splits its splits hold exactly the rows
+of format 1.
 
 The leaf of ``resnet_ray.data``: it imports no other module of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +39,8 @@ from resnet_ray import storage
 from resnet_ray.config import DataConfig
 from resnet_ray.images import BadImage, ResizeSpec, decode
 
-FORMAT_VERSION = 1
+# 2: exact duplicates kept together in one split, counted in metadata.json (1: splits carved from labels alone)
+FORMAT_VERSION = 2
 METADATA = "metadata.json"
 ROWS_PER_SHARD = 5000
 SHARD_BYTES = 32 << 20
@@ -110,6 +120,31 @@ def split_table(
     return pa.table(columns)
 
 
+def read_rows(prepared: str, split: str, row_ids, image_size: int) -> dict[int, np.ndarray]:
+    """{row id: (S, S, 3) uint8 image} of the given rows of a prepared split (local or URI), read by row id:
+    only the row groups whose row_id range holds one of them are read (Parquet statistics)."""
+    import pyarrow.parquet as pq
+
+    wanted = sorted({int(i) for i in row_ids})
+    found: dict[int, np.ndarray] = {}
+    if not wanted:
+        return found
+    folder = storage.join(prepared, split)
+    fs, path = storage.resolve(folder)
+    for name in storage.list_names(folder):
+        if not name.endswith(".parquet"):
+            continue
+        table = pq.read_table(
+            f"{path}/{name}", columns=["row_id", "image"], filters=[("row_id", "in", wanted)], filesystem=fs
+        )
+        if table.num_rows:
+            images = pixel_array(table.column("image"), image_size)
+            found.update(zip(table.column("row_id").to_pylist(), images.copy()))
+        if len(found) == len(wanted):
+            break
+    return found
+
+
 # ---------------------------------------------------------------------------
 # carving the splits
 
@@ -128,12 +163,24 @@ def _carve(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[n
     return np.sort(kept), np.sort(carved)
 
 
-def carve_order(labels: dict, cfg: DataConfig) -> dict[str, tuple[str, np.ndarray]]:
-    """Each prepared split as (source split, row indices into it, in written order), from the labels alone.
+class SplitRows(NamedTuple):
+    """The rows of a prepared split, in written order: each row's source split and its index in that split."""
+
+    source: np.ndarray  # (n,) str: "train" or "test", the source split a row comes from
+    index: np.ndarray  # (n,) int64: the row's index in its source split
+
+    def of(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in this split, indices into the source split) of the rows that come from ``source``."""
+        positions = np.flatnonzero(self.source == source)
+        return positions, self.index[positions]
+
+
+def carve_order(labels: dict, cfg: DataConfig) -> dict[str, SplitRows]:
+    """Each prepared split's rows (:class:`SplitRows`, in written order), from the labels alone.
 
     test: the source's test split, else carved from train (stratified, seeded); val: always carved from the
     rest of train. Each split is then put in a seeded random order, so that shards mix classes and a ``limit``
-    takes a representative subset.
+    takes a representative subset. :func:`keep_together` then moves exact duplicates into one split.
     """
     train = np.arange(len(labels["train"]))
     order = {}
@@ -145,7 +192,120 @@ def carve_order(labels: dict, cfg: DataConfig) -> dict[str, tuple[str, np.ndarra
     kept, carved = _carve(labels["train"][train], cfg.val_fraction, cfg.seed + 1, "val")
     order["train"], order["val"] = ("train", train[kept]), ("train", train[carved])
     rng = np.random.default_rng(cfg.seed)
-    return {name: (source, index[rng.permutation(len(index))]) for name, (source, index) in order.items()}
+    return {
+        name: SplitRows(np.full(len(index), source), index[rng.permutation(len(index))])
+        for name, (source, index) in order.items()
+    }
+
+
+# ---------------------------------------------------------------------------
+# exact duplicates: hashed pixels, kept together in one split
+
+HOME_ORDER = ("train", "val", "test")  # a duplicate group lives in the first of these that holds one of its rows
+SOURCE_ORDER = ("train", "test")
+
+
+def pixel_digests(images: np.ndarray) -> np.ndarray:
+    """(N, 16) uint8: the BLAKE2b-128 digest of each image's stored pixels (equal digests: equal pixels)."""
+    images = np.ascontiguousarray(images)
+    out = np.empty((len(images), 16), dtype=np.uint8)
+    for i in range(len(images)):
+        out[i] = np.frombuffer(hashlib.blake2b(images[i].data, digest_size=16).digest(), dtype=np.uint8)
+    return out
+
+
+def duplicate_groups(digests: dict, readable: Optional[dict] = None) -> dict[str, np.ndarray]:
+    """{source split: (N,) int64 group of each row}: rows of any source split with equal pixel digests share a
+    group; each row that was not decoded (``readable[split]`` False: a skipped bad image) has a group of its own.
+
+    ``digests``: {source split: (N, 16) uint8 from :func:`pixel_digests`}.
+    """
+    names = [name for name in SOURCE_ORDER if name in digests]
+    flat = np.concatenate([np.ascontiguousarray(digests[name], dtype=np.uint8) for name in names])
+    _, group = np.unique(flat.view(np.dtype((np.void, 16))).ravel(), return_inverse=True)
+    group = group.astype(np.int64).ravel()
+    if readable is not None:
+        ok = np.concatenate([np.asarray(readable[name], dtype=bool) for name in names])
+        group[~ok] = group.max(initial=-1) + 1 + np.arange(int((~ok).sum()))
+    bounds = np.cumsum([0] + [len(digests[name]) for name in names])
+    return {name: group[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+
+
+def keep_together(order: dict[str, SplitRows], groups: dict, labels: dict) -> tuple[dict[str, SplitRows], dict]:
+    """Move every group of exact duplicates that :func:`carve_order` spread over several splits into one split,
+    the first of train, val, test that holds one of its rows; (new order, metadata.json's ``duplicates``).
+
+    The rows that stay keep their order; the rows moved into a split follow its own rows, by source split and
+    index. So without duplicates across splits nothing changes, and a held-out split only ever loses rows (test
+    never gains one): every row is kept, and no image can stand in two splits.
+    """
+    names = [name for name in HOME_ORDER if name in order]
+    row_groups = {name: _groups_of(order[name], groups) for name in names}
+    total = 1 + max(int(g.max(initial=-1)) for g in groups.values())
+    home = np.full(total, len(names), dtype=np.int64)
+    for rank, name in enumerate(names):
+        np.minimum.at(home, row_groups[name], rank)
+    moved: dict = {name: [] for name in names}
+    new = {}
+    for rank, name in enumerate(names):
+        rows, target = order[name], home[row_groups[name]]
+        stay = target == rank
+        new[name] = SplitRows(rows.source[stay], rows.index[stay])
+        for to in np.unique(target[~stay]):
+            leave = target == to
+            moved[names[to]].append((rows.source[leave], rows.index[leave]))
+    for name, parts in moved.items():
+        if parts:
+            source = np.concatenate([new[name].source] + [p[0] for p in parts])
+            index = np.concatenate([new[name].index] + [p[1] for p in parts])
+            tail = np.arange(len(new[name].index), len(index))
+            rank = np.array([SOURCE_ORDER.index(s) for s in source[tail]], dtype=np.int64)
+            tail = tail[np.lexsort((index[tail], rank))]
+            keep = np.concatenate([np.arange(len(new[name].index)), tail])
+            new[name] = SplitRows(source[keep], index[keep])
+    record = _duplicates_record(groups, labels)
+    record["moved_rows"] = {name: int(sum(len(p[1]) for p in parts)) for name, parts in moved.items() if parts}
+    return {name: new[name] for name in order}, record
+
+
+def _groups_of(rows: SplitRows, groups: dict) -> np.ndarray:
+    out = np.empty(len(rows.index), dtype=np.int64)
+    for source in np.unique(rows.source):
+        positions, index = rows.of(str(source))
+        out[positions] = groups[str(source)][index]
+    return out
+
+
+def _duplicates_record(groups: dict, labels: dict) -> dict:
+    """metadata.json's count of exact duplicates: groups of 2 or more equal images, the rows beyond the first of
+    each, and the groups whose rows have different labels (the same image under two classes)."""
+    group = np.concatenate([groups[name] for name in SOURCE_ORDER if name in groups])
+    label = np.concatenate([np.asarray(labels[name]) for name in SOURCE_ORDER if name in groups])
+    sizes = np.bincount(group)
+    pairs = np.unique(np.stack([group, label], axis=1), axis=0)
+    labels_per_group = np.bincount(pairs[:, 0], minlength=len(sizes))
+    return {
+        "groups": int((sizes > 1).sum()),
+        "extra_rows": int((sizes[sizes > 1] - 1).sum()),
+        "label_conflicts": int((labels_per_group > 1).sum()),
+        "policy": "each group in one split: the first of train, val, test that holds one of its rows",
+    }
+
+
+def duplicates_summary(record: Optional[dict]) -> str:
+    """One phrase for the prepare's closing line: how many exact duplicates were found and where they went."""
+    if record is None:
+        return "duplicates not checked (prepared before format 2)"
+    if not record["groups"]:
+        return "no exact duplicate images"
+    moved = sum(record.get("moved_rows", {}).values())
+    text = (
+        f"{record['extra_rows']} exact duplicate image(s) in {record['groups']} group(s), each group in one split"
+        + (f" ({moved} row(s) moved to keep them together)" if moved else "")
+    )
+    if record.get("label_conflicts"):
+        text += f"; {record['label_conflicts']} group(s) hold the same image under different labels"
+    return text
 
 
 # ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from resnet_ray.data.digits import read_digits
 from resnet_ray.data.imagefolder import read_imagefolder
 from resnet_ray.data.layout import FORMAT_VERSION, METADATA, DataError, read_metadata
 from resnet_ray.data.parquet import read_parquet_source
-from resnet_ray.data.sources import RawDataset, RawSplit, check_split
+from resnet_ray.data.sources import RawDataset, RawSplit, check_split, walk
 from resnet_ray.data.writer import WrittenDataset
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def dataset_dir(cfg: DataConfig) -> str:
 
 
 def source_files(path: str) -> list:
-    """[relative name, size, mtime in ns] of every file of a source (one file or a folder; local or URI).
+    """[relative name, size, mtime in ns] of every file of a source (one file or a folder; local or URI), links to
+    files by their target's size and time, links to folders not followed (as the readers list them).
 
     [] when the path does not exist (the source reader then reports it).
     """
@@ -78,8 +79,9 @@ def source_files(path: str) -> list:
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         return []
-    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return sorted([i.path[len(base) :], i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File)
+    if info.type == pafs.FileType.File:
+        return [["", info.size, info.mtime_ns]]
+    return [[e.path[len(base) :], e.size, e.mtime_ns] for e in walk(fs, base) if e.kind == "file"]
 
 
 def request_fingerprint(cfg: DataConfig) -> str:
@@ -108,15 +110,34 @@ def request_fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _take(split: RawSplit, index: np.ndarray) -> RawSplit:
-    coarse = None if split.coarse_labels is None else split.coarse_labels[index]
-    return RawSplit(split.images[index], split.labels[index], coarse)
+def _take(raw: RawDataset, rows: layout.SplitRows) -> RawSplit:
+    """The rows of a prepared split (from one or both source splits) out of an in-memory source."""
+    first = raw.splits[str(rows.source[0])] if len(rows.index) else raw.splits["train"]
+    n = len(rows.index)
+    images = np.empty((n, *first.images.shape[1:]), dtype=first.images.dtype)
+    labels = np.empty(n, dtype=np.int64)
+    coarse = None if first.coarse_labels is None else np.empty(n, dtype=np.int64)
+    for source in np.unique(rows.source):
+        positions, index = rows.of(str(source))
+        part = raw.splits[str(source)]
+        images[positions], labels[positions] = part.images[index], part.labels[index]
+        if coarse is not None:
+            coarse[positions] = part.coarse_labels[index]
+    return RawSplit(images, labels, coarse)
+
+
+def carve_with_duplicates(raw: RawDataset, cfg: DataConfig) -> tuple[dict[str, RawSplit], dict]:
+    """train/val/test of an in-memory source, as carve_order says, each group of exact duplicates (equal stored
+    pixels) in one split (layout.keep_together); and metadata.json's ``duplicates`` record."""
+    labels = {name: split.labels for name, split in raw.splits.items()}
+    groups = layout.duplicate_groups({name: layout.pixel_digests(split.images) for name, split in raw.splits.items()})
+    order, record = layout.keep_together(layout.carve_order(labels, cfg), groups, labels)
+    return {name: _take(raw, rows) for name, rows in order.items()}, record
 
 
 def carve_splits(raw: RawDataset, cfg: DataConfig) -> dict[str, RawSplit]:
-    """train/val/test of an in-memory source, as carve_order says."""
-    order = layout.carve_order({name: split.labels for name, split in raw.splits.items()}, cfg)
-    return {name: _take(raw.splits[source], index) for name, (source, index) in order.items()}
+    """train/val/test of an in-memory source (see carve_with_duplicates)."""
+    return carve_with_duplicates(raw, cfg)[0]
 
 
 def _write_split(fs: pafs.FileSystem, folder: str, split: RawSplit) -> None:
@@ -171,7 +192,7 @@ def _bad_image_record(cfg: DataConfig, bad: list) -> dict:
 def _write_in_memory(cfg: DataConfig, fs: pafs.FileSystem, tmp: str) -> WrittenDataset:
     """Read the whole source into memory, carve and write it (the small built-in sources)."""
     raw = read_source(cfg)
-    splits = carve_splits(raw, cfg)
+    splits, duplicates = carve_with_duplicates(raw, cfg)
     mean, std = layout.mean_std([layout.pixel_sums(splits["train"].images)], f"{cfg.source} source {cfg.path}")
     for name, split in splits.items():
         _write_split(fs, f"{tmp}/{name}", split)
@@ -184,7 +205,15 @@ def _write_in_memory(cfg: DataConfig, fs: pafs.FileSystem, tmp: str) -> WrittenD
         bad_images=raw.bad_images,
         coarse_classes=raw.coarse_classes,
         fine_to_coarse=raw.fine_to_coarse,
+        duplicates=duplicates,
     )
+
+
+def _duplicates_record(cfg: DataConfig, record: dict) -> dict:
+    """metadata.json's ``duplicates``, also said in the log when there are any."""
+    if record["groups"]:
+        log.warning("%s: %s", cfg.dataset_name, layout.duplicates_summary(record))
+    return record
 
 
 def _write(
@@ -218,6 +247,7 @@ def _write(
             "image_size": cfg.image_size,
             "resize": layout.resize_for(cfg).record(),
             "bad_images": _bad_image_record(cfg, written.bad_images),
+            "duplicates": _duplicates_record(cfg, written.duplicates),
             "classes": list(written.classes),
             "coarse_classes": written.coarse_classes,
             "fine_to_coarse": written.fine_to_coarse,

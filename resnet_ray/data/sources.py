@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from resnet_ray.data.layout import DataError
 
@@ -99,3 +102,77 @@ def combine_digests(total: int) -> str:
     """The checksum of a set of files: the sum of their file_digest mod 2**256, in hex. Order-free, so that
     parallel tasks can each add up their own files."""
     return f"{total % (1 << 256):064x}"
+
+
+# ---------------------------------------------------------------------------
+# listing a source folder: links to folders are never followed, each real file is listed once
+
+
+class Entry(NamedTuple):
+    """One entry below a listed folder."""
+
+    path: str  # inside the filesystem, as listed (a link's own path, not its target's)
+    kind: str  # "file" | "dir" | "dir_link" (a link to a folder: listed, never entered)
+    size: int  # bytes of the file (of its target for a link to a file); 0 for a folder or a broken link
+    mtime_ns: int
+    identity: tuple  # the real file: (device, inode) on a local disk (a link's target), else ("path", path)
+    link: bool = False  # the entry is a symbolic link (to a file, a folder, or nowhere)
+
+
+def walk(fs, root: str, hidden: tuple = ()) -> list[Entry]:
+    """Every file and folder below ``root`` inside the pyarrow filesystem ``fs``, sorted by path.
+
+    On a local disk a link to a folder is listed as ``dir_link`` and never entered, so that a listing can neither
+    leave the source folder nor loop (a link to its own parent would otherwise list its images again and again,
+    under other class names); a link to a file is listed with its target's size, time and identity, so that a
+    caller can keep each real file once (:func:`unique_files`); a broken link is a file of size 0 that cannot
+    be read. Object stores have no links. Names starting with one of ``hidden`` are neither listed nor entered.
+    Raises OSError when a folder cannot be listed.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        entries = []
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            rel = info.path[len(root) :].lstrip("/")
+            if hidden and any(part.startswith(hidden) for part in rel.split("/")):
+                continue
+            if info.type in (pafs.FileType.File, pafs.FileType.Directory):
+                kind = "file" if info.type == pafs.FileType.File else "dir"
+                mtime = (info.mtime_ns or 0) if kind == "file" else 0
+                entries.append(Entry(info.path, kind, info.size or 0, mtime, ("path", info.path)))
+        return sorted(entries)
+    entries, folders = [], [root]
+    while folders:
+        with os.scandir(folders.pop()) as listing:
+            for item in listing:
+                if hidden and item.name.startswith(hidden):
+                    continue
+                entry = _local_entry(item)
+                if entry is not None:
+                    entries.append(entry)
+                    if entry.kind == "dir":
+                        folders.append(entry.path)
+    return sorted(entries)
+
+
+def _local_entry(item: os.DirEntry) -> Optional[Entry]:
+    """A scandir entry as an Entry (None for sockets, devices, ...); a link's target stat'ed, never entered."""
+    link = item.is_symlink()
+    try:
+        info = os.stat(item.path) if link else item.stat(follow_symlinks=False)
+    except OSError:  # a broken link (or a file gone meanwhile): reading it will say why
+        return Entry(item.path, "file", 0, 0, ("path", item.path), link)
+    if stat.S_ISDIR(info.st_mode):
+        return Entry(item.path, "dir_link" if link else "dir", 0, 0, (info.st_dev, info.st_ino), link)
+    if stat.S_ISREG(info.st_mode):
+        return Entry(item.path, "file", info.st_size, info.st_mtime_ns, (info.st_dev, info.st_ino), link)
+    return None
+
+
+def unique_files(files: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """(each real file once, the other entries that stand for a file already kept): of several entries of one
+    file (links to it, hard links), the one that is not a link is kept, else the first by path."""
+    kept: dict = {}
+    for entry in sorted(files, key=lambda e: (e.link, e.path)):
+        kept.setdefault(entry.identity, entry)
+    chosen = {id(e) for e in kept.values()}
+    return sorted(kept.values()), [e for e in files if id(e) not in chosen]

@@ -12,6 +12,13 @@ for the train split's mean/std, the bad files they left out, their share of the 
   its output shard; gather tasks then each read one bucket, order it and write the shard. Hash tasks checksum
   the source files meanwhile.
 
+Exact duplicates (equal stored pixels) must stand in one split, but the carve happens before any image is decoded.
+So every task also returns the pixel digest of each row it decoded (16 bytes a row); the driver then groups the
+rows (``layout.duplicate_groups``) and keeps each group in one split (``layout.keep_together``). Where that moves
+no row (a source without duplicates across splits: the usual case), the shards written are final and no image
+was decoded twice. Otherwise the splits are written again in the corrected order (Parquet: staged again, before
+any gather), which costs that source one more decoding pass.
+
 Tasks run on the Ray cluster when this process is connected to one (jobs/train.py, jobs/evaluate.py,
 jobs/prepare.py inside ``ray job submit``), else on a thread pool of this process; either way at most a few are in
 flight, so memory stays bounded whatever the source size. The result is the same dataset, row for row, as
@@ -64,6 +71,7 @@ class WrittenDataset:
     bad_images: list = field(default_factory=list)
     coarse_classes: Optional[list] = None
     fine_to_coarse: Optional[list] = None
+    duplicates: dict = field(default_factory=dict)  # metadata.json's count (layout.keep_together)
 
 
 # ---------------------------------------------------------------------------
@@ -109,6 +117,8 @@ def write_shard(task: dict) -> dict:
         "rows": len(images),
         "bad": decoded.bad_images(task["split"]),
         "digest": sum(digests),
+        "hashes": layout.pixel_digests(decoded.images),
+        "ok": decoded.ok,
         **layout.pixel_sums(images if task["stats"] else images[:0]),
     }
 
@@ -150,7 +160,13 @@ def stage_rows(task: dict) -> dict:
         for b in decoded.bad
     ]
     _write_buckets(task, decoded, codes, positions)
-    return {"rows": int(decoded.ok.sum()), "bad": bad, "digest": 0}
+    return {
+        "rows": int(decoded.ok.sum()),
+        "bad": bad,
+        "digest": 0,
+        "hashes": layout.pixel_digests(decoded.images),
+        "ok": decoded.ok,
+    }
 
 
 def _write_buckets(task: dict, decoded: layout.Decoded, codes: np.ndarray, positions: np.ndarray) -> None:
@@ -290,25 +306,44 @@ def _make_dirs(tmp_uri: str, splits) -> None:
         out_fs.create_dir(out_path, recursive=True)
 
 
+def _kept_together(order: dict, labels: dict, parts) -> tuple[dict, dict]:
+    """The final order of the splits (each group of exact duplicates in one split) and metadata.json's count,
+    from the pixel digests that the tasks returned. ``parts``: (source split, its row indices, their digests,
+    whether each decoded) of every task."""
+    digests = {src: np.zeros((len(values), 16), dtype=np.uint8) for src, values in labels.items()}
+    readable = {src: np.zeros(len(values), dtype=bool) for src, values in labels.items()}
+    for source, rows, pixels, ok in parts:
+        digests[source][rows], readable[source][rows] = pixels, ok
+    final, record = layout.keep_together(order, layout.duplicate_groups(digests, readable), labels)
+    if record["moved_rows"]:
+        log.info(
+            "%s moved to keep exact duplicates in one split: writing the splits again in that order",
+            ", ".join(f"{n} row(s) into {split}" for split, n in record["moved_rows"].items()),
+        )
+    return final, record
+
+
 # ---------------------------------------------------------------------------
 # image folders
 
 
-def _shard_tasks(cfg: DataConfig, listing: ImageFolderListing, order: dict, per_shard: int, tmp_uri: str) -> list:
-    """One image_shard task per output shard of every split, in the split's written order."""
+def _shard_tasks(
+    cfg: DataConfig, listing: ImageFolderListing, order: dict, per_shard: int, tmp_uri: str
+) -> tuple[list, list]:
+    """(one image_shard task per output shard of every split, in the split's written order; each task's rows as
+    (source splits, row indices), kept by the driver)."""
     resize = layout.resize_for(cfg).record()
-    tasks = []
-    for split, (source, index) in order.items():
-        paths, labels = listing.splits[source]
-        for shard, start in enumerate(range(0, max(len(index), 1), per_shard)):
-            rows = index[start : start + per_shard]
+    tasks, plans = [], []
+    for split, rows in order.items():
+        for shard, start in enumerate(range(0, max(len(rows.index), 1), per_shard)):
+            source, index = rows.source[start : start + per_shard], rows.index[start : start + per_shard]
             tasks.append(
                 {
                     "kind": "image_shard",
                     "index": len(tasks),
                     "split": split,
-                    "paths": [paths[i] for i in rows],
-                    "labels": labels[rows],
+                    "paths": [listing.splits[str(src)][0][i] for src, i in zip(source, index)],
+                    "labels": np.array([listing.splits[str(src)][1][i] for src, i in zip(source, index)], np.int64),
                     "first_row_id": start,
                     "stats": split == "train",
                     "out": storage.join(tmp_uri, split, f"part-{shard:05d}.parquet"),
@@ -318,7 +353,8 @@ def _shard_tasks(cfg: DataConfig, listing: ImageFolderListing, order: dict, per_
                     "on_bad_image": cfg.on_bad_image,
                 }
             )
-    return tasks
+            plans.append((source, index))
+    return tasks, plans
 
 
 def _renumber(results: dict, tasks: list) -> dict:
@@ -337,22 +373,43 @@ def _renumber(results: dict, tasks: list) -> dict:
     return counts
 
 
+def _write_image_shards(
+    cfg: DataConfig, listing: ImageFolderListing, order: dict, tmp_uri: str, on_rows: Optional[Callable[[int], None]]
+) -> tuple[dict, list, list]:
+    """Write every split of ``order`` as shards: (results by task index, tasks, the parts _kept_together reads)."""
+    tasks, plans = _shard_tasks(cfg, listing, order, layout.rows_per_shard(cfg.image_size), tmp_uri)
+    _make_dirs(tmp_uri, order)
+    results = _drain(tasks, on_rows)
+    parts = []
+    for task, (source, index) in zip(tasks, plans):
+        result = results[task["index"]]
+        for src in np.unique(source):
+            mask = source == src
+            parts.append((str(src), index[mask], result["hashes"][mask], result["ok"][mask]))
+    return results, tasks, parts
+
+
 def write_imagefolder(
     cfg: DataConfig,
     tmp_uri: str,
     on_start: Optional[Callable[[int], None]] = None,
     on_rows: Optional[Callable[[int], None]] = None,
 ) -> WrittenDataset:
-    """Write cfg's image folder as the prepared splits under ``tmp_uri`` (a local path or URI) in shard tasks."""
+    """Write cfg's image folder as the prepared splits under ``tmp_uri`` (a local path or URI) in shard tasks; a
+    second time, in the corrected order, where exact duplicates stood in two splits (see the module docstring)."""
     listing = list_imagefolder(cfg)
-    order = layout.carve_order({split: labels for split, (_, labels) in listing.splits.items()}, cfg)
-    tasks = _shard_tasks(cfg, listing, order, layout.rows_per_shard(cfg.image_size), tmp_uri)
-    _make_dirs(tmp_uri, order)
+    labels = {split: labels for split, (_, labels) in listing.splits.items()}
+    order = layout.carve_order(labels, cfg)
     if on_start:
-        on_start(sum(len(index) for _, index in order.values()))
-    results = _drain(tasks, on_rows)
+        on_start(sum(len(rows.index) for rows in order.values()))
+    results, tasks, parts = _write_image_shards(cfg, listing, order, tmp_uri, on_rows)
+    final, duplicates = _kept_together(order, labels, parts)
+    if duplicates["moved_rows"]:
+        for split in order:
+            storage.delete_dir(storage.join(tmp_uri, split))
+        results, tasks, _ = _write_image_shards(cfg, listing, final, tmp_uri, None)
     bad = sorted((b for r in results.values() for b in r["bad"]), key=lambda b: b["file"])
-    counts = _renumber(results, tasks) if bad else {split: len(index) for split, (_, index) in order.items()}
+    counts = _renumber(results, tasks) if bad else {split: len(rows.index) for split, rows in final.items()}
     mean, std = _train_mean_std(results, cfg)
     return WrittenDataset(
         classes=listing.classes,
@@ -361,6 +418,7 @@ def write_imagefolder(
         std=std,
         checksum=combine_digests(sum(r["digest"] for r in results.values())),
         bad_images=bad,
+        duplicates=duplicates,
     )
 
 
@@ -393,14 +451,17 @@ def _destinations(listing: ParquetListing, order: dict) -> tuple[dict, dict]:
     """({source split: output split code of each row, -1 for none}, {source split: row's position in it})."""
     dest_split = {src: np.full(len(labels), -1, dtype=np.int64) for src, labels in listing.labels.items()}
     dest_pos = {src: np.zeros(len(labels), dtype=np.int64) for src, labels in listing.labels.items()}
-    for code, (source, index) in enumerate(order.values()):
-        dest_split[source][index] = code
-        dest_pos[source][index] = np.arange(len(index))
+    for code, rows in enumerate(order.values()):
+        for source in np.unique(rows.source):
+            positions, index = rows.of(str(source))
+            dest_split[str(source)][index] = code
+            dest_pos[str(source)][index] = positions
     return dest_split, dest_pos
 
 
 def _stage_tasks(cfg: DataConfig, listing: ParquetListing, order: dict, per_shard: int, staging: str) -> list:
-    """A hash task per source file, then a stage task per run of about per_shard rows of each file."""
+    """A hash task per source file, then a stage task per run of about per_shard rows of each file (its rows:
+    ``source_split``, ``source_rows`` = (first, count), which the driver reads with the task's pixel digests)."""
     dest_split, dest_pos = _destinations(listing, order)
     names = list(order)
     resize = layout.resize_for(cfg).record()
@@ -436,10 +497,22 @@ def _stage_tasks(cfg: DataConfig, listing: ParquetListing, order: dict, per_shar
                         "resize": resize,
                         "on_bad_image": cfg.on_bad_image,
                         "source": cfg.path,
+                        "source_split": source,
+                        "source_rows": (lo, take),
                     }
                 )
             offset += int(starts[-1])
     return tasks
+
+
+def _staged_parts(tasks: list, staged: dict) -> list:
+    """(source split, row indices, pixel digests, decoded) of every stage task, for _kept_together."""
+    parts = []
+    for task in tasks:
+        if task["kind"] == "stage":
+            result, (first, count) = staged[task["index"]], task["source_rows"]
+            parts.append((task["source_split"], np.arange(first, first + count), result["hashes"], result["ok"]))
+    return parts
 
 
 def _gather_tasks(
@@ -447,9 +520,9 @@ def _gather_tasks(
 ) -> list:
     """A gather task per output shard of every split; ``bad``: the staged rows left out (with their position)."""
     gathers = []
-    for split, (_, index) in order.items():
+    for split, rows in order.items():
         bad_positions = np.asarray([b["position"] for b in bad if b["split"] == split], dtype=np.int64)
-        for shard in range(max(1, -(-len(index) // per_shard))):
+        for shard in range(max(1, -(-len(rows.index) // per_shard))):
             gathers.append(
                 {
                     "kind": "gather",
@@ -471,7 +544,8 @@ def write_parquet(
     on_start: Optional[Callable[[int], None]] = None,
     on_rows: Optional[Callable[[int], None]] = None,
 ) -> WrittenDataset:
-    """Write cfg's Parquet source as the prepared splits under ``tmp_uri``: stage, then gather (see the module
+    """Write cfg's Parquet source as the prepared splits under ``tmp_uri``: stage, then gather; staged again in
+    the corrected order, before any gather, where exact duplicates stood in two splits (see the module
     docstring)."""
     listing = list_parquet(cfg)
     order = layout.carve_order(listing.labels, cfg)
@@ -479,16 +553,22 @@ def write_parquet(
     staging = storage.join(tmp_uri, "_staging")
     tasks = _stage_tasks(cfg, listing, order, per_shard, staging)
     if on_start:
-        on_start(sum(len(index) for _, index in order.values()))
+        on_start(sum(len(rows.index) for rows in order.values()))
     try:
         staged = _drain(tasks, on_rows)
+        checksum = combine_digests(sum(r["digest"] for r in staged.values()))
+        final, duplicates = _kept_together(order, listing.labels, _staged_parts(tasks, staged))
+        if duplicates["moved_rows"]:
+            storage.delete_dir(staging)
+            again = [t for t in _stage_tasks(cfg, listing, final, per_shard, staging) if t["kind"] == "stage"]
+            staged = _drain(again, None)
         bad = sorted((b for r in staged.values() for b in r["bad"]), key=lambda b: (b["split"], b["position"]))
-        gathers = _gather_tasks(cfg, listing, order, bad, per_shard, staging, tmp_uri)
-        _make_dirs(tmp_uri, order)
+        gathers = _gather_tasks(cfg, listing, final, bad, per_shard, staging, tmp_uri)
+        _make_dirs(tmp_uri, final)
         results = _drain(gathers, None)
     finally:
         storage.delete_dir(staging)
-    counts = {split: len(index) - sum(b["split"] == split for b in bad) for split, (_, index) in order.items()}
+    counts = {split: len(rows.index) - sum(b["split"] == split for b in bad) for split, rows in final.items()}
     mean, std = _train_mean_std(results, cfg)
     for b in bad:
         del b["position"]
@@ -497,8 +577,9 @@ def write_parquet(
         counts=counts,
         mean=mean,
         std=std,
-        checksum=combine_digests(sum(r["digest"] for r in staged.values())),
+        checksum=checksum,
         bad_images=bad,
         coarse_classes=listing.coarse_classes,
         fine_to_coarse=listing.fine_to_coarse,
+        duplicates=duplicates,
     )

@@ -1,11 +1,18 @@
 import csv
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
 
+from resnet_ray.calibration import calibrate
 from resnet_ray.checkpoint import CheckpointError
+from resnet_ray.compare import ComparisonError, compare_folders
+from resnet_ray.config import replace
+from resnet_ray.data.layout import read_rows
+from resnet_ray.data.load import read_split
+from resnet_ray.data.prepare import dataset_dir
 from resnet_ray.evaluate import check_model_fits, evaluate
 
 pytestmark = pytest.mark.slow
@@ -24,6 +31,7 @@ def test_training_ends_with_a_complete_test_report(tiny_run):
         "confusion_matrix.png",
         "reliability.png",
         "predictions.parquet",
+        "errors.png",
     } <= set(os.listdir(out))
     predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pydict()
     assert sorted(predictions["row_id"]) == list(range(240))
@@ -39,6 +47,68 @@ def test_training_ends_with_a_complete_test_report(tiny_run):
     assert open(os.path.join(out, "confusion_matrix.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_gallery_shows_exactly_the_most_confident_mistakes_from_the_stored_pixels(tiny_run):
+    cfg, result = tiny_run
+    out = result.evaluation["output"]
+    report = json.load(open(os.path.join(out, "report.json")))
+    predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pydict()
+    wrong = sorted(
+        (-c, r) for r, y, p, c in zip(*(predictions[k] for k in ("row_id", "label", "pred", "confidence"))) if p != y
+    )
+    errors = report["errors"]
+    assert [r["row_id"] for r in errors["rows"]] == [r for _, r in wrong[: cfg.eval.errors_shown]]
+    assert errors["wrong"] == len(wrong) and errors["rows"][0]["confidence"] == -wrong[0][0]
+    assert open(os.path.join(out, "errors.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(os.path.join(out, "per_class_errors"))) == sorted(
+        os.path.basename(e["file"]) for e in errors["per_class"]
+    )
+    md = open(os.path.join(out, "report.md")).read()
+    assert "[errors.png](errors.png)" in md and all(f"({e['file']})" in md for e in errors["per_class"])
+    # the pixels drawn are the stored ones, read by row id without a second inference
+    prepared = dataset_dir(cfg.data)
+    shown = read_rows(prepared, "test", [r["row_id"] for r in errors["rows"]], 32)
+    stored = {int(i): im for b in read_split(cfg.data, "test", prepared) for i, im in zip(b["row_id"], b["image"])}
+    assert all((shown[i] == stored[i]).all() for i in shown) and len(shown) == len(errors["rows"])
+
+
+def test_the_run_fits_a_temperature_on_val_and_the_report_shows_before_and_after(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    info = json.load(open(os.path.join(result.model_dir, "model.json")))
+    record = info["calibration"]
+    assert record["fitted"] and record["split"] == "val" and record["rows"] == 144
+    assert info["temperature"] == record["temperature"] == result.calibration["temperature"]
+    assert record["nll_after"] <= record["nll_before"] + 1e-9
+    report = result.evaluation["report"]
+    calibration = report["calibration"]
+    assert calibration["temperature"] == info["temperature"] and calibration["fitted_on"] == "val"
+    assert report["ece"] == calibration["after"]["ece"] and report["nll"] == calibration["after"]["nll"]
+    bins = json.load(open(os.path.join(result.evaluation["output"], "report.json")))["calibration_bins_uncalibrated"]
+    assert sum(b["count"] for b in bins) == 240
+    predictions = pq.read_table(os.path.join(result.evaluation["output"], "predictions.parquet")).to_pydict()
+    assert all(0 < c <= 1 for c in predictions["confidence_raw"])
+    # a refit on train+val has no validation split: it says so and keeps T = 1 (on a copy of the model)
+    copy = shutil.copytree(result.model_dir, tmp_path / "model")
+    refit = calibrate(replace(cfg, {"train.refit_on_val": True}), str(copy))
+    assert refit["fitted"] is False and "no validation split" in refit["reason"]
+    assert json.load(open(copy / "model.json"))["temperature"] == 1.0
+
+
+def test_flip_tta_changes_the_report_only_where_it_says_so(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    tta = evaluate(replace(cfg, {"eval.tta": "flip"}), result.run_dir, split="test", output=str(tmp_path / "tta"))
+    plain, flipped = result.evaluation["report"], tta["report"]
+    assert (plain["tta"], flipped["tta"]) == ("none", "flip")
+    assert "Test-time augmentation (eval.tta):** flip" in open(tmp_path / "tta" / "report.md").read()
+    for key in ("dataset", "split", "rows", "total_support", "model_info", "num_classes"):
+        assert plain[key] == flipped[key], key
+    assert flipped["calibration"]["temperature"] == plain["calibration"]["temperature"]
+    with pytest.raises(ComparisonError, match="--allow-tta"):
+        compare_folders(result.evaluation["output"], str(tmp_path / "tta"))
+    gain = compare_folders(result.evaluation["output"], str(tmp_path / "tta"), allow_tta=True)
+    assert gain["tta"] == {"a": "none", "b": "flip"} and 0 <= gain["p_value"] <= 1
+    assert gain["accuracy"]["difference"] == pytest.approx(flipped["accuracy"] - plain["accuracy"])
+
+
 def test_evaluate_other_split_with_two_actors(tiny_run, tmp_path):
     cfg, result = tiny_run
     out = evaluate(cfg, result.run_dir, split="val", output=str(tmp_path / "val"))
@@ -50,7 +120,6 @@ def test_on_a_local_instance_the_job_process_predicts_and_gives_the_actors_repor
     """eval.in_process_rows null (the default) on the local Ray instance that this process started: no actor
     starts, and the report and every prediction equal those of the Ray Data actors."""
     import resnet_ray.evaluate as ev
-    from resnet_ray.config import replace
 
     cfg, result = tiny_run
     monkeypatch.setattr(ev, "predict_stream", lambda *a, **k: pytest.fail("started Ray Data actors"))

@@ -73,6 +73,7 @@ def test_predict_job_on_a_folder_with_a_corrupt_file(tiny_run, test_images, tmp_
             str(out),
             "--data.on_bad_image",
             "skip",
+            "--no-calibration",
         ],
     )
     # the job ends its process with os._exit after its work (cli.finish): here, in pytest's process, a plain exit
@@ -82,6 +83,7 @@ def test_predict_job_on_a_folder_with_a_corrupt_file(tiny_run, test_images, tmp_
     printed = capsys.readouterr().out
     assert done.value.code == 0, printed
     assert f"{N + 1} images, 1 skipped (unreadable) in " in printed and f"predictions in {out}" in printed
+    assert "raw (T = 1) probabilities, eval.tta none" in printed
     assert os.listdir(out.parent) == ["predictions.parquet"]  # written atomically: no temporary file left
     table = pq.read_table(out).to_pydict()
     assert sorted(table["row_id"]) == list(range(N + 1))  # every input exactly once
@@ -112,3 +114,12 @@ def test_predict_on_a_parquet_file(tiny_run, test_images, tmp_path):
     assert set(table["path"]) == {str(source)}
     info = json.load(open(os.path.join(result.model_dir, "model.json")))
     _check(table, expected_pred, info["sha256"], info["classes"])
+    # calibrated by default (the run's temperature), raw with calibrated=False: the same classes, in the same order
+    assert out["calibrated"] and set(table["temperature"]) == {info["temperature"]} != {1.0}
+    raw = predict(
+        cfg, result.run_dir, str(source), output=str(tmp_path / "raw.parquet"), image_column="img", calibrated=False
+    )
+    untempered = pq.read_table(tmp_path / "raw.parquet").sort_by("row_id").to_pydict()
+    assert raw["temperature"] == 1.0 and set(untempered["temperature"]) == {1.0}
+    assert untempered["pred"] == table["pred"] and untempered["top_classes"] == table["top_classes"]
+    assert untempered["top_probs"] != table["top_probs"]

@@ -41,6 +41,9 @@ def test_two_concurrent_prepares_both_succeed_and_leave_one_dataset(tmp_path):
     prepared, temporary = datasets(root)
     assert len(prepared) == 1 and temporary == []
     assert all(output.rstrip().endswith(f"-> {prepared[0]}") for output in outputs), outputs
+    assert all("; no exact duplicate images -> " in output for output in outputs), (
+        outputs
+    )  # the closing line counts them
     assert sum("prepared digits at" in output for output in outputs) == 1  # the other one waited and reused it
 
 

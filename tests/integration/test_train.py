@@ -61,6 +61,8 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
     print_training_summary(result, console)
     shown = console.export_text()
     assert f"{result.history[-1]['val_top1']:.4f}" in shown and result.model_dir in shown
+    assert f"temperature {result.calibration['temperature']:.4g} fitted on val (144 rows" in shown
+    assert "most confident mistakes (" in shown and f"{result.evaluation['output']}/errors.png" in shown
     # TensorBoard: every epoch's metrics, sparse step scalars, the hyperparameters
     scalars, _ = read_events(os.path.join(result.run_dir, "tensorboard"))
     assert [(e, round(v, 4)) for e, v in scalars["val/top1"]] == [
@@ -215,4 +217,9 @@ def test_a_final_refit_through_a_uri_filesystem_trains_on_train_and_val_and_expo
     )  # the last, no ranking
     console = Console(record=True, width=200)
     print_training_summary(result, console)
-    assert "refit on train+val (no validation): the last epoch, 2, is exported" in console.export_text()
+    shown = console.export_text()
+    assert "refit on train+val (no validation): the last epoch, 2, is exported" in shown
+    # no validation split to fit a temperature on: the run says so and keeps T = 1
+    assert "temperature 1 (not fitted): a refit on train+val has no validation split" in shown
+    info = json.load(open(tmp_path / "refit" / "model" / "model.json"))
+    assert info["temperature"] == 1.0 and info["calibration"]["fitted"] is False

@@ -285,3 +285,105 @@ def test_remote_training_checkpoint_loads_without_leaving_copies(checkpoint, tra
     loaded = load_model(f"file://{checkpoint}")
     assert loaded.info["epoch"] == 2 and os.listdir(tmp_path / "tmp") == []
     assert checkpoint_config(f"file://{checkpoint}") == Config()
+
+
+# ---------------------------------------------------------------------------
+# a pickle payload posing as model.pt: refused in one line, and no code in it runs
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``: what a malicious model.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _payload_model(folder, marker) -> str:
+    """An exported-model folder whose model.pt is a payload, with its true SHA-256 in a valid model.json."""
+    os.makedirs(folder)
+    path = os.path.join(folder, ckpt.MODEL)
+    torch.save({"fc.weight": Payload(marker)}, path)
+    info = {**make_meta(), "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+    with open(os.path.join(folder, ckpt.MODEL_INFO), "w") as f:
+        json.dump(info, f)
+    return str(folder)
+
+
+def test_a_pickle_payload_as_model_pt_is_refused_in_one_line_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    folder = _payload_model(tmp_path / "evil", marker)
+    for load in (ckpt.verify_model, load_model):
+        with pytest.raises(CheckpointError) as error:
+            load(folder)
+        message = str(error.value)
+        assert message.startswith(os.path.join(folder, ckpt.MODEL) + ": not a weights-only state_dict")
+        assert "asks to run code" in message and "\n" not in message
+    assert not marker.exists()
+    # the same payload as a training checkpoint's state.pt, and as a model.weights file
+    os.makedirs(tmp_path / "checkpoint")
+    os.replace(os.path.join(folder, ckpt.MODEL), tmp_path / "checkpoint" / ckpt.STATE)
+    with open(tmp_path / "checkpoint" / ckpt.META, "w") as f:
+        json.dump(make_meta(), f)
+    with pytest.raises(CheckpointError, match="asks to run code") as error:
+        load_training_state(str(tmp_path / "checkpoint"))
+    assert "\n" not in str(error.value)
+    from resnet_ray.model import ModelError, load_state_dict
+
+    with pytest.raises(ModelError, match="asks to run code") as error:
+        load_state_dict(str(tmp_path / "checkpoint" / ckpt.STATE))
+    assert "\n" not in str(error.value) and not marker.exists()
+
+
+def test_a_weights_file_of_other_objects_is_refused(tmp_path):
+    folder = tmp_path / "lists"
+    _payload_model(folder, tmp_path / "unused")
+    path = folder / ckpt.MODEL
+    torch.save([torch.zeros(1)], path)
+    info = json.load(open(folder / ckpt.MODEL_INFO))
+    info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    json.dump(info, open(folder / ckpt.MODEL_INFO, "w"))
+    with pytest.raises(CheckpointError, match="not a state_dict"):
+        ckpt.verify_model(str(folder))
+
+
+def test_the_evaluation_job_refuses_a_payload_in_one_line(tmp_path, monkeypatch, capsys):
+    """jobs/evaluate.py on the payload: exit status 2 and one line on stderr naming model.pt; nothing ran."""
+    import runpy
+    import sys
+
+    from resnet_ray import runtime
+
+    marker = tmp_path / "ran"
+    folder = _payload_model(tmp_path / "evil", marker)
+    monkeypatch.setattr(runtime, "init_ray", lambda **kwargs: None)  # the refusal comes before any Ray work
+    monkeypatch.setattr(sys, "argv", ["jobs/evaluate.py", "--local", "--model", folder])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(os.path.join(root, "jobs", "evaluate.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: {os.path.join(folder, ckpt.MODEL)}: ")
+    assert not marker.exists()
+
+
+def test_temperature_of_old_and_bad_model_json():
+    assert ckpt.temperature_of(make_meta()) == 1.0  # exported before temperature scaling
+    assert ckpt.temperature_of({"temperature": 2}) == 2.0
+    for bad in (0, -1.0, "2", float("nan"), True):
+        with pytest.raises(CheckpointError, match="m/model.json: temperature must be a number > 0"):
+            ckpt.temperature_of({"temperature": bad}, "m/model.json")
+
+
+def test_weights_saved_in_the_legacy_format_still_load(checkpoint, tmp_path):
+    """load_weights(mmap=True), the check of verify_model, falls back to a plain load for pre-zip files."""
+    out = export_model(checkpoint, str(tmp_path / "model"))
+    path = os.path.join(out, ckpt.MODEL)
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    info = json.load(open(os.path.join(out, ckpt.MODEL_INFO)))
+    info["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    json.dump(info, open(os.path.join(out, ckpt.MODEL_INFO), "w"))
+    assert ckpt.verify_model(out)[1]["sha256"] == info["sha256"]
+    assert set(ckpt.load_weights(path, mmap=True)) == set(load_model(out).model.state_dict())

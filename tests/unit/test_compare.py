@@ -196,3 +196,25 @@ def test_job_script(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: the evaluations are of different splits")
     assert not (tmp_path / "comparison.json").exists()
+
+
+def test_a_tta_evaluation_is_paired_with_a_plain_one_only_when_asked(tmp_path):
+    labels, pred_a, pred_b = paired()
+    plain = write_eval(tmp_path / "plain", labels, pred_a)  # an old report: no "tta" field at all
+    flipped = write_eval(tmp_path / "flip", labels, pred_b)
+    report = json.load(open(os.path.join(flipped, "report.json")))
+    json.dump({**report, "tta": "flip"}, open(os.path.join(flipped, "report.json"), "w"))
+    with pytest.raises(ComparisonError, match="B with eval.tta flip .* pass --allow-tta"):
+        compare_folders(plain, flipped)
+    result = compare_folders(plain, flipped, allow_tta=True)
+    assert result["tta"] == {"a": "none", "b": "flip"} and result["pairs"]["b_only"] == 25
+    write_comparison(result, str(tmp_path / "out"))
+    assert "Test-time augmentation (eval.tta):** A none, B flip" in open(tmp_path / "out" / "comparison.md").read()
+    assert compare_folders(plain, write_eval(tmp_path / "old", labels, pred_b))["tta"] == {"a": "none", "b": "none"}
+    done = subprocess.run(
+        [sys.executable, "jobs/compare.py", plain, flipped, "--output", str(tmp_path / "job")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--allow-tta" in done.stderr

@@ -79,3 +79,26 @@ def test_the_job_process_predicts_with_the_cpus_its_local_instance_declares(monk
         monkeypatch.setattr(ev, "started_here", lambda local=local: local)
         batches = list(ev.predict_here(load_config(None, {"eval.batch_size": 2}), "model", "test", "prepared"))
         assert [len(b["label"]) for b in batches] == [2, 1] and seen[-1] == expected
+
+
+def test_batch_statistics_with_scores_count_nll_and_the_bins_before_the_temperature():
+    rng = np.random.default_rng(1)
+    n, classes, t = 200, 6, 2.0
+    logits = rng.normal(0, 3, (n, classes))
+    labels = rng.integers(0, classes, n)
+    calibrated = np.exp(metrics.log_softmax(logits, t))
+    batch = {
+        "label": labels,
+        "pred": logits.argmax(1),
+        "top5": np.argsort(-logits, 1)[:, :5],
+        "confidence": calibrated.max(1),
+        "logits": logits.astype(np.float32),
+    }
+    stats = batch_statistics(batch, classes, 15, temperature=t)
+    assert set(stats) == {"cm", "top5", "calibration", "rows", "calibration_raw", "nll", "nll_raw"}
+    assert stats["nll"][0] == pytest.approx(metrics.negative_log_likelihood(logits, labels, t), rel=1e-5)
+    assert stats["nll_raw"][0] == pytest.approx(metrics.negative_log_likelihood(logits, labels), rel=1e-5)
+    raw = np.exp(metrics.log_softmax(logits)).max(1)
+    correct = batch["pred"] == labels
+    np.testing.assert_allclose(stats["calibration_raw"][0], metrics.calibration_counts(raw, correct, 15), rtol=1e-5)
+    np.testing.assert_allclose(stats["calibration"][0], metrics.calibration_counts(calibrated.max(1), correct, 15))

@@ -359,3 +359,47 @@ def test_row_coverage_refuses_duplicates_strays_and_missing_rows():
     coverage.finish()  # every row once
     with pytest.raises(Refused, match="^an input row was predicted twice"):
         M.RowCoverage(1, Refused, "input row", "input").add(np.array([0, 0]))
+
+
+# --------------------------------------------------------------------------
+# NLL and temperature scaling (Guo et al. 2017)
+# --------------------------------------------------------------------------
+def _overconfident(n=20000, c=10, temperature=2.5, seed=0):
+    """Logits whose labels are drawn from softmax(true logits): the observed ones are ``temperature`` times too
+    sharp, so the temperature that calibrates them is known."""
+    rng = np.random.default_rng(seed)
+    true = rng.normal(0.0, 2.0, (n, c))
+    p = np.exp(M.log_softmax(true))
+    labels = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
+    return true * temperature, labels
+
+
+def _ece(logits, labels, t):
+    logp = M.log_softmax(logits, t)
+    return M.expected_calibration_error(M.calibration_counts(np.exp(logp.max(1)), logp.argmax(1) == labels, 15))
+
+
+@pytest.mark.parametrize("temperature", [2.5, 0.6])
+def test_fit_temperature_recovers_a_known_temperature_and_lowers_nll_and_ece(temperature):
+    logits, labels = _overconfident(temperature=temperature)
+    fitted = M.fit_temperature(logits, labels)
+    assert fitted == pytest.approx(temperature, rel=0.05)
+    assert M.negative_log_likelihood(logits, labels, fitted) < M.negative_log_likelihood(logits, labels)
+    assert _ece(logits, labels, fitted) < _ece(logits, labels, 1.0) / 3
+    # top-1 (and the whole ranking) is the same at any temperature
+    np.testing.assert_array_equal(M.log_softmax(logits, fitted).argsort(1), M.log_softmax(logits).argsort(1))
+
+
+def test_nll_matches_sklearn_log_loss_and_adds_over_batches():
+    from sklearn.metrics import log_loss
+
+    logits, labels = _overconfident(n=500, c=5, temperature=1.0, seed=3)
+    expected = log_loss(labels, np.exp(M.log_softmax(logits, 1.3)), labels=range(5), normalize=False)
+    assert M.negative_log_likelihood(logits, labels, 1.3) == pytest.approx(expected, rel=1e-9)
+    parts = M.negative_log_likelihood(logits[:200], labels[:200], 1.3) + M.negative_log_likelihood(
+        logits[200:], labels[200:], 1.3
+    )
+    assert parts == pytest.approx(expected, rel=1e-12)
+    assert M.fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
+    with pytest.raises(ValueError, match="outside the valid class range"):
+        M.negative_log_likelihood(logits, labels + 5)

@@ -370,3 +370,84 @@ def test_search_curves_draw_every_trial(tmp_path):
     ]
     path = write_search_curves(trials, str(tmp_path / "curves.png"))
     assert open(path, "rb").read()[:8] == PNG_MAGIC
+
+
+def _predictions(n=300, c=4, seed=2):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, c, n)
+    pred = np.where(rng.random(n) < 0.6, label, (label + 1 + rng.integers(0, c - 1, n)) % c)
+    confidence = np.round(rng.random(n), 2)  # ties: the lower row id first
+    return {"row_id": rng.permutation(n), "label": label, "pred": pred, "confidence": confidence}
+
+
+def test_error_selection_is_exactly_the_top_wrong_rows_by_confidence():
+    from resnet_ray.report import PER_CLASS_SHOWN, error_rows, error_selection
+
+    p = _predictions()
+    selection = error_selection(p, list("abcd"), shown=12)
+    wrong = [(-p["confidence"][i], p["row_id"][i]) for i in range(300) if p["pred"][i] != p["label"][i]]
+    expected = [int(r) for _, r in sorted(wrong)[:12]]
+    assert [r["row_id"] for r in selection["rows"]] == expected
+    assert selection["wrong"] == len(wrong) and selection["file"] == "errors.png"
+    by_id = {int(r): i for i, r in enumerate(p["row_id"])}
+    for r in selection["rows"]:
+        i = by_id[r["row_id"]]
+        assert (r["label"], r["pred"], r["confidence"]) == (p["label"][i], p["pred"][i], p["confidence"][i])
+    counts = [sum(1 for i in range(300) if p["label"][i] == c and p["pred"][i] != c) for c in range(4)]
+    assert [e["index"] for e in selection["per_class"]] == sorted(range(4), key=lambda c: (-counts[c], c))
+    for entry in selection["per_class"]:
+        mine = sorted(
+            (-p["confidence"][i], p["row_id"][i])
+            for i in range(300)
+            if p["label"][i] == entry["index"] and p["pred"][i] != p["label"][i]
+        )
+        assert [r["row_id"] for r in entry["rows"]] == [int(r) for _, r in mine[:PER_CLASS_SHOWN]]
+        assert entry["file"] == f"per_class_errors/{entry['index']:03d}-{'abcd'[entry['index']]}.png"
+    assert set(error_rows(selection)) == {r["row_id"] for e in [selection, *selection["per_class"]] for r in e["rows"]}
+    perfect = error_selection({**p, "pred": p["label"]}, list("abcd"))
+    assert perfect["rows"] == [] and perfect["per_class"] == [] and perfect["wrong"] == 0
+
+
+def test_write_outputs_with_galleries_and_calibration_before_and_after(tmp_path):
+    from resnet_ray.report import error_rows, error_selection
+
+    report, cm, names, _ = _make(4, n=300)
+    p = _predictions()
+    report["errors"] = error_selection(p, names, shown=10)
+    report["calibration"] = {
+        "temperature": 1.5,
+        "fitted_on": "val",
+        "before": {"nll": 0.9, "ece": 0.12},
+        "after": {"nll": 0.7, "ece": 0.02},
+    }
+    report["tta"] = "flip"
+    images = {i: np.full((8, 8, 3), i % 255, np.uint8) for i in error_rows(report["errors"])}
+    rng = np.random.default_rng(0)
+    conf = rng.random(300)
+    after = M.calibration_counts(conf * 0.8, rng.random(300) < conf, 15)
+    before = M.calibration_counts(conf, rng.random(300) < conf, 15)
+    paths = write_outputs(
+        report, cm, names, str(tmp_path), calibration=after, calibration_before=before, error_images=images
+    )
+    assert open(paths["errors_png"], "rb").read(8) == PNG_MAGIC
+    files = sorted(os.listdir(tmp_path / "per_class_errors"))
+    assert files == sorted(os.path.basename(e["file"]) for e in report["errors"]["per_class"]) and len(files) == 4
+    md = (tmp_path / "report.md").read_text()
+    assert "[errors.png](errors.png)" in md and "(per_class_errors/000-cls_0.png)" in md
+    assert "Temperature 1.5 (fitted on val): NLL 0.9000 -> 0.7000, ECE 0.1200 -> 0.0200" in md
+    assert "Test-time augmentation (eval.tta):** flip" in md and "Before the temperature (T = 1):" in md
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [b["count"] for b in data["calibration_bins_uncalibrated"]] == before[:, 0].astype(int).tolist()
+    assert _png_size(paths["reliability_png"])[1] > 400
+    out = io.StringIO()
+    print_summary(data, console=Console(file=out, width=200, color_system=None), output="/runs/r/eval-test")
+    text = out.getvalue()
+    assert "ECE 0.1200 -> 0.0200" in text and "temperature 1.5 (fitted on val)" in text
+    assert "test-time augmentation: flip" in text
+    assert "most confident mistakes (10 of " in text and "/runs/r/eval-test/errors.png" in text
+
+
+def test_error_gallery_without_mistakes(tmp_path):
+    from resnet_ray.plots import write_error_gallery
+
+    assert open(write_error_gallery(str(tmp_path / "e.png"), [], [], "none"), "rb").read(8) == PNG_MAGIC
