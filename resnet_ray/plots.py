@@ -130,55 +130,18 @@ def write_reliability_plot(calibration: Any, path: str, before: Any = None, temp
     used = count > 0
     acc = np.array([b["accuracy"] for b in bins])[used]
     conf = np.array([b["confidence"] for b in bins])[used]
-    after = "after temperature scaling" if before is not None else "accuracy"
+    label = "after temperature scaling" if before is not None else "accuracy"
     with _figure(path, nrows=2, figsize=(6, 7), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}) as (
         fig,
         (top, bottom),
     ):
-        top.bar(
-            low[used],
-            acc,
-            width=width[used],
-            align="edge",
-            color="tab:blue",
-            edgecolor="black",
-            linewidth=0.5,
-            label=after,
-        )
-        top.bar(
-            low[used],
-            conf - acc,
-            bottom=acc,
-            width=width[used],
-            align="edge",
-            color="tab:red",
-            alpha=0.3,
-            edgecolor="tab:red",
-            hatch="//",
-            label="gap to mean confidence",
-        )
+        bar = {"align": "edge", "edgecolor": "black", "linewidth": 0.5}
+        top.bar(low[used], acc, width=width[used], color="tab:blue", label=label, **bar)
+        gap = {**bar, "color": "tab:red", "edgecolor": "tab:red", "alpha": 0.3, "hatch": "//"}
+        top.bar(low[used], conf - acc, bottom=acc, width=width[used], label="gap to mean confidence", **gap)
         title = f"Reliability diagram: ECE {fmt(ece)} over {int(count.sum())} predictions"
         if before is not None:
-            old = calibration_bins(before)
-            seen = [b for b in old if b["count"] > 0]
-            top.plot(
-                [b["confidence"] for b in seen],
-                [b["accuracy"] for b in seen],
-                "o-",
-                color="tab:orange",
-                linewidth=1.5,
-                markersize=4,
-                label="before (T = 1): accuracy at mean confidence",
-            )
-            t = f", T = {temperature:.3g}" if temperature is not None else ""
-            title = f"Reliability: ECE {fmt(expected_calibration_error(before))} -> {fmt(ece)}{t}"
-            bottom.step(
-                np.append(low, 1.0),
-                np.append([b["count"] for b in old], old[-1]["count"]),
-                where="post",
-                color="tab:orange",
-                linewidth=1,
-            )
+            title = _uncalibrated_overlay(top, bottom, before, low, ece, temperature)
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
@@ -186,12 +149,32 @@ def write_reliability_plot(calibration: Any, path: str, before: Any = None, temp
         top.set_title(title)
         top.legend(loc="upper left", fontsize=8)
         top.grid(alpha=0.3)
-        bottom.bar(low, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+        bottom.bar(low, count, width=width, color="gray", **bar)
         if count.max(initial=0) > 0:
             bottom.set_yscale("log")
         bottom.set_xlabel("Confidence (max softmax probability)")
         bottom.set_ylabel("Predictions")
     return path
+
+
+def _uncalibrated_overlay(top, bottom, before: Any, low: np.ndarray, ece: float, temperature: Optional[float]) -> str:
+    """The reliability before temperature scaling as a line over the bars (and its counts as a step over the
+    histogram); returns the diagram's title with both ECEs."""
+    old = calibration_bins(before)
+    seen = [b for b in old if b["count"] > 0]
+    top.plot(
+        [b["confidence"] for b in seen],
+        [b["accuracy"] for b in seen],
+        "o-",
+        color="tab:orange",
+        linewidth=1.5,
+        markersize=4,
+        label="before (T = 1): accuracy at mean confidence",
+    )
+    counts = np.append([b["count"] for b in old], old[-1]["count"])
+    bottom.step(np.append(low, 1.0), counts, where="post", color="tab:orange", linewidth=1)
+    t = f", T = {temperature:.3g}" if temperature is not None else ""
+    return f"Reliability: ECE {fmt(expected_calibration_error(before))} -> {fmt(ece)}{t}"
 
 
 def write_error_gallery(path: str, images: Sequence[np.ndarray], captions: Sequence[str], title: str) -> str:
