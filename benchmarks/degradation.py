@@ -164,7 +164,11 @@ def main():
     with tempfile.TemporaryDirectory(prefix="resnet_ray-degradation-") as root:
         per_class = {"train": args.per_class, "test": args.test_per_class}
         source = subset(os.path.join(root, "sources", "cifar10-subset"), range(10), per_class)
-        nets = [net for seed in seeds for net in run_seed(source, root, seed, args)]
+        nets = []
+        for seed in seeds:  # each seed's figures kept as soon as they are measured
+            nets += run_seed(source, root, seed, args)
+            with open(os.path.join(args.out, "degradation.json"), "w") as f:
+                json.dump({"args": vars(args), "nets": nets}, f, indent=1)
 
     shallow, deep = args.depths[0], args.depths[-1]
     print(
