@@ -77,11 +77,11 @@ def calibrate(cfg: Config, model_path: str) -> dict:
     folder, info = _exported(model_path)
     if cfg.train.refit_on_val:
         record = {"fitted": False, "temperature": 1.0, "reason": NO_VALIDATION}
-        log.info("%s: temperature 1 (not fitted): %s", folder, NO_VALIDATION)
+        log.debug("%s: temperature 1 (not fitted): %s", folder, NO_VALIDATION)
     else:
         logits, labels = collect_logits(cfg, folder, SPLIT)
         record = fit_record(logits, labels, cfg.eval.ece_bins, cfg.eval.tta)
-        log.info(
+        log.debug(
             "%s: temperature %.4g fitted on %d %s rows: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
             folder,
             record["temperature"],
