@@ -40,8 +40,6 @@ GENERATED_CONFIGS = {"best_config.yaml"}  # written by jobs/tune.py into the exp
 OVERRIDES_EPILOG = "--section.field"  # resnet_ray.cli.parser's epilog: the job takes dotted overrides
 # what --local means without --config (jobs/*.py: cli.parse's local_config); evaluate and predict: the model's own
 LOCAL_CONFIGS = {"prepare": "configs/local.yaml", "train": "configs/local.yaml", "tune": "configs/tune-local.yaml"}
-# files the README names before they land (issue 19): remove an entry once its file exists
-PENDING = {"configs/tune-degradation.yaml"}
 PATH_MENTION = re.compile(r"(?<![\w/.-])((?:resnet_ray|jobs|benchmarks|configs|tests|docs)/[\w/.-]*\w\.(?:py|yaml|md))")
 
 
@@ -371,7 +369,7 @@ def test_named_files_exist(page: str):
     """The modules, scripts, configs and tests a page names exist (the package is being reorganised)."""
     with open(os.path.join(ROOT, page)) as f:
         text = f.read()
-    named = set(PATH_MENTION.findall(text)) - PENDING
+    named = set(PATH_MENTION.findall(text))
     missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, f"{page} names files that do not exist: {missing}"
 
