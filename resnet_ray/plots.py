@@ -273,9 +273,12 @@ def write_search_curves(trials: Sequence[dict], path: str) -> str:
     with _figure(path, figsize=(9, 5.5), dpi=110) as (fig, ax):
         colours = _trial_colours(len(trials))
         for trial, colour in zip(sorted(trials, key=lambda t: t["label"]), colours):
-            ax.plot(trial["epoch"], [100 * e for e in trial["train_error"]], "--", color=colour, linewidth=1.2)
+            # markers: a one-epoch trial is a single point, which a line alone does not draw
+            ax.plot(trial["epoch"], [100 * e for e in trial["train_error"]], "--o", color=colour, linewidth=1.2, ms=3)
             val = [(e, 100 * v) for e, v in zip(trial["epoch"], trial["val_error"]) if v is not None]
-            ax.plot([e for e, _ in val], [v for _, v in val], "-", color=colour, linewidth=2, label=trial["label"])
+            ax.plot(
+                [e for e, _ in val], [v for _, v in val], "-o", color=colour, linewidth=2, ms=4, label=trial["label"]
+            )
         ax.set_xlabel("Epoch")
         ax.set_ylabel("Error (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
