@@ -25,13 +25,18 @@ log = logging.getLogger(__name__)
 
 SPLIT = "val"  # the split a temperature is fitted on: never test, which only evaluation touches
 NO_VALIDATION = "a refit on train+val has no validation split to fit it on"
+# fewer validation rows than this fit noise, not calibration (Guo et al. fit on 5,000): T stays 1, and says why
+MIN_ROWS = 100
 
 
 def fit_record(logits: np.ndarray, labels: np.ndarray, ece_bins: int, tta: str) -> dict:
     """Fit T on (logits, labels) and measure NLL and ECE on them before (T = 1) and after: model.json's
-    ``calibration`` record."""
-    temperature = metrics.fit_temperature(logits, labels)
+    ``calibration`` record. With fewer than MIN_ROWS rows nothing is fitted: T = 1 and the record says why."""
     n = len(labels)
+    if n < MIN_ROWS:
+        reason = f"only {n} {SPLIT} rows, too few to fit a temperature (at least {MIN_ROWS})"
+        return {"fitted": False, "temperature": 1.0, "reason": reason, "split": SPLIT, "rows": int(n), "tta": tta}
+    temperature = metrics.fit_temperature(logits, labels)
     record = {"fitted": True, "temperature": temperature, "split": SPLIT, "rows": int(n), "tta": tta}
     for when, t in (("before", 1.0), ("after", temperature)):
         logp = metrics.log_softmax(logits, t)
