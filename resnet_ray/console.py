@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from resnet_ray.formatting import AVERAGES, fmt, fmt_ci, identity
+from resnet_ray.formatting import AVERAGES, fmt, fmt_ci, identity, per_class_cells
 
 _UNBOUNDED = 100_000  # columns: the width a table may take where the output is not a terminal
 
@@ -37,17 +37,7 @@ def _summary_table(report: dict, title: str, worst: int) -> Any:
     for col in ("Precision", "95% CI", "Recall", "95% CI", "F1", "Support"):
         table.add_column(col, justify="right", style="dim" if col == "95% CI" else None)
     for r in per_class:
-        table.add_row(
-            str(r["index"]),
-            str(r["class"]),
-            fmt(r["precision"]),
-            fmt_ci(r.get("precision_ci")),
-            fmt(r["recall"]),
-            fmt_ci(r.get("recall_ci")),
-            fmt(r["f1"]),
-            fmt(r["support"]),
-            style="bold red" if r["index"] in worst_idx else None,
-        )
+        table.add_row(*per_class_cells(r), style="bold red" if r["index"] in worst_idx else None)
     table.add_section()
     for key in AVERAGES:
         if key in report:

@@ -58,3 +58,18 @@ def identity(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     return str(value)
+
+
+def per_class_cells(row: dict) -> list[str]:
+    """A per-class report row as text cells: index, class, precision, its interval, recall, its interval, F1,
+    support (the terminal table's and report.md's columns)."""
+    return [
+        fmt(row["index"]),
+        str(row["class"]),
+        fmt(row["precision"]),
+        fmt_ci(row.get("precision_ci")),
+        fmt(row["recall"]),
+        fmt_ci(row.get("recall_ci")),
+        fmt(row["f1"]),
+        fmt(row["support"]),
+    ]

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 from resnet_ray import storage
-from resnet_ray.formatting import AVERAGES, fmt, fmt_ci, identity, to_jsonable
+from resnet_ray.formatting import AVERAGES, fmt, fmt_ci, identity, per_class_cells, to_jsonable
 from resnet_ray.metrics import calibration_bins, most_confused_pairs
 from resnet_ray.plots import plot_confusion, plot_f1, write_error_gallery, write_reliability_plot
 
@@ -202,19 +202,7 @@ def _report_sections(report: dict, cm: Optional[np.ndarray], names: Sequence[str
             )
     lines += md_table(["Average", "Precision", "Recall", "F1", "F1 95% CI", "Support"], rows)
     lines += ["", f"{level} Per-class", ""]
-    rows = [
-        [
-            fmt(r["index"]),
-            r["class"],
-            fmt(r["precision"]),
-            fmt_ci(r.get("precision_ci")),
-            fmt(r["recall"]),
-            fmt_ci(r.get("recall_ci")),
-            fmt(r["f1"]),
-            fmt(r["support"]),
-        ]
-        for r in report.get("per_class", [])
-    ]
+    rows = [per_class_cells(r) for r in report.get("per_class", [])]
     lines += md_table(
         ["Index", "Class", "Precision", "Precision 95% CI", "Recall", "Recall 95% CI", "F1", "Support"], rows
     )
