@@ -17,8 +17,10 @@ validation error solid: the picture of Figure 6) and <out>/degradation.json (eve
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -99,6 +101,14 @@ def run_seed(source: str, root: str, seed: int, args) -> list[dict]:
     return nets
 
 
+def write_json(out: str, figures: dict):
+    """degradation.json, written to a temporary name and renamed: a kill never leaves half a file."""
+    path = os.path.join(out, "degradation.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(figures, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def median_curves(nets: list[dict]) -> list[dict]:
     curves = []
     for name in sorted({n["net"] for n in nets}):
@@ -139,6 +149,26 @@ def claims(nets: list[dict], seeds: list[int], shallow: str, deep: str) -> list[
     ]
 
 
+RECIPE = ("per_class", "test_per_class", "epochs", "warmup_steps", "depths")
+
+
+def kept_nets(args) -> list[dict]:
+    """The nets of every seed that <out>/degradation.json already holds in full, so that a rerun continues."""
+    path = os.path.join(args.out, "degradation.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    if any(earlier["args"][k] != getattr(args, k) for k in RECIPE):
+        used = " ".join(f"--{k.replace('_', '-')} {earlier['args'][k]}" for k in RECIPE)
+        raise SystemExit(f"{path} holds runs of another recipe ({used}): pass those, or another --out")
+    complete = {
+        seed for seed in range(args.seeds) if sum(n["seed"] == seed for n in earlier["nets"]) == 2 * len(args.depths)
+    }
+    print(f"kept from {path}: seeds {sorted(complete) or 'none'}", flush=True)
+    return [n for n in earlier["nets"] if n["seed"] in complete]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
@@ -147,9 +177,14 @@ def main():
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up (steps of batch 128)")
     p.add_argument("--depths", default="20,56", help="two depths: the shallow and the deep net")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"), help="where the PNG and JSON go")
+    p.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "benchmarks", "results"),
+        help="where the PNG and JSON go; the seeds that its degradation.json holds (same recipe) are kept",
+    )
     args = p.parse_args()
     args.depths = [int(d) for d in args.depths.split(",")]
+    kept = kept_nets(args)
     if not os.path.exists(os.path.join(SHARED_CIFAR10, "train.parquet")):
         raise SystemExit(f"{SHARED_CIFAR10} not found: this benchmark reads the shared CIFAR-10 copy")
     os.makedirs(args.out, exist_ok=True)
@@ -161,14 +196,17 @@ def main():
     init_ray(local=True, num_cpus=3)  # a trial: its driver (1 CPU) and one worker of 2 CPUs (both cores)
     quiet_data_progress()
     seeds = list(range(args.seeds))
+    continue_command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     with tempfile.TemporaryDirectory(prefix="resnet_ray-degradation-") as root:
         per_class = {"train": args.per_class, "test": args.test_per_class}
         source = subset(os.path.join(root, "sources", "cifar10-subset"), range(10), per_class)
-        nets = []
+        nets = kept
         for seed in seeds:  # each seed's figures kept as soon as they are measured
+            if any(n["seed"] == seed for n in kept):
+                continue
+            print(f"seed {seed}: if stopped, `{continue_command}` continues from the next unfinished seed", flush=True)
             nets += run_seed(source, root, seed, args)
-            with open(os.path.join(args.out, "degradation.json"), "w") as f:
-                json.dump({"args": vars(args), "nets": nets}, f, indent=1)
+            write_json(args.out, {"args": vars(args), "nets": nets})
 
     shallow, deep = args.depths[0], args.depths[-1]
     print(
@@ -191,8 +229,7 @@ def main():
     for text, holds in checked:
         print(f"{'yes' if holds else 'no '}  {text}")
     picture = write_search_curves(median_curves(nets), os.path.join(args.out, "degradation.png"))
-    with open(os.path.join(args.out, "degradation.json"), "w") as f:
-        json.dump({"args": vars(args), "nets": nets, "claims": checked}, f, indent=1)
+    write_json(args.out, {"args": vars(args), "nets": nets, "claims": checked})
     print(f"picture: {picture}; figures: {os.path.join(args.out, 'degradation.json')}")
 
 

@@ -21,10 +21,11 @@ def main() -> int:
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.console import print_search_summary
-    from resnet_ray.tune import config_for_resume, search
+    from resnet_ray.tune import config_for_resume, local_cpus_for, search
 
     cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
-    init_ray(local=args.local, num_cpus=args.num_cpus)
+    num_cpus = local_cpus_for(cfg) if args.local and args.num_cpus is None else args.num_cpus
+    init_ray(local=args.local, num_cpus=num_cpus)
     result = search(cfg, resume=bool(args.resume))
     print_search_summary(result)
     return 0

@@ -12,7 +12,6 @@ no validation split to fit on) has T = 1. The training job calls :func:`calibrat
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 import numpy as np
@@ -20,8 +19,6 @@ import numpy as np
 from resnet_ray import metrics, storage
 from resnet_ray.checkpoint import MODEL_INFO, CheckpointError, read_info
 from resnet_ray.config import Config
-
-log = logging.getLogger(__name__)
 
 SPLIT = "val"  # the split a temperature is fitted on: never test, which only evaluation touches
 NO_VALIDATION = "a refit on train+val has no validation split to fit it on"
@@ -34,7 +31,7 @@ def fit_record(logits: np.ndarray, labels: np.ndarray, ece_bins: int, tta: str) 
     ``calibration`` record. With fewer than MIN_ROWS rows nothing is fitted: T = 1 and the record says why."""
     n = len(labels)
     if n < MIN_ROWS:
-        reason = f"only {n} {SPLIT} rows, too few to fit a temperature (at least {MIN_ROWS})"
+        reason = f"only {n} {SPLIT} rows; a fit needs at least {MIN_ROWS}"
         return {"fitted": False, "temperature": 1.0, "reason": reason, "split": SPLIT, "rows": int(n), "tta": tta}
     temperature = metrics.fit_temperature(logits, labels)
     record = {"fitted": True, "temperature": temperature, "split": SPLIT, "rows": int(n), "tta": tta}
@@ -82,20 +79,8 @@ def calibrate(cfg: Config, model_path: str) -> dict:
     folder, info = _exported(model_path)
     if cfg.train.refit_on_val:
         record = {"fitted": False, "temperature": 1.0, "reason": NO_VALIDATION}
-        log.debug("%s: temperature 1 (not fitted): %s", folder, NO_VALIDATION)
     else:
         logits, labels = collect_logits(cfg, folder, SPLIT)
         record = fit_record(logits, labels, cfg.eval.ece_bins, cfg.eval.tta)
-        log.debug(
-            "%s: temperature %.4g fitted on %d %s rows: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
-            folder,
-            record["temperature"],
-            record["rows"],
-            SPLIT,
-            record["nll_before"],
-            record["nll_after"],
-            record["ece_before"],
-            record["ece_after"],
-        )
     store(folder, info, record)
     return {**record, "model": folder}

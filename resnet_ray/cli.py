@@ -28,13 +28,14 @@ def user_errors() -> tuple:
 
 def ray_failures() -> tuple:
     """Exceptions that mean the cluster could not do the work (unreachable, stalled, an evaluation that did not
-    cover its split exactly once): one line, exit status 1."""
+    cover its split exactly once, a step after a finished training): one line, exit status 1."""
     from resnet_ray.evaluate import EvaluationError
     from resnet_ray.predict import PredictionError
     from resnet_ray.runtime import RayConnectError
+    from resnet_ray.train import AfterTrainingError
     from resnet_ray.watchdog import StallError
 
-    return RayConnectError, StallError, EvaluationError, PredictionError
+    return RayConnectError, StallError, EvaluationError, PredictionError, AfterTrainingError
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -139,7 +139,7 @@ def calibration_line(record: dict) -> str:
     """One line on a temperature fit (resnet_ray.calibration's record): the temperature and what it did on the
     split it was fitted on, or why it stays 1."""
     if not record.get("fitted"):
-        return f"temperature 1 (not fitted): {record['reason']}"
+        return f"temperature 1 (not fitted: {record['reason']})"
     return (
         f"temperature {record['temperature']:.4g} fitted on {record['split']} ({record['rows']} rows, eval.tta "
         f"{record['tta']}): NLL {fmt(record['nll_before'])} -> {fmt(record['nll_after'])}, ECE "

@@ -156,6 +156,27 @@ def trial_concurrency(
     return min(max_concurrent, fits)
 
 
+def local_search_cpus(
+    cores: float, max_concurrent: int, num_workers: int, per_worker: dict, streaming_reads: bool
+) -> tuple[float, str]:
+    """(logical CPUs, the line that says why) for a search's local Ray instance on a machine of ``cores``.
+
+    The cores hold the trials' workers (and Ray Data's reads when they stream); each trial's driver, idle while
+    its workers train, gets TRIAL_DRIVER_CPUS on top, so that a recipe whose one worker takes every core (the
+    degradation grid's) runs as shipped. As many trials as the cores' workers allow, at most max_concurrent.
+    """
+    per_trial = num_workers * per_worker.get("CPU", 0.0)
+    spare = cores - (READ_CPUS if streaming_reads else 0.0)
+    trials = max(1, min(max_concurrent, int(spare / per_trial + EPS) if per_trial else max_concurrent))
+    cpus = cores + trials * TRIAL_DRIVER_CPUS
+    line = (
+        f"local mode: {cpus:g} logical CPUs, this machine's {cores:g} cores for {trials} trial(s) at a time of "
+        f"{num_workers} worker(s) x {_fmt(per_worker)}, plus {TRIAL_DRIVER_CPUS:g} for each trial's driver "
+        "(idle while its workers train); --num-cpus sets another count"
+    )
+    return cpus, line
+
+
 def _fmt(request: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in request.items() if v > 0 or k == "CPU") + "}"
 

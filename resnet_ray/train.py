@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +25,12 @@ from resnet_ray.watchdog import watch_fit
 from resnet_ray.worker import train_fn_per_worker
 
 METRIC = "val_top1"
+
+log = logging.getLogger(__name__)
+
+
+class AfterTrainingError(RuntimeError):
+    """A step after the training (the temperature fit, the test evaluation) failed; the model is exported."""
 
 
 @dataclass
@@ -153,6 +160,14 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
         from resnet_ray.calibration import calibrate
         from resnet_ray.evaluate import evaluate
 
-        calibration = calibrate(cfg, model_dir)
-        evaluation = evaluate(cfg, model_dir, split="test", output=storage.join(run_dir, "eval-test"))
+        step = f"fitting its temperature (python jobs/calibrate.py --model {run_dir})"
+        try:  # the model is exported: a failure from here on names the step to rerun, it never costs the training
+            calibration = calibrate(cfg, model_dir)
+            step = f"its test evaluation (python jobs/evaluate.py --model {run_dir})"
+            evaluation = evaluate(cfg, model_dir, split="test", output=storage.join(run_dir, "eval-test"))
+        except Exception as exc:
+            log.warning("after training: %s failed", step, exc_info=True)
+            raise AfterTrainingError(
+                f"the run trained and its model is saved in {model_dir}, but {step} failed: {exc}"
+            ) from exc
     return FitResult(run_dir, history, best, model_dir, evaluation, calibration)

@@ -21,7 +21,13 @@ from resnet_ray import plots, storage
 from resnet_ray.checkpoint import export_checkpoint
 from resnet_ray.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_yaml
 from resnet_ray.model import fetch_weights
-from resnet_ray.resources import TRIAL_DRIVER_CPUS, alive_nodes, release_train_reservations, trial_concurrency
+from resnet_ray.resources import (
+    TRIAL_DRIVER_CPUS,
+    alive_nodes,
+    local_search_cpus,
+    release_train_reservations,
+    trial_concurrency,
+)
 from resnet_ray.tracking import check_mlflow
 
 log = logging.getLogger(__name__)
@@ -163,6 +169,23 @@ def _trial_log_class():
             self._line(trial, "failed")
 
     return TrialLog
+
+
+def local_cpus_for(cfg: Config) -> float:
+    """Logical CPUs of the local Ray instance of this search (``jobs/tune.py --local`` without --num-cpus): this
+    machine's cores (or $RESNET_RAY_NUM_CPUS) for the trials' workers, one more per concurrent trial for its idle
+    driver (:func:`resnet_ray.resources.local_search_cpus`); says what it chose in one log line."""
+    from resnet_ray.runtime import local_cpus
+
+    cpus, line = local_search_cpus(
+        local_cpus(),
+        cfg.tune.max_concurrent_trials,
+        cfg.tune.trial_workers or cfg.scaling.num_workers,
+        cfg.scaling.resources_per_worker,
+        not cfg.data.cache,
+    )
+    log.info(line)
+    return cpus
 
 
 def _tuner(cfg: Config, exp_dir: str, restore: bool):

@@ -31,8 +31,11 @@ def quiet_data_progress() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    for handler in logging.getLogger("ray.data").handlers:  # Ray Data configures its own, not propagating
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+    # Ray Data configures its own console handler on its logger, which does not propagate. Only Ray's own handler
+    # is quietened: others on that logger belong to whoever put them there (pytest attaches its log capture to
+    # every non-propagating logger; raising its level would hide every later test's warnings)
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__module__.startswith("ray.") and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.ERROR)
 
 

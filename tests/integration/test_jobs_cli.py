@@ -180,3 +180,41 @@ def test_local_mode_prints_one_line_per_epoch_then_the_summary(digits_prepared, 
     assert [line.split(" epoch ")[1].split()[0] for line in lines[:summary]] == ["1/2", "2/2"]
     assert "Reporting training result" not in out and "Traceback" not in out and "Warning" not in out
     assert "accuracy" in out and "total support 240" in out  # the evaluation summary follows
+
+
+def test_local_training_on_a_small_image_folder_finishes_with_its_test_evaluation(tmp_path):
+    """A new user's first run: 3 classes x 20 photos in class folders (no train/test split of their own), the
+    README's local mode. The validation split is far under calibration.MIN_ROWS: the model keeps T = 1 and says
+    why, and the run ends with its test evaluation, exit status 0."""
+    from PIL import Image
+
+    from resnet_ray.calibration import MIN_ROWS
+
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (tmp_path / "photos" / f"kind{label}").mkdir(parents=True)
+        for k in range(20):
+            h, w = rng.integers(24, 64, 2)
+            pixels = np.clip(rng.normal(60 + 60 * label, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "photos" / f"kind{label}" / f"{k:02d}.jpg")
+    runs = tmp_path / "runs"
+    rc, out = finish(
+        job(
+            "train.py",
+            "--local",
+            *("--data.source", "imagefolder", "--data.path", str(tmp_path / "photos")),
+            *("--data.root", str(tmp_path / "datasets"), "--data.image_size", "32"),
+            *("--model.arch", "resnet18", "--train.epochs", "2", "--train.batch_size", "8"),
+            *("--train.storage_path", str(runs), "--train.name", "small"),
+        ),
+        900,
+    )
+    assert rc == 0, out[-3000:]
+    assert "Traceback" not in out
+    info = json.load(open(runs / "small" / "model" / "model.json"))
+    rows = info["calibration"]["rows"]
+    assert 0 < rows < MIN_ROWS and info["temperature"] == 1.0 and not info["calibration"]["fitted"]
+    assert f"temperature 1 (not fitted: only {rows} val rows; a fit needs at least {MIN_ROWS})" in out
+    report = json.load(open(runs / "small" / "eval-test" / "report.json"))
+    assert report["total_support"] == 12  # 20% of the 60 photos carved for test (data.test_fraction), each once
+    assert "total support 12" in out

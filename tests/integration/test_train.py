@@ -220,6 +220,6 @@ def test_a_final_refit_through_a_uri_filesystem_trains_on_train_and_val_and_expo
     shown = console.export_text()
     assert "refit on train+val (no validation): the last epoch, 2, is exported" in shown
     # no validation split to fit a temperature on: the run says so and keeps T = 1
-    assert "temperature 1 (not fitted): a refit on train+val has no validation split" in shown
+    assert "temperature 1 (not fitted: a refit on train+val has no validation split" in shown
     info = json.load(open(tmp_path / "refit" / "model" / "model.json"))
     assert info["temperature"] == 1.0 and info["calibration"]["fitted"] is False

@@ -24,5 +24,5 @@ def test_too_few_validation_rows_keep_t_1_and_say_why():
     record = fit_record(*over_confident(MIN_ROWS - 1), ece_bins=15, tta="none")
     assert not record["fitted"] and record["temperature"] == 1.0
     assert calibration_line(record) == (
-        f"temperature 1 (not fitted): only {MIN_ROWS - 1} val rows, too few to fit a temperature (at least {MIN_ROWS})"
+        f"temperature 1 (not fitted: only {MIN_ROWS - 1} val rows; a fit needs at least {MIN_ROWS})"
     )

@@ -1,13 +1,16 @@
 """Resource checks on fake clusters: what fits, what is resized with a warning, what stops with the numbers."""
 
 import logging
+import os
 
 import pytest
 
+from resnet_ray.config import load_config
 from resnet_ray.resources import ResourceError, check_training, size_actor_pool, trial_concurrency
 
 ONE_2CPU = [{"CPU": 2.0, "memory": 8e9}]
 GPU_NODES = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def test_training_workers_must_fit_on_nodes_that_have_their_resources():
@@ -58,3 +61,36 @@ def test_trial_concurrency_counts_each_trials_driver_and_workers(caplog):
     assert trial_concurrency(8, 1, {"CPU": 1.0, "GPU": 1.0}, GPU_NODES, streaming_reads=False) == 2
     with pytest.raises(ResourceError, match=r"one trial needs 3 CPU \(1 for its driver \+ 2 workers"):
         trial_concurrency(1, 2, {"CPU": 1.0}, [{"CPU": 2.5}], streaming_reads=False)
+
+
+def cpu_recipes() -> list[str]:
+    """The shipped training and search configs that train on CPUs (the others need a GPU)."""
+    names = sorted(n for n in os.listdir(CONFIGS) if n.endswith(".yaml") and n != "serve.yaml")
+    return [n for n in names if not load_config(os.path.join(CONFIGS, n)).scaling.use_gpu]
+
+
+@pytest.mark.parametrize("name", cpu_recipes())
+def test_every_cpu_recipe_fits_a_two_core_machine_with_local(name, monkeypatch):
+    """What `python jobs/<train|tune>.py --local --config configs/<name>` checks before it starts, on a 2-core
+    machine and without --num-cpus: no refusal for any recipe meant for a CPU."""
+    from resnet_ray.tune import local_cpus_for
+
+    cfg = load_config(os.path.join(CONFIGS, name))
+    monkeypatch.setenv("RESNET_RAY_NUM_CPUS", "2")  # this machine's cores, as runtime.local_cpus reads them
+    streaming = not cfg.data.cache
+    per_worker = cfg.scaling.resources_per_worker
+    if name.startswith("tune-"):
+        cpus = local_cpus_for(cfg)
+        workers = cfg.tune.trial_workers or cfg.scaling.num_workers
+        assert trial_concurrency(cfg.tune.max_concurrent_trials, workers, per_worker, [{"CPU": cpus}], streaming) >= 1
+    else:
+        check_training(cfg.scaling.num_workers, per_worker, [{"CPU": 2.0}], streaming)
+
+
+def test_a_local_search_counts_each_trials_idle_driver_on_top_of_the_cores():
+    from resnet_ray.resources import local_search_cpus
+
+    cpus, line = local_search_cpus(2, 1, 1, {"CPU": 2.0}, streaming_reads=False)  # the degradation grid
+    assert cpus == 3 and line.startswith("local mode: 3 logical CPUs, this machine's 2 cores for 1 trial(s)")
+    assert local_search_cpus(4, 8, 1, {"CPU": 1.0}, streaming_reads=True)[0] == 4 + 3  # 3 trials' workers + reads
+    assert local_search_cpus(8, 2, 1, {"CPU": 1.0}, streaming_reads=False)[0] == 8 + 2  # at most max_concurrent

@@ -101,3 +101,22 @@ def test_a_local_ray_that_times_out_while_starting_is_started_once_more_then_nam
         runtime.start_local(2)
         assert os.environ[runtime.API_SERVER_ENV] == f"http://127.0.0.1:{calls[-1]}"  # the second start's
     assert calls[1] == "shutdown" and len(calls) == (4 if failures == 2 else 3)
+
+
+def test_quieting_ray_data_leaves_handlers_it_does_not_own_as_they_were():
+    """pytest attaches its log capture to every non-propagating logger, Ray Data's too: a job run inside a test
+    process must not raise that handler's level (it hid every later test's warnings)."""
+    import logging
+
+    from resnet_ray.data.load import quiet_data_progress
+
+    theirs = logging.StreamHandler()
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(theirs)
+    try:
+        quiet_data_progress()
+        assert theirs.level == logging.NOTSET
+        ours = [h for h in logger.handlers if type(h).__module__.startswith("ray.")]
+        assert all(h.level == logging.ERROR for h in ours if not isinstance(h, logging.FileHandler))
+    finally:
+        logger.removeHandler(theirs)
