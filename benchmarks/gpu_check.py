@@ -142,7 +142,8 @@ def train_epoch(session, epoch: int, batches: list, val: list, sync_debug: bool)
 def checkpoint_round_trip(session, cfg, meta, workdir: str):
     import torch
 
-    from resnet_ray.checkpoint import export_model, load_model, load_training_state, save_training_state
+    from resnet_ray.checkpoint import export_model, load_training_state, save_training_state
+    from resnet_ray.saved_model import load_model
     from resnet_ray.session import WorkerSession
 
     folder = tempfile.mkdtemp(dir=workdir)

@@ -25,9 +25,9 @@ def main() -> int:
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.calibration import calibrate
     from resnet_ray.console import calibration_line
-    from resnet_ray.evaluate import model_config
+    from resnet_ray.saved_model import SavedModel
 
-    cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
+    cfg = cli.config_from(args, overrides) if args.config else SavedModel.read(args.model).config(overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     record = calibrate(cfg, args.model)
     print(f"{calibration_line(record)}; stored in {record['model']}/model.json")

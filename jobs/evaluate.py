@@ -23,9 +23,10 @@ def main() -> int:
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.console import print_summary
-    from resnet_ray.evaluate import evaluate, model_config
+    from resnet_ray.evaluate import evaluate
+    from resnet_ray.saved_model import SavedModel
 
-    cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
+    cfg = cli.config_from(args, overrides) if args.config else SavedModel.read(args.model).config(overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     result = evaluate(cfg, args.model, split=args.split, output=args.output)
     print_summary(result["report"], output=result["output"])

@@ -23,10 +23,10 @@ def main() -> int:
     p.add_argument("--verify-rows", type=int, default=256, metavar="N", help="test images to verify on (256)")
     args, overrides = cli.parse(p, local_config=None)  # the model's own config locates its test split
     cli.setup_logging()
-    from resnet_ray.evaluate import model_config
     from resnet_ray.export import export
+    from resnet_ray.saved_model import SavedModel
 
-    cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
+    cfg = cli.config_from(args, overrides) if args.config else SavedModel.read(args.model).config(overrides)
     record = export(cfg, args.model, args.format, args.output, rows=args.verify_rows)
     checked = record["verified"]
     print(

@@ -34,10 +34,10 @@ def main() -> int:
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.console import progress_bar
-    from resnet_ray.evaluate import model_config
     from resnet_ray.predict import predict
+    from resnet_ray.saved_model import SavedModel
 
-    cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
+    cfg = cli.config_from(args, overrides) if args.config else SavedModel.read(args.model).config(overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     with progress_bar("predicting") as (start, advance):
         result = predict(

@@ -23,10 +23,10 @@ def main() -> int:
     args, overrides = cli.parse(p, local_config=None)  # --local: the model's own config
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
-    from resnet_ray.evaluate import model_config
+    from resnet_ray.saved_model import SavedModel
     from resnet_ray.serve import serve_until_interrupted
 
-    cfg = cli.config_from(args, overrides) if args.config else model_config(args.model, overrides)
+    cfg = cli.config_from(args, overrides) if args.config else SavedModel.read(args.model).config(overrides)
     init_ray(local=args.local, num_cpus=args.num_cpus)
     printed = lambda line: print(line, flush=True)  # noqa: E731
     serve_until_interrupted(cfg, args.model, args.report_every, printed, whole_serve=started_here())

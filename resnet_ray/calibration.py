@@ -11,14 +11,12 @@ no validation split to fit on) has T = 1. The training job calls :func:`calibrat
 
 from __future__ import annotations
 
-import json
-import time
-
 import numpy as np
 
-from resnet_ray import metrics, storage
-from resnet_ray.checkpoint import MODEL_INFO, CheckpointError, read_info
+from resnet_ray import metrics
+from resnet_ray.checkpoint import MODEL_INFO, CheckpointError
 from resnet_ray.config import Config
+from resnet_ray.saved_model import SavedModel
 
 SPLIT = "val"  # the split a temperature is fitted on: never test, which only evaluation touches
 NO_VALIDATION = "a refit on train+val has no validation split to fit it on"
@@ -44,29 +42,6 @@ def fit_record(logits: np.ndarray, labels: np.ndarray, ece_bins: int, tta: str) 
     return record
 
 
-def _exported(model_path: str) -> tuple[str, dict]:
-    """(folder, model.json) of an exported model (a run folder's model/ too); CheckpointError for a training
-    checkpoint, which has no model.json to store a temperature in."""
-    folder, info = read_info(model_path)
-    if not storage.exists(storage.join(folder, MODEL_INFO)):
-        raise CheckpointError(
-            f"{model_path}: a temperature is stored in an exported model's {MODEL_INFO}; this is a training "
-            "checkpoint: give the run folder or its model/ folder"
-        )
-    return folder, info
-
-
-def store(folder: str, info: dict, record: dict) -> None:
-    """model.json with ``temperature`` and ``calibration`` (written atomically; model.pt and its SHA-256 are
-    untouched)."""
-    info = {
-        **info,
-        "temperature": record["temperature"],
-        "calibration": {**record, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    }
-    storage.write_text(storage.join(folder, MODEL_INFO), json.dumps(info, indent=2) + "\n")
-
-
 def calibrate(cfg: Config, model_path: str) -> dict:
     """Fit the temperature of the exported model at ``model_path`` on the validation split of ``cfg.data`` (with
     eval.tta) and store it in its model.json; the record (see :func:`fit_record`).
@@ -76,11 +51,16 @@ def calibrate(cfg: Config, model_path: str) -> dict:
     """
     from resnet_ray.evaluate import collect_logits  # the evaluation's inference (Ray Data, torch)
 
-    folder, info = _exported(model_path)
+    saved = SavedModel.read(model_path)
+    if not saved.exported:
+        raise CheckpointError(
+            f"{model_path}: a temperature is stored in an exported model's {MODEL_INFO}; this is a training "
+            "checkpoint: give the run folder or its model/ folder"
+        )
     if cfg.train.refit_on_val:
         record = {"fitted": False, "temperature": 1.0, "reason": NO_VALIDATION}
     else:
-        logits, labels = collect_logits(cfg, folder, SPLIT)
+        logits, labels = collect_logits(cfg, saved.folder, SPLIT)
         record = fit_record(logits, labels, cfg.eval.ece_bins, cfg.eval.tta)
-    store(folder, info, record)
-    return {**record, "model": folder}
+    saved.store_calibration(record)
+    return {**record, "model": saved.folder}

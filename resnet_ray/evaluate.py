@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resnet_ray import console, metrics, report, storage
-from resnet_ray.checkpoint import CheckpointError, checkpoint_config, temperature_of, verify_model
-from resnet_ray.config import Config, EvalConfig, parse_overrides, replace, to_dict
+from resnet_ray.checkpoint import CheckpointError
+from resnet_ray.config import Config, EvalConfig, to_dict
 from resnet_ray.data.layout import read_rows, split_rows
 from resnet_ray.data.load import (
     IN_MEMORY_BYTES,
@@ -35,6 +35,7 @@ from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.run_folder import default_output
 from resnet_ray.runtime import started_here
+from resnet_ray.saved_model import SavedModel
 from resnet_ray.watchdog import watched
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,13 @@ class EvaluationError(RuntimeError):
     """Inference did not cover the split exactly once."""
 
 
-def check_model_fits(info: dict, meta: dict, model_path: str) -> None:
-    if info["num_classes"] != len(meta["classes"]):
+def check_model_fits(saved: SavedModel, meta: dict, model_path: str) -> None:
+    if saved.num_classes != len(meta["classes"]):
         raise CheckpointError(
-            f"{model_path}: the model has {info['num_classes']} classes, dataset "
+            f"{model_path}: the model has {saved.num_classes} classes, dataset "
             f"{meta['name']} has {len(meta['classes'])}"
         )
-    if list(info.get("classes") or meta["classes"]) != list(meta["classes"]):
+    if list(saved.info.get("classes") or meta["classes"]) != list(meta["classes"]):
         raise CheckpointError(f"{model_path}: the model's class names differ from dataset {meta['name']}'s")
 
 
@@ -182,7 +183,7 @@ def _advancing(batches, advance):
         yield batch
 
 
-def _predictions(cfg: Config, model_path: str, split: str, prepared: str, meta: dict, rows: int, options: dict):
+def prediction_batches(cfg: Config, model_path: str, split: str, prepared: str, meta: dict, rows: int, options: dict):
     """Prediction batches of ``rows`` rows of a split: in this process or on Ray Data actors (in_process)."""
     if in_process(cfg.eval, rows):
         return predict_here(cfg, model_path, split, prepared, options)
@@ -192,16 +193,16 @@ def _predictions(cfg: Config, model_path: str, split: str, prepared: str, meta: 
 def collect_logits(cfg: Config, model_path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(scores (N, C) float32, labels (N,)) of every row of a prepared split, in row-id order, before any
     temperature (eval.tta as configured): the evaluation's inference, checked to cover the split exactly once."""
-    info = verify_model(model_path)[1]
+    saved = SavedModel.verified(model_path)
     prepared, meta = ensure_prepared(cfg.data)
-    check_model_fits(info, meta, model_path)
+    check_model_fits(saved, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)
     coverage = metrics.RowCoverage(expected, EvaluationError, "row", "split")
-    logits = np.zeros((expected, info["num_classes"]), dtype=np.float32)
+    logits = np.zeros((expected, saved.num_classes), dtype=np.float32)
     labels = np.zeros(expected, dtype=np.int64)
     options = predictor_kwargs(cfg.eval, calibrated=False)
     with console.progress_bar(f"scoring {split}", console.logging_console()) as (begin, advance):
-        stream = _predictions(cfg, model_path, split, prepared, meta, expected, options)
+        stream = prediction_batches(cfg, model_path, split, prepared, meta, expected, options)
         begin(expected)
         for batch in _advancing(stream, advance):
             coverage.add(batch["row_id"])
@@ -210,31 +211,25 @@ def collect_logits(cfg: Config, model_path: str, split: str) -> tuple[np.ndarray
     return logits, labels
 
 
-def model_config(model_path: str, overrides=()) -> Config:
-    """The resolved config saved with a model (exported, checkpoint or run folder), with CLI overrides."""
-    return replace(checkpoint_config(model_path), parse_overrides(overrides))
-
-
 def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: Optional[str] = None) -> dict:
     """Evaluate a model (exported folder, checkpoint or run folder) on a prepared split.
 
     Returns {"report": report dict, "output": folder, "seconds": wall time, "images_per_s": throughput}.
     """
     split = split or cfg.eval.split
-    info = verify_model(model_path)[1]  # local weights checked before the actors load them
+    saved = SavedModel.verified(model_path)  # local weights checked before the actors load them
     prepared, meta = ensure_prepared(cfg.data)
-    check_model_fits(info, meta, model_path)
+    check_model_fits(saved, meta, model_path)
     expected = split_rows(meta, split, cfg.data.limit)
     output = output or cfg.eval.output or default_output(model_path, f"eval-{split}")
     classes = list(meta["classes"])
 
-    temperature = temperature_of(info)
-    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins, "temperature": temperature}
+    stats_kwargs = {"num_classes": len(classes), "ece_bins": cfg.eval.ece_bins, "temperature": saved.temperature}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         predictions = os.path.join(tmp, "predictions.parquet")
         with console.progress_bar(f"evaluating {split}", console.logging_console()) as (begin, advance):
-            stream = _predictions(cfg, model_path, split, prepared, meta, expected, predictor_kwargs(cfg.eval))
+            stream = prediction_batches(cfg, model_path, split, prepared, meta, expected, predictor_kwargs(cfg.eval))
             begin(expected)
             stats = _consume(_advancing(stream, advance), predictions, expected, stats_kwargs)
         seconds = time.perf_counter() - start
@@ -245,7 +240,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
             coarse_cm = metrics.coarse_confusion_matrix(
                 stats["cm"], meta["fine_to_coarse"], len(meta["coarse_classes"])
             )
-        result = _report(stats, coarse_cm, info, meta, cfg, model_path, split, expected, seconds)
+        result = _report(stats, coarse_cm, saved, meta, cfg, model_path, split, expected, seconds)
         result["errors"] = report.error_selection(
             pq.read_table(predictions, columns=["row_id", "label", "pred", "confidence"]),
             classes,
@@ -279,7 +274,7 @@ def evaluate(cfg: Config, model_path: str, split: Optional[str] = None, output: 
 def _report(
     stats: dict,
     coarse_cm: Optional[np.ndarray],
-    info: dict,
+    saved: SavedModel,
     meta: dict,
     cfg: Config,
     model_path: str,
@@ -294,10 +289,10 @@ def _report(
         {
             "model": storage.normalize(model_path),
             "model_info": {
-                "arch": info["arch"],
-                "sha256": info.get("sha256"),
-                "epoch": info.get("epoch"),
-                "val_metrics": info.get("metrics"),
+                "arch": saved.info["arch"],
+                "sha256": saved.info.get("sha256"),
+                "epoch": saved.info.get("epoch"),
+                "val_metrics": saved.info.get("metrics"),
             },
             "dataset": meta["name"],
             "split": split,
@@ -305,7 +300,7 @@ def _report(
             "top5_accuracy": float(stats["top5"]) / expected,
             "ece": metrics.expected_calibration_error(stats["calibration"]),
             "nll": float(stats["nll"]) / expected,
-            "calibration": _calibration(stats, info, expected),
+            "calibration": _calibration(stats, saved, expected),
             "tta": cfg.eval.tta,
             "confused_pairs": metrics.most_confused_pairs(stats["cm"], classes, k=10),
             "images_per_s": expected / seconds,
@@ -319,12 +314,12 @@ def _report(
     return result
 
 
-def _calibration(stats: dict, info: dict, rows: int) -> dict:
+def _calibration(stats: dict, saved: SavedModel, rows: int) -> dict:
     """The report's ``calibration``: the model's temperature, where it was fitted, and NLL / ECE before (T = 1)
     and after it."""
-    fitted = info.get("calibration") or {}
+    fitted = saved.info.get("calibration") or {}
     return {
-        "temperature": temperature_of(info),
+        "temperature": saved.temperature,
         "fitted_on": fitted.get("split") if fitted.get("fitted") else None,
         "fitted_with_tta": fitted.get("tta") if fitted.get("fitted") else None,
         "before": {

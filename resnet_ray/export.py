@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from resnet_ray import storage
-from resnet_ray.checkpoint import MODEL_INFO, CheckpointError, load_model, verify_model
+from resnet_ray.checkpoint import MODEL_INFO, CheckpointError
 from resnet_ray.config import Config
+from resnet_ray.saved_model import SavedModel
 from resnet_ray.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,11 @@ class PixelModel(torch.nn.Module):
         return scaled.softmax(dim=1), logits
 
 
-def temperature_of(predictor) -> float:
-    """The temperature the Predictor divides its logits by (1.0 where it applies none)."""
-    value = getattr(predictor, "temperature", None)
-    return float(value) if value else 1.0
-
-
-def pixel_model(model_path: str, temperature: float = 1.0) -> tuple[PixelModel, dict]:
-    """(the graph as a CPU module in eval mode, model.json) of an exported model, run or checkpoint folder."""
-    loaded = load_model(model_path)
-    info = loaded.info
+def pixel_model(saved: SavedModel, temperature: float = 1.0) -> PixelModel:
+    """The graph of a saved model as a CPU module in eval mode."""
+    info = saved.info
     preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]))
-    return PixelModel(loaded.model.float().cpu(), preprocess, temperature).eval(), info
+    return PixelModel(saved.load().float().cpu(), preprocess, temperature).eval()
 
 
 @contextlib.contextmanager
@@ -263,16 +257,17 @@ def _check_output(output: str) -> None:
     if storage.is_uri(output):
         raise ExportError(f"--output {output}: a local folder (copy the verified export to storage afterwards)")
     if os.path.exists(output) and os.listdir(output):
-        if not os.path.isfile(os.path.join(output, MODEL_INFO)) or "export" not in _read_info(output):
+        if not _is_export(output):
             raise ExportError(f"--output {output}: exists and is not an earlier export; refusing to replace it")
 
 
-def _read_info(folder: str) -> dict:
+def _is_export(folder: str) -> bool:
+    """Whether ``folder`` holds an earlier export of this job (its model.json has an ``export`` record)."""
     try:
-        with open(os.path.join(folder, MODEL_INFO)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+        saved = SavedModel.read(folder)
+    except CheckpointError:
+        return False
+    return saved.folder == storage.normalize(folder).rstrip("/") and "export" in saved.info
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -291,7 +286,6 @@ def export(
     """Export ``model_path`` (run folder, model/ folder or URI) as ``fmt`` into the local folder ``output``,
     verified on ``rows`` images of the run's test split (``cfg.data`` locates it). Returns model.json's export
     record. Raises ExportError (nothing written) when the export does not reproduce the Predictor."""
-    from resnet_ray.predict import model_sha256, resize_of
     from resnet_ray.predictor import Predictor
 
     if fmt not in FORMATS:
@@ -299,15 +293,14 @@ def export(
     if rows < 1 or batch_size < 1:
         raise ExportError(f"--verify-rows and the batch size must be >= 1, got {rows} and {batch_size}")
     _check_output(output)
-    folder, info = verify_model(model_path)
-    size = resize_of(info, cfg).size
+    saved = SavedModel.verified(model_path)
+    folder, info = storage.normalize(saved.folder), saved.info
+    size = saved.resize(cfg).size
     images = split_images(cfg, size, rows)
-    predictor = Predictor(
-        storage.normalize(folder), amp=False, threads=os.cpu_count(), k=info["num_classes"], probabilities=True
-    )
+    predictor = Predictor(folder, amp=False, threads=os.cpu_count(), k=saved.num_classes, probabilities=True)
     with _exact_float32():  # on a GPU: no TF32 either, so that the reference is the CPU's to ~1e-6
         expected = reference_probabilities(predictor, images, batch_size)
-    module, info = pixel_model(storage.normalize(folder), temperature_of(predictor))
+    module = pixel_model(saved, predictor.temperature)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -326,7 +319,7 @@ def export(
         exported = {
             **{k: v for k, v in info.items() if k != "sha256"},
             "sha256": storage.file_sha256(graph),
-            "source_sha256": model_sha256(folder, info),
+            "source_sha256": saved.sha256,
             "export": record,
         }
         _write_json(os.path.join(tmp, MODEL_INFO), exported)

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from resnet_ray import weights
 from resnet_ray.cifar_resnet import CifarResNet, init_weights
 from resnet_ray.config import TORCHVISION_ARCHS, ModelConfig
 
@@ -83,18 +84,17 @@ def _require_file(path: str) -> None:
         )
 
 
-def load_state_dict(path: str) -> dict:
-    """A state_dict from a file, loaded with weights_only=True (no arbitrary unpickling)."""
-    from resnet_ray.checkpoint import refusal
-
+def read_weights_file(path: str) -> dict:
+    """The state_dict in a model.weights file (a plain state_dict, or a training state's ``model`` entry), loaded
+    with weights_only=True: no code in the file can run."""
     _require_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # one line: torch's message runs over many, and a pickle payload never runs
-        raise ModelError(f"model.weights: cannot load {path}: {refusal(exc)}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = weights.load(path)
+    except weights.UnreadableWeights as exc:
+        raise ModelError(f"model.weights: cannot load {exc}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict):
+    if not weights.is_state_dict(state):
         raise ModelError(f"model.weights: {path} does not hold a state_dict")
     return state
 
@@ -138,11 +138,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     model = ARCHITECTURES[cfg.arch](cfg, num_classes)
     if cfg.weights != "none":
         enum = _weights_enum(cfg)
-        state = (
-            torch.load(_fetch_pretrained(enum), map_location="cpu", weights_only=True)
-            if enum
-            else load_state_dict(os.path.expanduser(cfg.weights))
-        )
+        state = read_weights_file(_fetch_pretrained(enum) if enum else os.path.expanduser(cfg.weights))
         state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
         expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
         missing = [k for k in expected if k not in state]

@@ -296,3 +296,88 @@ def _trial_colours(n: int) -> list:
 
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def write_signal_plot(rows: Sequence[dict], path: str) -> str:
+    """The signal at initialization (resnet_ray.probes.signal_stats) against depth, one line per net: the std of
+    each conv's output, the norm of the gradient with respect to it, and the norm of its weight gradient (log
+    scales). Vanishing shows as a line falling towards the input (layer 1), exploding as one rising.
+
+    Args:
+        rows: one dict per net and layer with ``net``, ``layer``, ``activation_std``, ``activation_grad_norm``
+            and ``weight_grad_norm``.
+    """
+    panels = (
+        ("activation_std", "std of the layer's output"),
+        ("activation_grad_norm", "||dL / d output|| (activation gradient)"),
+        ("weight_grad_norm", "||dL / dW|| (weight gradient)"),
+    )
+    nets = list(dict.fromkeys(r["net"] for r in rows))
+    with _figure(path, nrows=1, ncols=3, figsize=(15, 4.6), dpi=100) as (fig, axes):
+        for ax, (key, title) in zip(axes, panels):
+            for net, colour in zip(nets, _trial_colours(len(nets))):
+                mine = [r for r in rows if r["net"] == net]
+                ax.plot([r["layer"] for r in mine], [r[key] for r in mine], "-o", ms=2.5, color=colour, label=net)
+            ax.set_yscale("log")
+            ax.set_xlabel("conv layer (1 = next to the input)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+        axes[1].legend(fontsize=8)
+        fig.suptitle("The signal at initialization: one batch, forward and backward, per conv layer")
+    return path
+
+
+def write_lesion_plot(study: dict, path: str) -> str:
+    """The lesion study of one net (resnet_ray.lesion_study): the accuracy with each block's residual branch
+    removed (downsampling blocks in another colour, unremovable ones marked), the baseline and chance as lines;
+    beside it, the accuracy with k random blocks removed (mean +- std over the draws). Veit et al. 2016, Figs. 3
+    and 5a."""
+    with _figure(path, nrows=1, ncols=2, figsize=(13, 4.6), dpi=100) as (fig, (left, right)):
+        rows = study["blocks"]
+        xs = np.arange(len(rows))
+        heights = [100 * r["accuracy"] if r["accuracy"] is not None else 0.0 for r in rows]
+        colours = ["tab:orange" if r["downsampling"] else "tab:blue" for r in rows]
+        left.bar(xs, heights, color=colours)
+        for x, r in zip(xs, rows):
+            if r["accuracy"] is None:
+                left.text(x, 1, "cannot be\nremoved", ha="center", va="bottom", fontsize=7, rotation=90)
+        for ax in (left, right):
+            ax.axhline(100 * study["baseline_accuracy"], color="black", linewidth=1, label="no lesion")
+            ax.axhline(100 * study["chance"], color="gray", linestyle="--", linewidth=1, label="chance")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3, axis="y")
+        left.set_xticks(xs, [r["block"] for r in rows], rotation=60, fontsize=7)
+        left.set_title("one block removed (orange: downsampling)", fontsize=10)
+        left.legend(fontsize=8, loc="lower left")
+        ks = study["random_k"]
+        if ks:
+            right.errorbar(
+                [r["k"] for r in ks], [100 * r["mean"] for r in ks], yerr=[100 * r["std"] for r in ks], fmt="-o", ms=4
+            )
+        right.set_xlabel("k random non-downsampling blocks removed")
+        right.set_title(f"k blocks removed (mean +- std of {study['draws']} draws)", fontsize=10)
+        fig.suptitle(f"Lesion study of {study['arch']} on {study['split']} ({study['rows']:,} images)")
+    return path
+
+
+def write_responses_plot(nets: Sequence[dict], path: str) -> str:
+    """He et al. 2016a, Fig. 7: the std of each 3x3 layer's response (after BN, before the ReLU or the addition),
+    in layer order (top) and sorted by magnitude (bottom), one line per net.
+
+    Args:
+        nets: ``{"net": label, "responses": [{"layer", "std"}, ...]}`` per net.
+    """
+    with _figure(path, nrows=2, ncols=1, figsize=(9, 7), dpi=100) as (fig, (top, bottom)):
+        for net, colour in zip(nets, _trial_colours(len(nets))):
+            stds = [r["std"] for r in net["responses"]]
+            top.plot(range(1, len(stds) + 1), stds, "-o", ms=2.5, color=colour, label=net["net"])
+            bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), "-o", ms=2.5, color=colour)
+        top.set_xlabel("layer index (original)")
+        bottom.set_xlabel("layer index (sorted by magnitude)")
+        for ax in (top, bottom):
+            ax.set_ylabel("std")
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=8)
+        top.set_title("Standard deviations of the 3x3 layers' responses (He et al. 2016a, Fig. 7)", fontsize=10)
+    return path

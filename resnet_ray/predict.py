@@ -32,7 +32,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from resnet_ray import run_folder, storage
-from resnet_ray.checkpoint import STATE, temperature_of, verify_model
 from resnet_ray.config import Config
 from resnet_ray.data.layout import DataError, decode_batch
 from resnet_ray.data.load import quiet_data_progress
@@ -40,6 +39,7 @@ from resnet_ray.data.sources import walk
 from resnet_ray.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec
 from resnet_ray.metrics import RowCoverage
 from resnet_ray.resources import alive_nodes, size_actor_pool
+from resnet_ray.saved_model import SavedModel
 from resnet_ray.watchdog import watched
 
 log = logging.getLogger(__name__)
@@ -269,22 +269,6 @@ class ImagePredictor:
         return out
 
 
-def model_sha256(folder: str, info: dict) -> str:
-    """The SHA-256 of the model's weights: model.json's for an exported model, else that of state.pt."""
-    if info.get("sha256"):
-        return info["sha256"]
-    return storage.file_sha256(storage.join(folder, STATE))
-
-
-def resize_of(info: dict, cfg: Config) -> ResizeSpec:
-    """The model's training-data resize (model.json), or for older models the one its config implies."""
-    return (
-        ResizeSpec.from_record(info.get("resize"), cfg.data.image_size)
-        if info.get("resize")
-        else ResizeSpec(cfg.data.image_size, cfg.data.resize)
-    )
-
-
 def default_output(model_path: str, input_path: str) -> str:
     """<run>/predict-<input name>.parquet (beside eval-<split>), else <model folder>/predict-<input name>.parquet."""
     name = re.sub(
@@ -448,18 +432,18 @@ def predict(
     "skipped" ([{file, reason}]), "seconds", "images_per_s", "model_sha256", "resize", "calibrated",
     "temperature" (the one applied), "tta"}.
     """
-    folder, info = verify_model(model_path)  # local weights checked before the actors load them
-    spec = resize_of(info, cfg)
-    if info.get("resize") and cfg.data.resize != spec.policy:
+    saved = SavedModel.verified(model_path)  # local weights checked before the actors load them
+    folder, spec = saved.folder, saved.resize(cfg)
+    if saved.info.get("resize") and cfg.data.resize != spec.policy:
         log.warning(
             "data.resize %s ignored: images are resized like the model's training data (%s, recorded in "
             "its model.json)",
             cfg.data.resize,
             spec.policy,
         )
-    sha = model_sha256(folder, info)
-    temperature = temperature_of(info) if calibrated else 1.0
-    classes = list(info.get("classes") or [str(i) for i in range(info["num_classes"])])
+    sha = saved.sha256
+    temperature = saved.temperature if calibrated else 1.0
+    classes = saved.classes
     if k < 1:
         raise DataError(f"--top-k must be >= 1, got {k}")
     inputs = list_inputs(input_path, image_column or cfg.data.image_column)

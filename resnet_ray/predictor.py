@@ -11,9 +11,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resnet_ray.checkpoint import load_model, temperature_of
 from resnet_ray.config import TTA_MODES
+from resnet_ray.lesion import lesioned
 from resnet_ray.loop import autocast
+from resnet_ray.saved_model import SavedModel
 from resnet_ray.transforms import Preprocess
 
 TOPK = 5
@@ -36,7 +37,8 @@ class Predictor:
     Input: a batch with ``image`` (N, H, W, 3) uint8 at the stored size; every other column (row_id, label,
     coarse_label, path, ...) is passed through. Output columns added per row: pred, confidence (top-1
     probability), top5 (the k most probable classes, most probable first), with ``probabilities`` top_probs
-    (their probabilities), with ``logits`` logits.
+    (their probabilities), with ``logits`` logits; with ``lesions`` (lists of block names, resnet_ray.lesion)
+    lesion_pred: (N, len(lesions)) top-1 with each list's residual branches removed.
     """
 
     def __init__(
@@ -49,15 +51,16 @@ class Predictor:
         calibrated: bool = True,
         tta: str = "none",
         logits: bool = False,
+        lesions: Optional[list[list[str]]] = None,
     ):
         if tta not in TTA_MODES:
             raise ValueError(f"eval.tta: {tta!r} is not one of {', '.join(TTA_MODES)}")
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        loaded = load_model(model_path)  # a URI: fetched once per node into the model cache
-        info = loaded.info
+        saved = SavedModel.read(model_path)
+        info = saved.info
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = self.device.type == "cuda"
-        self.model = loaded.model.to(self.device)
+        self.model = saved.load().to(self.device)  # a URI: fetched once per node into the model cache
         if on_gpu:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -65,10 +68,11 @@ class Predictor:
         self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
         self.k = min(k, info["num_classes"])
         self.probabilities = probabilities
-        self.model_temperature = temperature_of(info, f"{loaded.source}/model.json")
+        self.model_temperature = saved.temperature
         self.temperature = self.model_temperature if calibrated else 1.0
         self.tta = tta
         self.logits = logits
+        self.lesions = lesions or []
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C) float32 scores of a uint8 NHWC batch on the device: the logits, or with flip TTA the log of the
@@ -99,4 +103,10 @@ class Predictor:
             out["top_probs"] = values
         if self.logits:
             out["logits"] = scores.cpu().numpy()
+        if self.lesions:
+            out["lesion_pred"] = np.stack([self._lesioned_top1(images, names) for names in self.lesions], axis=1)
         return out
+
+    def _lesioned_top1(self, images: torch.Tensor, names: list[str]) -> np.ndarray:
+        with lesioned(self.model, names):
+            return self.scores(images).argmax(dim=1).cpu().numpy().astype(np.int64)

@@ -9,8 +9,8 @@ Routes (under ``serve.route_prefix``):
 - ``GET /healthz``: ``{"status": "ok", "model_sha256", "replica"}``.
 - ``GET /model``: the model card (classes, input size, the stored size and resize policy, dataset, metrics).
 
-Each replica loads the model once (:func:`resnet_ray.checkpoint.verify_model`, then the ``Predictor``, which loads
-it with ``weights_only=True`` after its SHA-256 check) and decodes every image exactly as ``jobs/predict.py`` does:
+Each replica loads the model once (``SavedModel.verified``, then the ``Predictor``, which loads it with
+``weights_only=True`` after its SHA-256 check) and decodes every image exactly as ``jobs/predict.py`` does:
 :func:`resnet_ray.images.decode` under the resize policy of ``model.json``. Images of concurrent requests are
 batched by ``@serve.batch`` (``serve.max_batch_size``, ``serve.batch_wait_timeout_s``).
 
@@ -52,9 +52,9 @@ except ImportError as _missing:  # the serve extra is optional for the library, 
     raise ImportError(f"resnet_ray.serve needs Ray Serve ({_missing}): pip install -e '.[serve]'") from None
 
 from resnet_ray import storage
-from resnet_ray.checkpoint import checkpoint_config, verify_model
 from resnet_ray.config import Config, ConfigError, ServeConfig, from_dict, replace, to_dict
 from resnet_ray.images import ResizeSpec
+from resnet_ray.saved_model import SavedModel
 from resnet_ray.serve_http import RequestError, api_key_sha256, authorized, decode_request_image, image_bytes, read_body
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,13 @@ class ServeStats:
 # the model's replica
 
 
-def model_card(info: dict, sha: str, spec: ResizeSpec, k: int, temperature: float = 1.0, tta: str = "none") -> dict:
+def model_card(saved: SavedModel, spec: ResizeSpec, k: int, temperature: float = 1.0, tta: str = "none") -> dict:
     """What GET /model answers: what the model is, what it expects, how it did (no weights, no config)."""
+    info = saved.info
     return {
         "arch": info["arch"],
-        "num_classes": info["num_classes"],
-        "classes": list(info.get("classes") or [str(i) for i in range(info["num_classes"])]),
+        "num_classes": saved.num_classes,
+        "classes": saved.classes,
         "image_size": info["image_size"],  # the network's input, after the resize on the device
         "stored_size": spec.size,  # every image is first brought to this size by the resize policy
         "resize": spec.record(),
@@ -162,7 +163,7 @@ def model_card(info: dict, sha: str, spec: ResizeSpec, k: int, temperature: floa
         "dataset": info.get("dataset"),
         "epoch": info.get("epoch"),
         "metrics": info.get("metrics"),
-        "model_sha256": sha,
+        "model_sha256": saved.sha256,
         "top_k": k,
         "temperature": temperature,  # the probabilities are softmax(logits / temperature)
         "tta": tta,
@@ -191,14 +192,14 @@ class Classifier:
         from resnet_ray.predictor import Predictor
 
         self.cfg = from_dict({"serve": serve_cfg}).serve  # a Ray dict is transport only
-        folder, info = verify_model(model)
+        saved = SavedModel.verified(model)
         threads = max(1, int(self.cfg.cpus_per_replica)) if self.cfg.cpus_per_replica >= 1 else None
-        k = min(self.cfg.top_k, info["num_classes"])
+        k = min(self.cfg.top_k, saved.num_classes)
         # the prediction job's Predictor: the model's temperature, eval.tta of its config
-        self.predictor = Predictor(folder, threads=threads, k=k, probabilities=True, tta=tta)
+        self.predictor = Predictor(saved.folder, threads=threads, k=k, probabilities=True, tta=tta)
         self.spec = ResizeSpec.from_record(resize, resize["size"])
         self.sha, self.key_sha = sha, key_sha
-        self.card = model_card(info, sha, self.spec, self.predictor.k, self.predictor.temperature, tta)
+        self.card = model_card(saved, self.spec, self.predictor.k, self.predictor.temperature, tta)
         self.classes = self.card["classes"]
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -342,15 +343,17 @@ def deployment_options(cfg: ServeConfig) -> dict:
 def build_app(cfg: Config, model: str):
     """The Serve application for ``model`` (a run folder, ``model/`` folder or URI), its weights verified here
     first (a bad model fails now, in one line, not in every replica)."""
-    from resnet_ray.predict import model_sha256, resize_of
-
-    folder, info = verify_model(model)
-    spec = resize_of(info, cfg)
-    sha = model_sha256(folder, info)
+    saved = SavedModel.verified(model)
     key = api_key_sha256(cfg.serve)
     serve_cfg = to_dict(cfg)["serve"]
     return Classifier.options(**deployment_options(cfg.serve)).bind(
-        storage.normalize(folder), serve_cfg, spec.record(), sha, key, cfg.eval.tta, ServeStats.bind()
+        storage.normalize(saved.folder),
+        serve_cfg,
+        saved.resize(cfg).record(),
+        saved.sha256,
+        key,
+        cfg.eval.tta,
+        ServeStats.bind(),
     )
 
 
@@ -377,7 +380,7 @@ def app_builder(args: dict):
     model = args.pop("model", None)
     if not model:
         raise ConfigError("args.model: the run folder, model/ folder or URI to serve is required")
-    cfg = replace(checkpoint_config(str(model)), _flat(args))
+    cfg = replace(SavedModel.read(str(model)).config(), _flat(args))
     return build_app(cfg, str(model))
 
 

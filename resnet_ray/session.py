@@ -188,7 +188,7 @@ class WorkerSession:
         with more epochs follows the cosine over the new total from its current step (completed epochs x steps
         per epoch), and one resumed with more workers gets the learning rate of its new global batch.
         """
-        from resnet_ray.checkpoint import unwrap_state_dict
+        from resnet_ray.weights import unwrap_state_dict
 
         self.module.load_state_dict(unwrap_state_dict(state["model"]))
         load_optimizer_moments(self.optimizer, state["optimizer"])

@@ -14,6 +14,7 @@ from resnet_ray.data.layout import read_rows
 from resnet_ray.data.load import read_split
 from resnet_ray.data.prepare import dataset_dir
 from resnet_ray.evaluate import check_model_fits, evaluate
+from resnet_ray.saved_model import SavedModel
 
 pytestmark = pytest.mark.slow
 
@@ -153,4 +154,4 @@ def test_bad_model_inputs_fail_before_inference(tiny_run, tmp_path, data_root):
     with pytest.raises(CheckpointError, match="SHA-256"):
         evaluate(cfg, str(broken))
     with pytest.raises(CheckpointError, match="has 10 classes, dataset tiny4 has 4"):
-        check_model_fits({"num_classes": 10, "classes": None}, {"name": "tiny4", "classes": list("abcd")}, "m")
+        check_model_fits(SavedModel("m", {"num_classes": 10}, True), {"name": "tiny4", "classes": list("abcd")}, "m")

@@ -10,9 +10,9 @@ from rich.console import Console
 from tensorboard_events import read_events
 
 from resnet_ray import storage
-from resnet_ray.checkpoint import load_model
 from resnet_ray.console import print_training_summary
 from resnet_ray.run_folder import config_for_resume
+from resnet_ray.saved_model import load_model
 from resnet_ray.train import fit
 from resnet_ray.worker import FAILURE_MARKER
 

@@ -8,17 +8,13 @@ import pytest
 import torch
 
 from resnet_ray import checkpoint as ckpt
-from resnet_ray.checkpoint import (
-    CheckpointError,
-    checkpoint_config,
-    export_model,
-    load_model,
-    load_training_state,
-    save_training_state,
-    unwrap_state_dict,
-)
+from resnet_ray import saved_model as sm
+from resnet_ray import weights
+from resnet_ray.checkpoint import CheckpointError, export_model, load_training_state, save_training_state
 from resnet_ray.config import Config, ModelConfig, to_dict
 from resnet_ray.model import build_model
+from resnet_ray.saved_model import SavedModel, load_model, temperature_of
+from resnet_ray.weights import unwrap_state_dict
 
 NUM_CLASSES = 3
 
@@ -75,7 +71,7 @@ def test_training_state_round_trip(checkpoint, trained):
     assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
     for k, v in trained[1].items():
         assert torch.equal(state["model"][f"module.{k}"], v), k
-    assert checkpoint_config(checkpoint) == Config()
+    assert SavedModel.read(checkpoint).config() == Config()
 
 
 @pytest.mark.parametrize("missing", [ckpt.STATE, ckpt.META])
@@ -251,8 +247,8 @@ def test_remote_model_is_fetched_once_per_node_and_cached_by_its_hash(
     def no_download(*args):
         raise AssertionError("a cached model was downloaded again")
 
-    monkeypatch.setattr(ckpt.storage, "download", no_download)
-    monkeypatch.setattr(ckpt, "_sha256", no_download)
+    monkeypatch.setattr(sm.storage, "download", no_download)
+    monkeypatch.setattr(sm.storage, "file_sha256", no_download)
     assert load_model(f"file://{run}/model").info["sha256"] == sha  # from the cache, not hashed again
 
 
@@ -280,11 +276,11 @@ def test_remote_model_with_a_wrong_hash_is_refused_and_leaves_no_cache(checkpoin
 
 
 def test_remote_training_checkpoint_loads_without_leaving_copies(checkpoint, trained, monkeypatch, tmp_path):
-    monkeypatch.setattr(ckpt.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(sm.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     loaded = load_model(f"file://{checkpoint}")
     assert loaded.info["epoch"] == 2 and os.listdir(tmp_path / "tmp") == []
-    assert checkpoint_config(f"file://{checkpoint}") == Config()
+    assert SavedModel.read(f"file://{checkpoint}").config() == Config()
 
 
 # ---------------------------------------------------------------------------
@@ -315,7 +311,7 @@ def _payload_model(folder, marker) -> str:
 def test_a_pickle_payload_as_model_pt_is_refused_in_one_line_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
     folder = _payload_model(tmp_path / "evil", marker)
-    for load in (ckpt.verify_model, load_model):
+    for load in (SavedModel.verified, load_model):
         with pytest.raises(CheckpointError) as error:
             load(folder)
         message = str(error.value)
@@ -330,10 +326,10 @@ def test_a_pickle_payload_as_model_pt_is_refused_in_one_line_and_never_runs(tmp_
     with pytest.raises(CheckpointError, match="asks to run code") as error:
         load_training_state(str(tmp_path / "checkpoint"))
     assert "\n" not in str(error.value)
-    from resnet_ray.model import ModelError, load_state_dict
+    from resnet_ray.model import ModelError, read_weights_file
 
     with pytest.raises(ModelError, match="asks to run code") as error:
-        load_state_dict(str(tmp_path / "checkpoint" / ckpt.STATE))
+        read_weights_file(str(tmp_path / "checkpoint" / ckpt.STATE))
     assert "\n" not in str(error.value) and not marker.exists()
 
 
@@ -346,7 +342,7 @@ def test_a_weights_file_of_other_objects_is_refused(tmp_path):
     info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     json.dump(info, open(folder / ckpt.MODEL_INFO, "w"))
     with pytest.raises(CheckpointError, match="not a state_dict"):
-        ckpt.verify_model(str(folder))
+        SavedModel.verified(str(folder))
 
 
 def test_the_evaluation_job_refuses_a_payload_in_one_line(tmp_path, monkeypatch, capsys):
@@ -370,20 +366,20 @@ def test_the_evaluation_job_refuses_a_payload_in_one_line(tmp_path, monkeypatch,
 
 
 def test_temperature_of_old_and_bad_model_json():
-    assert ckpt.temperature_of(make_meta()) == 1.0  # exported before temperature scaling
-    assert ckpt.temperature_of({"temperature": 2}) == 2.0
+    assert temperature_of(make_meta()) == 1.0  # exported before temperature scaling
+    assert temperature_of({"temperature": 2}) == 2.0
     for bad in (0, -1.0, "2", float("nan"), True):
         with pytest.raises(CheckpointError, match="m/model.json: temperature must be a number > 0"):
-            ckpt.temperature_of({"temperature": bad}, "m/model.json")
+            temperature_of({"temperature": bad}, "m/model.json")
 
 
 def test_weights_saved_in_the_legacy_format_still_load(checkpoint, tmp_path):
-    """load_weights(mmap=True), the check of verify_model, falls back to a plain load for pre-zip files."""
+    """weights.load(mmap=True), the check of SavedModel.verified, falls back to a plain load for pre-zip files."""
     out = export_model(checkpoint, str(tmp_path / "model"))
     path = os.path.join(out, ckpt.MODEL)
     torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
     info = json.load(open(os.path.join(out, ckpt.MODEL_INFO)))
     info["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     json.dump(info, open(os.path.join(out, ckpt.MODEL_INFO), "w"))
-    assert ckpt.verify_model(out)[1]["sha256"] == info["sha256"]
-    assert set(ckpt.load_weights(path, mmap=True)) == set(load_model(out).model.state_dict())
+    assert SavedModel.verified(out).info["sha256"] == info["sha256"]
+    assert set(weights.load(path, mmap=True)) == set(load_model(out).model.state_dict())

@@ -291,8 +291,9 @@ ROUND_TRIPS = [
 
 @pytest.mark.parametrize("switches", ROUND_TRIPS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
 def test_export_and_load_round_trip_with_the_switches(tmp_path, switches):
-    from resnet_ray.checkpoint import export_model, load_model, save_training_state
+    from resnet_ray.checkpoint import export_model, save_training_state
     from resnet_ray.config import Config, to_dict
+    from resnet_ray.saved_model import load_model
 
     cfg = Config(model=ModelConfig(weights="none", image_size=32, **switches))
     torch.manual_seed(0)

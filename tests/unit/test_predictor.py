@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from resnet_ray import checkpoint as ckpt
-from resnet_ray import predictor as predictor_module
-from resnet_ray.checkpoint import CheckpointError, LoadedModel
+from resnet_ray.checkpoint import CheckpointError
 from resnet_ray.config import Config, ModelConfig, to_dict
 from resnet_ray.model import build_model
 from resnet_ray.predictor import Predictor
+from resnet_ray.saved_model import SavedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,8 +106,7 @@ def test_flip_tta_equals_plain_prediction_with_a_mirror_invariant_model(tmp_path
     folder = export(tmp_path / "m")
     torch.manual_seed(1)
     model = MirrorInvariant().eval()
-    real = predictor_module.load_model
-    monkeypatch.setattr(predictor_module, "load_model", lambda path: LoadedModel(model, real(path).info, path))
+    monkeypatch.setattr(SavedModel, "load", lambda self: model)
     plain = Predictor(folder, k=C, probabilities=True, logits=True)({"image": images})
     tta = Predictor(folder, k=C, probabilities=True, logits=True, tta="flip")({"image": images})
     np.testing.assert_array_equal(plain["top5"], tta["top5"])

@@ -188,7 +188,8 @@ def test_more_epochs_continue_the_cosine_over_the_new_total_and_more_workers_res
 
 
 def test_weight_ema_is_validated_checkpointed_restored_and_exported(tmp_path):
-    from resnet_ray.checkpoint import export_model, load_model, save_training_state
+    from resnet_ray.checkpoint import export_model, save_training_state
+    from resnet_ray.saved_model import load_model
 
     cfg = tiny_cfg(**{"train.ema_decay": 0.5})
     session = WorkerSession(cfg, META, torch.device("cpu"))
