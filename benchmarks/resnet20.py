@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 
@@ -87,6 +88,8 @@ def main():
         "best_epoch": result.best["epoch"],
         # the epochs' own training + validation times (a resumed run's earlier epochs included)
         "train_wall_s": sum(h["epoch_s"] + h["val_s"] for h in result.history),
+        "median_epoch_s": statistics.median(h["epoch_s"] + h["val_s"] for h in result.history),
+        "median_images_per_s": statistics.median(h["images_per_s"] for h in result.history),
         "wall_s_this_invocation": minutes * 60,
         "command": command,
         "run": result.run_dir,

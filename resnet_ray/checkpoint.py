@@ -10,7 +10,6 @@ every weights file is loaded by :func:`resnet_ray.weights.load` (``weights_only=
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -19,8 +18,6 @@ import torch
 
 from resnet_ray import storage, weights
 from resnet_ray.weights import unwrap_state_dict
-
-log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 META = "meta.json"
