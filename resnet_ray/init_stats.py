@@ -64,8 +64,8 @@ def signal_batch(cfg: Config, rows: int, noise: bool, seed: int) -> tuple[torch.
     prepared, meta = ensure_prepared(cfg.data)
     batch = next(read_split(cfg.data, "train", prepared))
     mean, std = normalization(cfg.model, meta)
-    images = Preprocess(size, mean, std)(torch.as_tensor(batch["image"][:rows]))
-    labels = torch.as_tensor(batch["label"][:rows]).long()
+    images = Preprocess(size, mean, std)(torch.tensor(batch["image"][:rows]))
+    labels = torch.tensor(batch["label"][:rows]).long()
     return images, labels, len(meta["classes"]), f"the first {len(labels)} training images of {meta['name']}"
 
 

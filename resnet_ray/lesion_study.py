@@ -71,7 +71,7 @@ def _responses(saved: SavedModel, model: torch.nn.Module, cfg: Config, split: st
     batch = next(read_split(cfg.data, split, prepared))
     info = saved.info
     preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]))
-    images = preprocess(torch.as_tensor(batch["image"][:RESPONSE_ROWS]))
+    images = preprocess(torch.tensor(batch["image"][:RESPONSE_ROWS]))
     return layer_responses(model, images)
 
 
