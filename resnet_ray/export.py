@@ -73,9 +73,7 @@ class PixelModel(torch.nn.Module):
 
 def pixel_model(saved: SavedModel, temperature: float = 1.0) -> PixelModel:
     """The graph of a saved model as a CPU module in eval mode."""
-    info = saved.info
-    preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]))
-    return PixelModel(saved.load().float().cpu(), preprocess, temperature).eval()
+    return PixelModel(saved.load().float().cpu(), saved.preprocess(), temperature).eval()
 
 
 @contextlib.contextmanager

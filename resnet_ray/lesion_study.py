@@ -34,7 +34,6 @@ from resnet_ray.metrics import RowCoverage
 from resnet_ray.probes import layer_responses
 from resnet_ray.run_folder import default_output
 from resnet_ray.saved_model import SavedModel
-from resnet_ray.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,7 @@ def _responses(saved: SavedModel, model: torch.nn.Module, cfg: Config, split: st
     if not isinstance(model, CifarResNet):
         return None
     batch = next(read_split(cfg.data, split, prepared))
-    info = saved.info
-    preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]))
-    images = preprocess(torch.tensor(batch["image"][:RESPONSE_ROWS]))
+    images = saved.preprocess()(torch.tensor(batch["image"][:RESPONSE_ROWS]))
     return layer_responses(model, images)
 
 

@@ -15,7 +15,6 @@ from resnet_ray.config import TTA_MODES
 from resnet_ray.lesion import lesioned
 from resnet_ray.loop import autocast
 from resnet_ray.saved_model import SavedModel
-from resnet_ray.transforms import Preprocess
 
 TOPK = 5
 
@@ -57,16 +56,15 @@ class Predictor:
             raise ValueError(f"eval.tta: {tta!r} is not one of {', '.join(TTA_MODES)}")
         torch.set_num_threads(threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         saved = SavedModel.read(model_path)
-        info = saved.info
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = self.device.type == "cuda"
         self.model = saved.load().to(self.device)  # a URI: fetched once per node into the model cache
         if on_gpu:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.preprocess = Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]), channels_last=on_gpu)
+        self.preprocess = saved.preprocess(channels_last=on_gpu)
         self.amp_dtype = torch.bfloat16 if on_gpu and amp else None
-        self.k = min(k, info["num_classes"])
+        self.k = min(k, saved.num_classes)
         self.probabilities = probabilities
         self.model_temperature = saved.temperature
         self.temperature = self.model_temperature if calibrated else 1.0

@@ -32,6 +32,7 @@ from resnet_ray.checkpoint import META, MODEL, MODEL_INFO, STATE, CheckpointErro
 from resnet_ray.config import Config, from_dict, parse_overrides, replace
 from resnet_ray.images import ResizeSpec
 from resnet_ray.model import build_model, saved_model_config
+from resnet_ray.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class SavedModel:
         if self.info.get("resize"):
             return ResizeSpec.from_record(self.info["resize"], cfg.data.image_size)
         return ResizeSpec(cfg.data.image_size, cfg.data.resize)
+
+    def preprocess(self, channels_last: bool = False) -> Preprocess:
+        """The evaluation preprocessing the model was trained for: uint8 NHWC -> normalized float at its size."""
+        info = self.info
+        return Preprocess(info["image_size"], tuple(info["mean"]), tuple(info["std"]), channels_last=channels_last)
 
     def config(self, overrides=()) -> Config:
         """The resolved config saved with the model, with CLI-style dotted ``overrides``."""
