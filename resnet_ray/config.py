@@ -138,7 +138,7 @@ class ModelConfig:
     arch: str = "resnet50"  # one of ARCHS (resnet18 / resnet20 are the small options for tests)
     weights: str = "imagenet"  # imagenet (=V2 for resnet50) | imagenet_v1 | imagenet_v2 | none | path to a state_dict
     image_size: int = 224  # images are resized to this on the device (CIFAR ResNets: 32, their native size)
-    channels_last: bool = True  # memory format on GPU
+    channels_last: bool = True  # NHWC memory format in training (faster on GPU and on CPU)
     compile: bool = False  # torch.compile the model
     # identity (option A: zero-padded, subsampled identity; no parameters) | projection (option B: 1x1 conv + norm
     # where the shape changes) | none (a plain net); null: the arch's own (identity for resnetN, none for plainN,
