@@ -20,10 +20,12 @@ def main() -> int:
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.console import print_training_summary
-    from resnet_ray.run_folder import config_for_resume
+    from resnet_ray.run_folder import config_for_resume, interrupted_run, run_dir_of, with_run_name
     from resnet_ray.train import fit
 
-    cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
+    cfg = with_run_name(config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides))
+    run_dir = run_dir_of(cfg)
+    cli.on_interrupt(lambda: interrupted_run(run_dir, cli.resume_command("train", run_dir, args)))
     init_ray(local=args.local, num_cpus=args.num_cpus)
     result = fit(cfg)
     print_training_summary(result)

@@ -21,9 +21,19 @@ def main() -> int:
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
     from resnet_ray.console import print_search_summary
-    from resnet_ray.tune import config_for_resume, local_cpus_for, search
+    from resnet_ray.tune import (
+        config_for_resume,
+        experiment_dir,
+        interrupted_search,
+        local_cpus_for,
+        search,
+        with_search_name,
+    )
 
     cfg = config_for_resume(args.resume, overrides) if args.resume else cli.config_from(args, overrides)
+    cfg = with_search_name(cfg)
+    exp_dir = experiment_dir(cfg)
+    cli.on_interrupt(lambda: interrupted_search(exp_dir, cli.resume_command("tune", exp_dir, args)))
     num_cpus = local_cpus_for(cfg) if args.local and args.num_cpus is None else args.num_cpus
     init_ray(local=args.local, num_cpus=num_cpus)
     result = search(cfg, resume=bool(args.resume))

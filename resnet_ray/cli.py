@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn, Optional
 
 from resnet_ray.config import Config, ConfigError, load_config
 
@@ -27,15 +30,16 @@ def user_errors() -> tuple:
 
 
 def ray_failures() -> tuple:
-    """Exceptions that mean the cluster could not do the work (unreachable, stalled, an evaluation that did not
-    cover its split exactly once, a step after a finished training): one line, exit status 1."""
+    """Exceptions that mean the cluster could not do the work (unreachable, stalled, out of room for the workers, an
+    evaluation that did not cover its split exactly once, a step after a finished training): one line, exit
+    status 1."""
     from resnet_ray.evaluate import EvaluationError
     from resnet_ray.predict import PredictionError
     from resnet_ray.runtime import RayConnectError
     from resnet_ray.train import AfterTrainingError
-    from resnet_ray.watchdog import StallError
+    from resnet_ray.watchdog import CapacityError, StallError
 
-    return RayConnectError, StallError, EvaluationError, PredictionError, AfterTrainingError
+    return RayConnectError, StallError, CapacityError, EvaluationError, PredictionError, AfterTrainingError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -100,12 +104,54 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("ray.tune.utils.util").setLevel(max(level, logging.ERROR))
 
 
+_interrupt_hint: Optional[Callable[[], str]] = None
+
+
+def on_interrupt(hint: Callable[[], str]) -> None:
+    """What the job says when a person stops it (Ctrl-C, SIGTERM): ``hint()`` names what was kept and the
+    command that continues it."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
+def resume_command(job: str, folder: str, args: argparse.Namespace) -> str:
+    """``python jobs/<job>.py --resume FOLDER`` with the options that choose the Ray instance (--local, --num-cpus)."""
+    command = ["python", f"jobs/{job}.py", "--resume", folder]
+    if args.local:
+        command.append("--local")
+    if args.num_cpus is not None:
+        command += ["--num-cpus", f"{args.num_cpus:g}"]
+    return shlex.join(command)
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(signum)  # what ray.init installs too: SystemExit(15) unwinds the job like Ctrl-C's KeyboardInterrupt
+
+
+def _interrupted(signum: int) -> NoReturn:
+    """One line (which signal, what was kept, how to continue), then exit 128 + signum (130, 143)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+    try:
+        kept = _interrupt_hint() if _interrupt_hint else None
+    except Exception as exc:  # the line must come out: say why it is short
+        kept = f"what was kept is unknown ({type(exc).__name__}: {exc})"
+    name = signal.Signals(signum).name
+    print(f"interrupted by {name}" + (f": {kept}" if kept else ""), file=sys.stderr)
+    finish(128 + signum)
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a job's main; bad input ends with one clear line on stderr and exit status 2, a cluster that
-    cannot do the work (unreachable, stalled) with one line and exit status 1."""
+    cannot do the work (unreachable, stalled) with one line and exit status 1, Ctrl-C (SIGINT) or SIGTERM with
+    one line saying what was kept (``on_interrupt``) and exit status 130 or 143."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         code = main() or 0
-    except SystemExit:  # --help, argparse's usage errors: before the clauses below import their error classes
+    except KeyboardInterrupt:
+        _interrupted(signal.SIGINT)
+    except SystemExit as exc:  # --help, argparse's usage errors: before the clauses below import their error classes
+        if exc.code == signal.SIGTERM:
+            _interrupted(signal.SIGTERM)
         raise
     except ray_failures() as exc:  # first: its classes import no torch, so a dead cluster fails fast
         print(f"error: {exc}", file=sys.stderr)
@@ -116,7 +162,7 @@ def run(main: Callable[[], int | None]) -> None:
     finish(code)
 
 
-def finish(code: int) -> None:
+def finish(code: int) -> NoReturn:
     """End a job that has done its work: Ray shut down (a local instance's processes stopped), the output and
     logs flushed, then exit without the interpreter's teardown of torch and Ray's core worker, which takes
     seconds and writes nothing. (Code that runs a job inside its own process, such as a test, replaces this.)"""

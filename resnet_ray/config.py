@@ -308,6 +308,10 @@ class TrainConfig:
     prefetch_batches: int = 2
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
     stall_timeout_s: float = 3600.0  # no epoch report for this long (workers unscheduled, hung): fail
+    # the workers no longer fit on the cluster's nodes (a node lost for good): fail after this long when no node is
+    # pending, after pending_node_timeout_s while the autoscaler launches nodes
+    capacity_timeout_s: float = 120.0
+    pending_node_timeout_s: float = 900.0
     mlflow_tracking_uri: Optional[str] = None  # MLflow tracking server or store (needs the mlflow extra); null: off
     mlflow_experiment: Optional[str] = None  # MLflow experiment; null: the dataset's name (a search's: tune.name)
 
@@ -345,6 +349,8 @@ class TrainConfig:
             )
         _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
         _positive(self.stall_timeout_s, "train.stall_timeout_s")
+        _positive(self.capacity_timeout_s, "train.capacity_timeout_s")
+        _positive(self.pending_node_timeout_s, "train.pending_node_timeout_s")
         if self.name is not None:
             _check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
         for name in ("mlflow_tracking_uri", "mlflow_experiment"):  # whether mlflow is installed: tracking.check_mlflow

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,36 @@ def alive_nodes() -> list[dict]:
     import ray
 
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def pending_nodes() -> Optional[int]:
+    """Nodes that Ray's autoscaler is launching or starting; None on a cluster without an autoscaler (started by
+    hand, a local instance), where no node comes by itself. Reads what `ray status` reads (Ray is pinned): the
+    v1 autoscaler's report in the GCS key-value store, or the v2 autoscaler's cluster status."""
+    import json
+
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = json.loads(raw).get("autoscaler_report") if raw else None
+    if report is not None:
+        return len(report.get("pending_nodes") or []) + sum((report.get("pending_launches") or {}).values())
+    if not ray._config.enable_autoscaler_v2():
+        return None
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+    return len(status.pending_nodes) + sum(r.count for r in status.pending_launches)
+
+
+def describe_pending(pending: Optional[int]) -> str:
+    if pending is None:
+        return "no autoscaler (no node comes by itself)"
+    if pending == 0:
+        return "no node pending"
+    return f"{pending} node{'s' if pending != 1 else ''} pending (the autoscaler is launching them)"
 
 
 def describe(nodes: list[dict]) -> str:
@@ -175,6 +206,11 @@ def local_search_cpus(
         "(idle while its workers train); --num-cpus sets another count"
     )
     return cpus, line
+
+
+def workers_text(num_workers: int, per_worker: dict) -> str:
+    """'2 workers x {CPU: 2}'"""
+    return f"{num_workers} worker{'s' if num_workers != 1 else ''} x {_fmt(per_worker)}"
 
 
 def _fmt(request: dict) -> str:

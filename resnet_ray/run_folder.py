@@ -119,6 +119,15 @@ def latest_checkpoint_epoch(run_dir: str) -> int:
     return int(((latest.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
 
 
+def interrupted_run(run_dir: str, command: str) -> str:
+    """What a run stopped by a person has kept, and the command that continues it."""
+    if not storage.exists(storage.join(run_dir, "config.yaml")):
+        return "nothing was kept: the run had not started training; run the same command again"
+    epoch = latest_checkpoint_epoch(run_dir)
+    kept = f"kept the checkpoint of epoch {epoch}" if epoch else "no epoch checkpointed yet (it starts at epoch 1)"
+    return f"{kept} in {run_dir}; continue with: {command}"
+
+
 def default_output(model_path: str, name: str) -> str:
     """``<run>/<name>`` for a run's exported model (``<run>/model``), else ``<model folder>/<name>``: where the
     inference jobs write by default."""

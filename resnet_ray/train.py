@@ -17,11 +17,11 @@ from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memo
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.live import EpochLog, step_progress_actor
 from resnet_ray.model import fetch_weights
-from resnet_ray.resources import alive_nodes, check_training
-from resnet_ray.run_folder import read_history, run_dir_of, with_run_name, write_config
+from resnet_ray.resources import ResourceError, alive_nodes, check_training, pending_nodes
+from resnet_ray.run_folder import interrupted_run, read_history, run_dir_of, with_run_name, write_config
 from resnet_ray.session import process_group_backend, training_rows
 from resnet_ray.tracking import check_mlflow
-from resnet_ray.watchdog import watch_fit
+from resnet_ray.watchdog import CapacityError, CapacityWatch, watch_fit
 from resnet_ray.worker import train_fn_per_worker
 
 METRIC = "val_top1"
@@ -131,7 +131,12 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     quiet_data_progress()
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)
-    check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
+    try:
+        check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
+    except ResourceError as exc:
+        if pending_nodes() is None:  # no autoscaler: no node will come
+            raise
+        log.warning("%s; waiting for the autoscaler to add nodes (train.capacity_timeout_s)", exc)
     run_dir = run_dir_of(cfg)
     write_config(run_dir, cfg)
     console = logging_console()
@@ -146,7 +151,16 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
             result = watch_fit(
                 build_trainer(cfg, meta, training_datasets(cfg, prepared, meta), callbacks, progress),
                 cfg.train.stall_timeout_s,
+                capacity=CapacityWatch(
+                    cfg.scaling.num_workers,
+                    cfg.scaling.resources_per_worker,
+                    cfg.train.capacity_timeout_s,
+                    cfg.train.pending_node_timeout_s,
+                ),
             )
+    except CapacityError as exc:  # the checkpoint is kept: say how to continue once the cluster has room again
+        resume = interrupted_run(run_dir, f"python jobs/train.py --resume {run_dir}")
+        raise CapacityError(f"{exc}; {resume} (once the cluster has room)") from None
     finally:
         if progress is not None:
             import ray

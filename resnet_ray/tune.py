@@ -68,6 +68,22 @@ def experiment_dir(cfg: Config) -> str:
     return storage.join(cfg.tune.storage_path or cfg.train.storage_path, cfg.tune.name)
 
 
+def with_search_name(cfg: Config) -> Config:
+    """Give the search a name (so it can be resumed) when the config has none."""
+    if cfg.tune.name:
+        return cfg
+    return replace(cfg, {"tune.name": f"tune-{cfg.data.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+
+
+def interrupted_search(exp_dir: str, command: str) -> str:
+    """What a search stopped by a person has kept, and the command that continues it."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(exp_dir):
+        return "nothing was kept: Tune had not saved the search's state yet; run the same command again"
+    return f"kept the search's state and its trials' checkpoints in {exp_dir}; continue with: {command}"
+
+
 def config_for_resume(exp_dir: str, overrides=()) -> Config:
     """The config saved in an experiment folder (local path or URI), pointed back at that folder."""
     path = storage.join(exp_dir, SEARCH_CONFIG)
@@ -137,10 +153,35 @@ def _trial_log_class():
     from ray import tune
 
     class TrialLog(tune.Callback):
-        """One log line per finished, early-stopped or failed trial (Tune's own status table is off)."""
+        """One log line per finished, early-stopped or failed trial (Tune's own status table is off), and one a
+        minute while trials wait for resources with none running."""
 
         def __init__(self, metric: str, max_epochs: int):
             self.metric, self.max_epochs = metric, max_epochs
+            self.waiting_since: Optional[float] = None
+            self.last_line = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            from resnet_ray import watchdog
+
+            pending = sum(t.status == "PENDING" for t in trials)
+            if not pending or any(t.status == "RUNNING" for t in trials):
+                self.waiting_since = None
+                return
+            now = time.monotonic()
+            self.waiting_since = self.waiting_since or now
+            waited = now - self.waiting_since
+            if waited >= watchdog.REPORT_EVERY_S and now - self.last_line >= watchdog.REPORT_EVERY_S:
+                self.last_line = now
+                log.warning(
+                    "waiting %.0f s: %d trial%s pending, none running (each needs %g CPU for its driver besides its "
+                    "workers); %s",
+                    waited,
+                    pending,
+                    "s" if pending != 1 else "",
+                    TRIAL_DRIVER_CPUS,
+                    watchdog.diagnose(),
+                )
 
         def _line(self, trial, outcome: str) -> None:
             result = trial.last_result or {}
@@ -313,8 +354,7 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     """Run (or resume) the search; write trials.csv, best_config.yaml, best_model/ and the test report."""
     from resnet_ray.data.prepare import ensure_prepared
 
-    if not cfg.tune.name:
-        cfg = replace(cfg, {"tune.name": f"tune-{cfg.data.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    cfg = with_search_name(cfg)
     validate_search_space(cfg)
     if cfg.train.mlflow_tracking_uri and not cfg.train.mlflow_experiment:  # one MLflow experiment per search
         cfg = replace(cfg, {"train.mlflow_experiment": cfg.tune.name})
@@ -340,6 +380,8 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
     # Tune's console output off (verbose=0 in _tuner; its newer engine would still print a configuration box,
     # the experiment path and a TensorBoard hint for Ray's own artifacts folder): the job logs a line per trial
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's Ctrl-C handler ends the search as if it were done; without it the job stops and says how to resume
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     grid = _tuner(cfg, exp_dir, restore=resume).fit()
     release_train_reservations()  # stopped trials' Ray Data reservations would starve the final evaluation
 

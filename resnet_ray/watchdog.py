@@ -2,7 +2,9 @@
 
 Without them a job whose actors, workers or read tasks can never be scheduled waits forever. Progress is a
 prediction batch arriving (``watched``) or a ``ray.train.report`` reaching the Train controller
-(``watch_fit``); after ``timeout_s`` without any, StallError says what is pending and what is free.
+(``watch_fit``); after ``timeout_s`` without any, StallError says what is pending and what is free. While they
+wait, both log a line a minute saying for what. A training run whose workers no longer fit on the cluster (a
+node lost for good) and for which no node is pending stops sooner, with CapacityError (``CapacityWatch``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 STATE_API_TIMEOUT_S = 5
+REPORT_EVERY_S = 60.0  # a waiting job logs what it waits for at least this often
 _END = object()
+# Train controller states in which the run waits for its worker group (Ray Train V2's state classes)
+WAITING_STATES = frozenset(
+    ("not started", "InitializingState", "SchedulingState", "ReschedulingState", "RestartingState", "ResizingState")
+)
 
 
 class StallError(RuntimeError):
     """A Ray stage made no progress within its stall timeout."""
+
+
+class CapacityError(RuntimeError):
+    """A run's workers no longer fit on the cluster and no node is coming that would make room."""
 
 
 def _free(free: dict, total: dict) -> str:
@@ -106,10 +117,7 @@ def watched(items: Iterable, timeout_s: float, what: str, setting: str) -> Itera
     threading.Thread(target=produce, name=f"watched {what}", daemon=True).start()
     try:
         while True:
-            try:
-                item = q.get(timeout=timeout_s)
-            except queue.Empty:
-                raise _stalled(what, timeout_s, setting) from None
+            item = _next(q, timeout_s, what, setting)
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -117,6 +125,72 @@ def watched(items: Iterable, timeout_s: float, what: str, setting: str) -> Itera
             yield item
     finally:
         stop.set()
+
+
+def _next(q: queue.Queue, timeout_s: float, what: str, setting: str):
+    """The next item of ``q``; a line every REPORT_EVERY_S while it waits, StallError after timeout_s."""
+    start = time.monotonic()
+    while True:
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise _stalled(what, timeout_s, setting)
+        try:
+            return q.get(timeout=min(REPORT_EVERY_S, timeout_s - waited))
+        except queue.Empty:
+            waited = time.monotonic() - start
+            if waited < timeout_s:
+                log.warning(
+                    "%s: waiting %.0f s for the next batch (%s at %g s); %s",
+                    what,
+                    waited,
+                    setting,
+                    timeout_s,
+                    diagnose(),
+                )
+
+
+class CapacityWatch:
+    """Whether a run that waits for its worker group should go on waiting, from what the cluster has.
+
+    Waiting is bounded by ``timeout_s`` while the alive nodes cannot hold the workers (``fit_count`` per node,
+    as Ray places them) and no node is pending, by ``pending_timeout_s`` while the autoscaler launches nodes,
+    and not at all here while they fit (the stall timeout still applies)."""
+
+    def __init__(self, num_workers: int, per_worker: dict, timeout_s: float, pending_timeout_s: float):
+        self.num_workers, self.per_worker = num_workers, per_worker
+        self.timeout_s, self.pending_timeout_s = timeout_s, pending_timeout_s
+        self.short_since: Optional[float] = None  # since when the workers have not fit
+
+    def check(self, now: float, nodes: list[dict], pending: Optional[int]) -> Optional[CapacityError]:
+        """None: wait on; else the error that stops the run."""
+        from resnet_ray.resources import fit_count
+
+        if sum(fit_count(self.per_worker, n) for n in nodes) >= self.num_workers:
+            self.short_since = None
+            return None
+        if self.short_since is None:
+            self.short_since = now
+        limit, setting = (
+            (self.pending_timeout_s, "train.pending_node_timeout_s")
+            if pending
+            else (self.timeout_s, "train.capacity_timeout_s")
+        )
+        if now - self.short_since < limit:
+            return None
+        return CapacityError(
+            f"{self.cluster_line(nodes, pending)}; stopped after waiting {now - self.short_since:.0f} s ({setting})"
+        )
+
+    def cluster_line(self, nodes: list[dict], pending: Optional[int]) -> str:
+        """'needs 2 workers x {CPU: 2}; the cluster has 1 node: 2 CPU (1 worker fits); no node pending'"""
+        from resnet_ray.resources import describe, describe_pending, fit_count, workers_text
+
+        fits = sum(fit_count(self.per_worker, n) for n in nodes)
+        return (
+            f"training needs {workers_text(self.num_workers, self.per_worker)}; the cluster has {describe(nodes)} "
+            f"({min(fits, self.num_workers)} of them fit{'' if fits >= self.num_workers else ' now'}); "
+            f"{describe_pending(pending)}"
+        )
 
 
 def _heartbeat_class():
@@ -131,8 +205,9 @@ def _heartbeat_class():
             self.path = path
             self.state = {"pid": None, "reports": 0, "controller": "not started"}
 
-        def _write(self, **values):
-            self.state.update(values, t=time.time())
+        def _write(self, progress: bool = True, **values):
+            """Record values (``progress``: also the time of the latest progress)."""
+            self.state.update(values, **({"t": time.time()} if progress else {}))
             tmp = f"{self.path}.tmp"
             with open(tmp, "w") as f:
                 json.dump(self.state, f)
@@ -144,7 +219,7 @@ def _heartbeat_class():
             self._write(pid=os.getpid(), actor_id=ray.get_runtime_context().get_actor_id(), controller="started")
 
         def after_controller_state_update(self, previous_state, current_state):
-            self.state["controller"] = type(current_state).__name__  # not progress: keeps the time of the last
+            self._write(progress=False, controller=type(current_state).__name__)
 
         def after_report(self, training_report, metrics):
             self._write(reports=self.state["reports"] + 1)
@@ -160,33 +235,64 @@ def _read(path: str) -> dict:
         return {}
 
 
-def watch_fit(trainer, timeout_s: float, setting: str = "train.stall_timeout_s"):
-    """``trainer.fit()``, failing with StallError when no report reaches the controller for timeout_s.
+def watch_fit(
+    trainer,
+    timeout_s: float,
+    setting: str = "train.stall_timeout_s",
+    capacity: Optional[CapacityWatch] = None,
+):
+    """``trainer.fit()``, failing with StallError when no report reaches the controller for timeout_s, and with
+    CapacityError when ``capacity`` says that the workers the run waits for cannot come. While the run waits
+    for its workers, a line a minute says for what.
 
-    A stalled run's controller is killed, so that fit() returns and the error names what was pending. Its
+    A stopped run's controller is killed, so that fit() returns and the error names what was pending. Its
     workers go with it; so do its placement groups (``_remove_placement_groups``): Ray Train's cleaner only
     knows a group once its workers have started, and Ray keeps a dead actor's group until its job ends.
     """
+    # Ray Train's own Ctrl-C handler aborts the controller, then exits 0 or 1 in silence: without it, Ctrl-C
+    # raises KeyboardInterrupt here and the job says what was kept (cli.run); its Ray processes stop with it
+    trainer._register_sigint_handler = lambda controller: None
     folder = tempfile.mkdtemp(prefix="resnet-ray-heartbeat-")
     path = os.path.join(folder, "heartbeat.json")
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _heartbeat_class()(path)]
     done, stall = threading.Event(), []
     fit_in_main = threading.current_thread() is threading.main_thread()
 
+    def failure(beat: dict, now: float, waiting: dict) -> Optional[Exception]:
+        """The error that stops the run now, if any; logs the waiting line when one is due."""
+        state = beat.get("controller", "not started")
+        if now - beat.get("t", waiting["start"]) > timeout_s:
+            return _stalled(
+                "training", timeout_s, setting, f" after {beat.get('reports', 0)} reports, controller {state}"
+            )
+        if capacity is None:
+            return None
+        if state not in WAITING_STATES:
+            waiting["since"] = capacity.short_since = None
+            return None
+        from resnet_ray.resources import alive_nodes, pending_nodes
+
+        nodes, pending = alive_nodes(), pending_nodes()
+        waiting["since"] = waiting["since"] or now
+        error = capacity.check(now, nodes, pending)
+        if error is None and now - waiting["since"] >= REPORT_EVERY_S and now - waiting["line"] >= REPORT_EVERY_S:
+            waiting["line"] = now
+            log.warning(
+                "waiting %.0f s for the worker group (controller %s): %s",
+                now - waiting["since"],
+                state,
+                capacity.cluster_line(nodes, pending),
+            )
+        return error
+
     def watch():
-        start = time.time()
+        waiting = {"start": time.time(), "since": None, "line": 0.0}
         while not done.wait(min(5.0, timeout_s / 4)):
             beat = _read(path)
-            if time.time() - beat.get("t", start) > timeout_s:
-                stall.append(
-                    _stalled(
-                        "training",
-                        timeout_s,
-                        setting,
-                        f" after {beat.get('reports', 0)} reports, controller {beat.get('controller', 'not started')}",
-                    )
-                )
-                log.error("%s; stopping the run", stall[0])
+            error = failure(beat, time.time(), waiting)
+            if error is not None:
+                stall.append(error)
+                log.error("%s; stopping the run", error)
                 _stop(beat.get("pid"), fit_in_main)
                 _remove_placement_groups(beat.get("actor_id"))
                 return

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -218,3 +219,79 @@ def test_local_training_on_a_small_image_folder_finishes_with_its_test_evaluatio
     report = json.load(open(runs / "small" / "eval-test" / "report.json"))
     assert report["total_support"] == 12  # 20% of the 60 photos carved for test (data.test_fraction), each once
     assert "total support 12" in out
+
+
+def test_ctrl_c_of_a_training_run_says_what_was_kept_and_its_resume_command_finishes_it(digits_prepared, tmp_path):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) once epoch 1's checkpoint is registered:
+    exit status 130 within a minute, one line naming the kept epoch and the exact `--resume` command, no traceback,
+    none of the job's processes left. That command, run as printed, trains the remaining epoch only."""
+    import shlex
+    import threading
+
+    from resnet_ray.run_folder import latest_checkpoint_epoch
+
+    data_cfg, _, _ = digits_prepared
+    run = tmp_path / "runs" / "stopped"
+    common = ("--model.arch", "resnet18", "--data.limit", "240", "--data.root", data_cfg.root)
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/train.py", "--local", *common, "--train.epochs", "2", "--train.checkpoint_every", "1"]
+        + ["--train.evaluate_test", "false", "--train.storage_path", str(run.parent), "--train.name", "stopped"],
+        cwd=ROOT,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while latest_checkpoint_epoch(str(run)) < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        stopped_at = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert rc == 130 and time.monotonic() - stopped_at < 60, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith("interrupted by SIGINT"))
+    kept = latest_checkpoint_epoch(str(run))
+    command = f"python jobs/train.py --resume {run} --local"
+    assert line == f"interrupted by SIGINT: kept the checkpoint of epoch {kept} in {run}; continue with: {command}"
+    deadline = time.monotonic() + 30  # the local Ray instance's processes stop with the job
+    while _group_alive(proc.pid):
+        assert time.monotonic() < deadline, "processes of the interrupted job remain"
+        time.sleep(0.5)
+
+    argv = shlex.split(line.split("continue with: ")[1])
+    rc, out = finish(
+        subprocess.Popen(
+            [sys.executable, *argv[1:]],
+            cwd=ROOT,
+            env=job_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ),
+        600,
+    )
+    assert rc == 0, out[-3000:]
+    history = [json.loads(line) for line in open(run / "history.jsonl")]
+    assert [h["epoch"] for h in history] == [1, 2]  # each epoch once: the resume trained epoch 2 only
+    assert (run / "model" / "model.pt").exists()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
