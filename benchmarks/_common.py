@@ -14,7 +14,7 @@ SHARED_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 
 def shared_cifar10_config(root: str | None = None, **values):
     """DataConfig values for the prepared copy of ../shared/data/cifar10 (exits if it is absent)."""
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
 
     if not os.path.exists(os.path.join(SHARED_CIFAR10, "train.parquet")):
         sys.exit(f"{SHARED_CIFAR10} not found: these benchmarks read the shared CIFAR-10 copy")

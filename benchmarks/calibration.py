@@ -23,7 +23,7 @@ GUO = {"CIFAR-10": (4.60, 0.83), "CIFAR-100": (16.53, 1.26)}  # ResNet-110, ECE 
 
 
 def config(source: str, root: str, args):
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
 
     return load_config(
         None,
@@ -64,7 +64,7 @@ def main():
     import pyarrow.parquet as pq
 
     from resnet_ray.compare import compare_folders
-    from resnet_ray.config import replace
+    from resnet_ray.config_files import replace
     from resnet_ray.evaluate import collect_logits, evaluate
     from resnet_ray.runtime import init_ray
     from resnet_ray.train import fit

@@ -19,7 +19,7 @@ from _common import ROOT, summary
 def run(settings: dict, epochs: int, storage: str, name: str) -> float:
     import os
 
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
     from resnet_ray.train import fit
 
     cfg = load_config(

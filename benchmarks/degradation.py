@@ -37,7 +37,7 @@ def net_name(params: dict) -> str:
 
 
 def search_config(source: str, root: str, seed: int, args):
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
 
     steps_per_epoch = int(args.per_class * 10 * 0.9) // 128
     return load_config(

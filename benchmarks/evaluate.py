@@ -24,7 +24,8 @@ from _common import shared_cifar10_config, summary
 
 def make_model(folder, meta, image_size):
     from resnet_ray.checkpoint import export_model, save_training_state
-    from resnet_ray.config import ModelConfig, to_dict
+    from resnet_ray.config import ModelConfig
+    from resnet_ray.config_files import to_dict
     from resnet_ray.model import build_model
 
     cfg = shared_cifar10_config(**{"model.weights": "none", "model.image_size": image_size})
@@ -82,7 +83,7 @@ def main():
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
 
-    from resnet_ray.config import replace
+    from resnet_ray.config_files import replace
     from resnet_ray.data.prepare import ensure_prepared
     from resnet_ray.evaluate import evaluate
     from resnet_ray.resources import alive_nodes, size_actor_pool

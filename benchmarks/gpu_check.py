@@ -59,7 +59,7 @@ class Stages:
 
 
 def make_config(size: dict, compile_model: bool, workdir: str):
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
 
     return load_config(
         None,
@@ -194,7 +194,7 @@ def predict(model_dir: str, size: dict, compile_model: bool):
 def cifar_resnets(mode: str, meta: dict, device, workdir: str):
     """Training img/s of the CIFAR ResNets (batch 128, 32 px, pad-and-crop + flip), the measured epoch without a
     host-device sync on a GPU."""
-    from resnet_ray.config import replace
+    from resnet_ray.config_files import replace
     from resnet_ray.session import WorkerSession
 
     archs, steps = CIFAR_NETS[mode]

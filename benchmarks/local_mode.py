@@ -68,7 +68,7 @@ def main():
     args = p.parse_args()
 
     from resnet_ray.cli import LOCAL_CONFIG
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
     from resnet_ray.data.prepare import ensure_prepared
 
     with tempfile.TemporaryDirectory(prefix="resnet_ray-bench-local-") as tmp:

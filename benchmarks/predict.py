@@ -24,7 +24,7 @@ from prepare import make_photos
 
 def make_model(folder, arch, image_size, size, classes):
     from resnet_ray.checkpoint import export_model, save_training_state
-    from resnet_ray.config import load_config, to_dict
+    from resnet_ray.config_files import load_config, to_dict
     from resnet_ray.images import ResizeSpec
     from resnet_ray.model import build_model
 
@@ -86,7 +86,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the single-process loop")
     args = p.parse_args()
 
-    from resnet_ray.config import replace
+    from resnet_ray.config_files import replace
     from resnet_ray.predict import predict
     from resnet_ray.runtime import init_ray
 

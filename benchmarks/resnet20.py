@@ -37,7 +37,7 @@ def main():
     if not os.path.exists(os.path.join(SHARED_CIFAR10, "train.parquet")):
         raise SystemExit(f"{SHARED_CIFAR10} not found: this benchmark reads the shared CIFAR-10 copy")
 
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
     from resnet_ray.data.load import quiet_data_progress
     from resnet_ray.run_folder import config_for_resume
     from resnet_ray.runtime import init_ray

@@ -90,7 +90,7 @@ def main():
     import logging
 
     from resnet_ray import serve as rs
-    from resnet_ray.config import replace
+    from resnet_ray.config_files import replace
     from resnet_ray.runtime import _free_port, init_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

@@ -115,7 +115,7 @@ def plain_loop(cfg, meta, data, threads):
 
 def ray_train(cfg, run):
     """(b): the product's TorchTrainer run, 1 worker, Ray Data ingest."""
-    from resnet_ray.config import replace
+    from resnet_ray.config_files import replace
     from resnet_ray.train import fit
 
     result = fit(replace(cfg, {"train.name": f"bench-{time.time_ns()}-{run}"}))

@@ -24,7 +24,7 @@ A, B = range(0, 5), range(5, 10)
 
 def train(source: str, name: str, root: str, weights: str, epochs: int, seed: int) -> dict:
     """The product's training job (2 CPU workers, ResNet-18 at 32 px) then its evaluation on the test split."""
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
     from resnet_ray.train import fit
 
     cfg = load_config(

@@ -23,8 +23,8 @@ def main() -> int:
     args, overrides = cli.parse(p, local_config=None)  # --local: the model's own config
     cli.setup_logging()
     check_cluster(args.local)  # a dead cluster address fails here, in seconds, before torch is imported
-    from resnet_ray.calibration import calibrate
     from resnet_ray.console import calibration_line
+    from resnet_ray.evaluate import calibrate
     from resnet_ray.saved_model import SavedModel
 
     cfg = cli.config_from(args, overrides) if args.config else SavedModel.read(args.model).config(overrides)

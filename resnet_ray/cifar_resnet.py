@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_ray.config import BLOCKS, INITS, NORMS, SHORTCUTS
+from resnet_ray.architectures import BLOCKS, INITS, NORMS, SHORTCUTS
 
 WIDTHS = (16, 32, 64)  # He et al. 2016a sec. 4.2; the bottleneck's inner width in 2016b
 

@@ -11,7 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, Optional
 
-from resnet_ray.config import Config, ConfigError, load_config
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import load_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 LOCAL_CONFIG = os.path.join(CONFIGS, "local.yaml")
@@ -21,7 +23,7 @@ LOCAL_TUNE_CONFIG = os.path.join(CONFIGS, "tune-local.yaml")
 def user_errors() -> tuple:
     """Exceptions that mean bad input: reported in one line, exit status 2, no traceback."""
     from resnet_ray.checkpoint import CheckpointError
-    from resnet_ray.config import ConfigError
+    from resnet_ray.config_checks import ConfigError
     from resnet_ray.data.layout import DataError
     from resnet_ray.model import ModelError
     from resnet_ray.resources import ResourceError
@@ -37,9 +39,17 @@ def ray_failures() -> tuple:
     from resnet_ray.predict import PredictionError
     from resnet_ray.runtime import RayConnectError
     from resnet_ray.train import AfterTrainingError
-    from resnet_ray.watchdog import CapacityError, StallError
+    from resnet_ray.watchdog import CapacityError, DeployError, StallError
 
-    return RayConnectError, StallError, CapacityError, EvaluationError, PredictionError, AfterTrainingError
+    return (
+        RayConnectError,
+        StallError,
+        CapacityError,
+        DeployError,
+        EvaluationError,
+        PredictionError,
+        AfterTrainingError,
+    )
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -1,53 +1,24 @@
-"""One frozen configuration tree shared by every job.
+"""One frozen configuration tree shared by every job: a dataclass per section, each validated when it is built.
 
-``load_config(yaml_path, overrides)`` merges a YAML file and dotted overrides
-(``["--optim.lr", "0.01"]`` or ``{"optim.lr": 0.01}``) into the defaults below
-and validates everything before any Ray work starts. Errors name the field.
+``config_files.load_config(yaml_path, overrides)`` merges a YAML file and dotted overrides
+(``["--optim.lr", "0.01"]`` or ``{"optim.lr": 0.01}``) into the defaults below; errors name the field
+(``config_checks.ConfigError``). The model.arch registry is ``architectures.py``, the serve section
+``serve_config.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import types
 import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
+from resnet_ray.architectures import ARCH_SWITCHES, ARCHS, BLOCKS, INITS, NORMS, SHORTCUTS, TORCHVISION_ARCHS
+from resnet_ray.config_checks import check, choice, positive
+from resnet_ray.serve_config import ServeConfig
 
 SOURCES = ("digits", "cifar10", "cifar100", "parquet", "imagefolder")
-# model.arch -> the architecture's own switches: what a null ModelConfig.shortcut / block / preact /
-# zero_init_residual means (the papers' choices). resnet_ray/model.py builds every name (a unit test checks its
-# registry against this table); no torch here.
-_CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # the 6n+2 CIFAR ResNets of He et al. 2016a (arXiv 1512.03385), Table 6
-
-
-def _own(depth: int, shortcut: str, block: str = "basic", preact: bool = False, zero_init: bool = False) -> dict:
-    return {"depth": depth, "shortcut": shortcut, "block": block, "preact": preact, "zero_init_residual": zero_init}
-
-
-ARCH_SWITCHES = {
-    # torchvision's ImageNet ResNets: option B shortcuts, post-activation, zero-init residual (as before)
-    "resnet18": _own(18, "projection", zero_init=True),
-    "resnet34": _own(34, "projection", zero_init=True),
-    "resnet50": _own(50, "projection", "bottleneck", zero_init=True),
-    # CIFAR ResNets (He et al. 2016a, sec. 4.2): option A (zero-padded identity) shortcuts, no zero-init
-    **{f"resnet{d}": _own(d, "identity") for d in _CIFAR_DEPTHS},
-    # ResNet-164 of He et al. 2016b (arXiv 1603.05027): pre-activation bottleneck blocks (9n+2, n=18) with 1x1
-    # projection shortcuts where the shape changes (the authors' code, github.com/KaimingHe/resnet-1k-layers)
-    "resnet164": _own(164, "projection", "bottleneck", preact=True),
-    # the plain nets of He et al. 2016a (Fig. 6): the same stacks as resnetN without any shortcut
-    **{f"plain{d}": _own(d, "none") for d in _CIFAR_DEPTHS},
-}
-ARCHS = tuple(ARCH_SWITCHES)
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")  # the only ones with ImageNet weights
-SHORTCUTS = ("identity", "projection", "none")
-BLOCKS = ("basic", "bottleneck")
-NORMS = ("batch", "none")
-INITS = ("he", "xavier", "default")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step")  # optim.schedule
 AUGMENTS = ("crop", "rrc", "none")
@@ -58,24 +29,6 @@ SCHEDULERS = ("asha", "none")  # tune.scheduler: none runs every trial to tune.m
 RESIZE_POLICIES = ("center_crop", "stretch", "pad")  # resnet_ray.data.images
 TTA_MODES = ("none", "flip")  # eval.tta: flip = the mean softmax over the image and its mirror (predictor.py)
 BAD_IMAGE_POLICIES = ("error", "skip")
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or impossible."""
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-def _choice(value: Any, name: str, allowed: Sequence[str]) -> None:
-    _check(value in allowed, name, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
-
-
-def _positive(value: float, name: str, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    _check(ok and math.isfinite(value), name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -103,20 +56,20 @@ class DataConfig:
     cache: bool = True  # keep decoded splits in Ray's object store across epochs (off for data larger than it)
 
     def __post_init__(self):
-        _choice(self.source, "data.source", SOURCES)
+        choice(self.source, "data.source", SOURCES)
         if self.source in ("parquet", "imagefolder"):
-            _check(bool(self.path), "data.path", f"is required for data.source={self.source!r}")
-        _check(all(isinstance(c, str) for c in self.classes), "data.classes", "must be a list of strings")
-        _positive(self.image_size, "data.image_size")
-        _choice(self.resize, "data.resize", RESIZE_POLICIES)
-        _choice(self.on_bad_image, "data.on_bad_image", BAD_IMAGE_POLICIES)
+            check(bool(self.path), "data.path", f"is required for data.source={self.source!r}")
+        check(all(isinstance(c, str) for c in self.classes), "data.classes", "must be a list of strings")
+        positive(self.image_size, "data.image_size")
+        choice(self.resize, "data.resize", RESIZE_POLICIES)
+        choice(self.on_bad_image, "data.on_bad_image", BAD_IMAGE_POLICIES)
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
-            _check(0.0 < value < 0.5, f"data.{name}", f"must be in (0, 0.5), got {value!r}")
+            check(0.0 < value < 0.5, f"data.{name}", f"must be in (0, 0.5), got {value!r}")
         if self.limit is not None:
-            _positive(self.limit, "data.limit")
+            positive(self.limit, "data.limit")
         if self.name is not None:
-            _check(
+            check(
                 self.name.replace("-", "").replace("_", "").isalnum(),
                 "data.name",
                 f"{self.name!r} may hold only letters, digits, '-' and '_'",
@@ -170,31 +123,31 @@ class ModelConfig:
         return self.arch in TORCHVISION_ARCHS
 
     def __post_init__(self):
-        _choice(self.arch, "model.arch", ARCHS)
-        _check(bool(self.weights), "model.weights", "must be imagenet, imagenet_v1, imagenet_v2, none or a file path")
-        _check(
+        choice(self.arch, "model.arch", ARCHS)
+        check(bool(self.weights), "model.weights", "must be imagenet, imagenet_v1, imagenet_v2, none or a file path")
+        check(
             self.torchvision or self.weights not in ("imagenet", "imagenet_v1", "imagenet_v2"),
             "model.weights",
             f"imagenet weights exist only for {', '.join(TORCHVISION_ARCHS)} (torchvision); use none for {self.arch} "
             "(or a state_dict file of the same architecture)",
         )
-        _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
+        check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
         for name, allowed in (("shortcut", SHORTCUTS), ("block", BLOCKS), ("norm", NORMS), ("init", INITS)):
             if getattr(self, name) is not None:
-                _choice(getattr(self, name), f"model.{name}", allowed)
+                choice(getattr(self, name), f"model.{name}", allowed)
         if self.torchvision:
             self._check_torchvision()
         else:
             depth, per_block = ARCH_SWITCHES[self.arch]["depth"], 6 if self.own("block") == "basic" else 9
-            _check(
+            check(
                 (depth - 2) % per_block == 0,
                 "model.block",
                 f"{self.own('block')} blocks stack {per_block}n+2 layers; {self.arch} has {depth} "
                 f"({'resnet20, resnet56, resnet110 and resnet164 fit' if per_block == 9 else 'use resnet164'})",
             )
         if self.own("zero_init_residual"):
-            _check(self.norm == "batch", "model.zero_init_residual", "needs model.norm batch (there is no BN gamma)")
-            _check(
+            check(self.norm == "batch", "model.zero_init_residual", "needs model.norm batch (there is no BN gamma)")
+            check(
                 self.own("shortcut") != "none",
                 "model.zero_init_residual",
                 "needs shortcuts: without them every block would start at zero output, a dead net",
@@ -203,19 +156,19 @@ class ModelConfig:
     def _check_torchvision(self) -> None:
         """Refuse the switches that torchvision's ResNet classes cannot apply, naming the field."""
         own, where = ARCH_SWITCHES[self.arch], f"torchvision {self.arch}"
-        _check(
+        check(
             self.shortcut in (None, "projection"),
             "model.shortcut",
             f"{self.shortcut} cannot apply to {where} (it has projection shortcuts, option B); "
             "the CIFAR archs (resnet20..110, plain20..110) have identity and none",
         )
-        _check(
+        check(
             self.block in (None, own["block"]),
             "model.block",
             f"{self.block} cannot apply to {where} (its block is {own['block']})",
         )
-        _check(not self.preact, "model.preact", f"cannot apply to {where} (post-activation only); try resnet164")
-        _check(self.norm == "batch", "model.norm", f"none cannot apply to {where} (its convs have no bias)")
+        check(not self.preact, "model.preact", f"cannot apply to {where} (post-activation only); try resnet164")
+        check(self.norm == "batch", "model.norm", f"none cannot apply to {where} (its convs have no bias)")
 
 
 @dataclass(frozen=True)
@@ -241,43 +194,43 @@ class OptimConfig:
     scale_lr: bool = True
 
     def __post_init__(self):
-        _choice(self.name, "optim.name", OPTIMIZERS)
-        _positive(self.lr, "optim.lr")
-        _positive(self.backbone_lr_scale, "optim.backbone_lr_scale", allow_zero=True)
-        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(
+        choice(self.name, "optim.name", OPTIMIZERS)
+        positive(self.lr, "optim.lr")
+        positive(self.backbone_lr_scale, "optim.backbone_lr_scale", allow_zero=True)
+        check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        check(
             not (self.nesterov and self.name == "sgd" and self.momentum == 0),
             "optim.nesterov",
             "Nesterov SGD needs optim.momentum > 0",
         )
-        _positive(self.weight_decay, "optim.weight_decay", allow_zero=True)
-        _positive(self.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
-        _choice(self.schedule, "optim.schedule", LR_SCHEDULES)
-        _check(
+        positive(self.weight_decay, "optim.weight_decay", allow_zero=True)
+        positive(self.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
+        choice(self.schedule, "optim.schedule", LR_SCHEDULES)
+        check(
             all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0.0 < m < 1.0 for m in self.milestones),
             "optim.milestones",
             f"must be fractions of the run's steps in (0, 1), got {list(self.milestones)}",
         )
-        _check(
+        check(
             list(self.milestones) == sorted(set(self.milestones)),
             "optim.milestones",
             f"must increase, got {list(self.milestones)}",
         )
         if self.schedule == "step":
-            _check(bool(self.milestones), "optim.milestones", "the step schedule needs at least one, e.g. [0.5, 0.75]")
+            check(bool(self.milestones), "optim.milestones", "the step schedule needs at least one, e.g. [0.5, 0.75]")
         else:
-            _check(
+            check(
                 not self.milestones,
                 "optim.milestones",
                 f"only the step schedule has milestones (optim.schedule is {self.schedule}); set []",
             )
-        _check(0.0 < self.gamma <= 1.0, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _check(
+        check(0.0 < self.gamma <= 1.0, "optim.gamma", f"must be in (0, 1], got {self.gamma}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(
             0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
         )
-        _positive(self.grad_clip_norm, "optim.grad_clip_norm", allow_zero=True)
-        _positive(self.reference_batch_size, "optim.reference_batch_size")
+        positive(self.grad_clip_norm, "optim.grad_clip_norm", allow_zero=True)
+        positive(self.reference_batch_size, "optim.reference_batch_size")
 
 
 @dataclass(frozen=True)
@@ -316,46 +269,44 @@ class TrainConfig:
     mlflow_experiment: Optional[str] = None  # MLflow experiment; null: the dataset's name (a search's: tune.name)
 
     def __post_init__(self):
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _choice(self.augment, "train.augment", AUGMENTS)
-        _choice(self.auto_augment, "train.auto_augment", AUTO_AUGMENTS)
-        _check(
+        check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        choice(self.augment, "train.augment", AUGMENTS)
+        choice(self.auto_augment, "train.auto_augment", AUTO_AUGMENTS)
+        check(
             0.0 <= self.random_erasing <= 1.0,
             "train.random_erasing",
             f"must be a probability in [0, 1], got {self.random_erasing}",
         )
-        _positive(self.crop_padding, "train.crop_padding", allow_zero=True)
-        _positive(self.mixup_alpha, "train.mixup_alpha", allow_zero=True)
-        _positive(self.cutmix_alpha, "train.cutmix_alpha", allow_zero=True)
-        _check(
+        positive(self.crop_padding, "train.crop_padding", allow_zero=True)
+        positive(self.mixup_alpha, "train.mixup_alpha", allow_zero=True)
+        positive(self.cutmix_alpha, "train.cutmix_alpha", allow_zero=True)
+        check(
             0 <= self.freeze_backbone_epochs <= self.epochs,
             "train.freeze_backbone_epochs",
             f"must be in [0, train.epochs={self.epochs}], got {self.freeze_backbone_epochs}",
         )
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         if self.ema_decay is not None:
-            _check(0.0 < self.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+            check(0.0 < self.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         if self.checkpoint_every is not None:
-            _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _check(
-            self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}"
-        )
+            check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        check(self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
         if self.fail_at_epoch is not None:
-            _check(
+            check(
                 1 <= self.fail_at_epoch < self.epochs,
                 "train.fail_at_epoch",
                 f"must be in [1, train.epochs), got {self.fail_at_epoch}",
             )
-        _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
-        _positive(self.stall_timeout_s, "train.stall_timeout_s")
-        _positive(self.capacity_timeout_s, "train.capacity_timeout_s")
-        _positive(self.pending_node_timeout_s, "train.pending_node_timeout_s")
+        check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
+        positive(self.stall_timeout_s, "train.stall_timeout_s")
+        positive(self.capacity_timeout_s, "train.capacity_timeout_s")
+        positive(self.pending_node_timeout_s, "train.pending_node_timeout_s")
         if self.name is not None:
-            _check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
+            check(bool(self.name) and "/" not in self.name, "train.name", f"{self.name!r} is not a valid run name")
         for name in ("mlflow_tracking_uri", "mlflow_experiment"):  # whether mlflow is installed: tracking.check_mlflow
             value = getattr(self, name)
-            _check(value is None or bool(value.strip()), f"train.{name}", "must not be empty (null turns it off)")
+            check(value is None or bool(value.strip()), f"train.{name}", "must not be empty (null turns it off)")
 
     def checkpoint_due(self, epoch: int) -> bool:
         """Whether ``epoch`` ends with a checkpoint: every checkpoint_every epochs (default: about ten per run),
@@ -374,9 +325,9 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # only with use_gpu
 
     def __post_init__(self):
-        _check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
-        _positive(self.cpus_per_worker, "scaling.cpus_per_worker", allow_zero=True)
-        _positive(self.gpus_per_worker, "scaling.gpus_per_worker")
+        check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        positive(self.cpus_per_worker, "scaling.cpus_per_worker", allow_zero=True)
+        positive(self.gpus_per_worker, "scaling.gpus_per_worker")
 
     @property
     def resources_per_worker(self) -> dict:
@@ -409,16 +360,16 @@ class TuneConfig:
 
     def __post_init__(self):
         for name in ("num_samples", "max_concurrent_trials", "max_epochs", "grace_period"):
-            _check(getattr(self, name) >= 1, f"tune.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _check(
+            check(getattr(self, name) >= 1, f"tune.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(
             self.trial_workers is None or self.trial_workers >= 1,
             "tune.trial_workers",
             f"must be >= 1, got {self.trial_workers}",
         )
-        _check(self.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
-        _check(self.grace_period <= self.max_epochs, "tune.grace_period", "must be <= tune.max_epochs")
-        _choice(self.mode, "tune.mode", ("max", "min"))
-        _choice(self.scheduler, "tune.scheduler", SCHEDULERS)
+        check(self.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        check(self.grace_period <= self.max_epochs, "tune.grace_period", "must be <= tune.max_epochs")
+        choice(self.mode, "tune.mode", ("max", "min"))
+        choice(self.scheduler, "tune.scheduler", SCHEDULERS)
         for key, spec in self.search_space.items():
             _validate_search_spec(key, spec)
 
@@ -447,94 +398,20 @@ class EvalConfig:
     in_process_rows: Optional[int] = None
 
     def __post_init__(self):
-        _choice(self.split, "eval.split", SPLITS)
-        _check(
+        choice(self.split, "eval.split", SPLITS)
+        check(
             self.in_process_rows is None or self.in_process_rows >= 0,
             "eval.in_process_rows",
             f"must be >= 0 or null, got {self.in_process_rows}",
         )
-        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.num_actors >= 1, "eval.num_actors", f"must be >= 1, got {self.num_actors}")
-        _positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)
-        _positive(self.cpus_per_actor, "eval.cpus_per_actor", allow_zero=True)
-        _check(self.ece_bins >= 1, "eval.ece_bins", f"must be >= 1, got {self.ece_bins}")
-        _choice(self.tta, "eval.tta", TTA_MODES)
-        _check(self.errors_shown >= 1, "eval.errors_shown", f"must be >= 1, got {self.errors_shown}")
-        _positive(self.stall_timeout_s, "eval.stall_timeout_s")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Online prediction with Ray Serve (jobs/serve.py, resnet_ray/serve.py): where it listens, the replicas,
-    dynamic batching, the bounds on queues and request bodies, and an optional API key."""
-
-    host: str = "127.0.0.1"  # the HTTP proxy's address; 0.0.0.0 serves every interface (anyone who reaches it)
-    port: int = 8000
-    route_prefix: str = "/"  # the application's routes: <prefix>predict, <prefix>healthz, <prefix>model
-    num_replicas: Optional[int] = None  # a fixed replica count; null: 1, or autoscaling when max_replicas is set
-    min_replicas: int = 1  # autoscaling (with max_replicas): the fewest replicas kept
-    max_replicas: Optional[int] = None  # set: autoscale between min_replicas and max_replicas
-    target_ongoing_requests: float = 16.0  # autoscaling: requests in flight per replica it aims at
-    cpus_per_replica: float = 1.0  # also the replica's torch threads (at least 1)
-    gpus_per_replica: float = 0.0
-    max_batch_size: int = 16  # dynamic batching (@serve.batch): images per forward pass at most
-    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill after its first image
-    max_ongoing_requests: int = 32  # per replica (at least max_batch_size, or batches never fill)
-    max_queued_requests: int = 64  # per proxy, beyond those in the replicas: then 503 with Retry-After
-    retry_after_s: float = 1.0  # the Retry-After of that 503
-    max_image_bytes: int = 10 * 2**20  # request bodies above this get 413, before anything is decoded
-    max_image_pixels: int = 40_000_000  # width x height above this gets 413 (a decompression bomb), before decoding
-    top_k: int = 5  # classes per answer at most (a request may ask for fewer: ?top_k=N)
-    api_key_env: Optional[str] = None  # name of an environment variable holding the key; set: 401 without it
-
-    def __post_init__(self):
-        _check(bool(self.host.strip()), "serve.host", "must not be empty (127.0.0.1: this machine only)")
-        _check(1 <= self.port <= 65535, "serve.port", f"must be in [1, 65535], got {self.port}")
-        _check(self.route_prefix.startswith("/"), "serve.route_prefix", f"must start with /, got {self.route_prefix!r}")
-        if self.num_replicas is not None:
-            _check(self.num_replicas >= 1, "serve.num_replicas", f"must be >= 1, got {self.num_replicas}")
-            _check(
-                self.max_replicas is None,
-                "serve.num_replicas",
-                "a fixed count and autoscaling (serve.max_replicas) exclude each other; set one of them",
-            )
-        if self.max_replicas is not None:
-            _check(self.max_replicas >= 1, "serve.max_replicas", f"must be >= 1, got {self.max_replicas}")
-            _check(
-                0 <= self.min_replicas <= self.max_replicas,
-                "serve.min_replicas",
-                f"must be in [0, serve.max_replicas={self.max_replicas}], got {self.min_replicas}",
-            )
-        _positive(self.target_ongoing_requests, "serve.target_ongoing_requests")
-        _positive(self.cpus_per_replica, "serve.cpus_per_replica", allow_zero=True)
-        _positive(self.gpus_per_replica, "serve.gpus_per_replica", allow_zero=True)
-        _check(self.max_batch_size >= 1, "serve.max_batch_size", f"must be >= 1, got {self.max_batch_size}")
-        _positive(self.batch_wait_timeout_s, "serve.batch_wait_timeout_s", allow_zero=True)
-        _check(
-            self.max_ongoing_requests >= self.max_batch_size,
-            "serve.max_ongoing_requests",
-            f"must be >= serve.max_batch_size={self.max_batch_size} (a replica batches only the requests it holds), "
-            f"got {self.max_ongoing_requests}",
-        )
-        _check(
-            self.max_queued_requests >= 1,
-            "serve.max_queued_requests",
-            f"must be >= 1 (the queue is bounded on purpose), got {self.max_queued_requests}",
-        )
-        _positive(self.retry_after_s, "serve.retry_after_s", allow_zero=True)
-        _check(self.max_image_bytes >= 1, "serve.max_image_bytes", f"must be >= 1, got {self.max_image_bytes}")
-        _check(self.max_image_pixels >= 1, "serve.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
-        _check(self.top_k >= 1, "serve.top_k", f"must be >= 1, got {self.top_k}")
-        if self.api_key_env is not None:
-            _check(
-                self.api_key_env.isidentifier() and self.api_key_env.isascii(),
-                "serve.api_key_env",
-                f"must name an environment variable (letters, digits, _), got {self.api_key_env!r}",
-            )
-
-    @property
-    def autoscaling(self) -> bool:
-        return self.max_replicas is not None
+        check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.num_actors >= 1, "eval.num_actors", f"must be >= 1, got {self.num_actors}")
+        positive(self.gpus_per_actor, "eval.gpus_per_actor", allow_zero=True)
+        positive(self.cpus_per_actor, "eval.cpus_per_actor", allow_zero=True)
+        check(self.ece_bins >= 1, "eval.ece_bins", f"must be >= 1, got {self.ece_bins}")
+        choice(self.tta, "eval.tta", TTA_MODES)
+        check(self.errors_shown >= 1, "eval.errors_shown", f"must be >= 1, got {self.errors_shown}")
+        positive(self.stall_timeout_s, "eval.stall_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -550,220 +427,36 @@ class Config:
 
     def __post_init__(self):
         if self.train.mixup_alpha > 0 or self.train.cutmix_alpha > 0:
-            _check(self.train.batch_size >= 2, "train.batch_size", "must be >= 2 with mixup/cutmix")
+            check(self.train.batch_size >= 2, "train.batch_size", "must be >= 2 with mixup/cutmix")
 
     @property
     def global_batch_size(self) -> int:
         return self.train.batch_size * self.scaling.num_workers
 
 
-# ---------------------------------------------------------------------------
-# dict <-> dataclass, with type checks that name the field
-
-
-def _is_optional(tp) -> tuple[bool, Any]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return True, args[0]
-    return False, tp
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    optional, tp = _is_optional(tp)
-    if value is None:
-        _check(optional, name, "must not be null")
-        return None
-    if tp is bool:
-        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
-    elif tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
-    elif tp is float:
-        _check(
-            isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}"
-        )
-        value = float(value)
-    elif tp is str:
-        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
-    elif tp is tuple:
-        _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
-        value = tuple(value)
-    elif tp is dict:
-        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
-    return value
-
-
-def _build(cls, values: Mapping[str, Any], prefix: str):
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"{where}: unknown key; allowed: {', '.join(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        name = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], values.get(f.name) or {}, name)
-        elif f.name in values:
-            kwargs[f.name] = _coerce(values[f.name], hints[f.name], name)
-    return cls(**kwargs)
-
-
-def from_dict(values: Mapping[str, Any]) -> Config:
-    """Build and validate a Config from a nested dict (as saved in run folders and checkpoints)."""
-    return _build(Config, values, "")
-
-
-def to_dict(cfg: Config) -> dict:
-    """Plain nested dict of builtins (tuples become lists) that round-trips through from_dict."""
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, creating sub-dicts. search_space keys stay whole."""
-    parts = key.split(".")
-    _check(len(parts) >= 2 and all(parts), key, "overrides look like section.field, e.g. optim.lr")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        _check(isinstance(node, dict), key, "cannot set a field below a value")
-        if part == "search_space":  # its keys are themselves dotted config paths
-            node[".".join(parts[parts.index(part) + 1 :])] = value
-            return
-    node[parts[-1]] = value
-
-
-def parse_overrides(args: Sequence[str]) -> dict:
-    """``["--optim.lr", "0.01", "--train.amp=false"]`` -> ``{"optim.lr": 0.01, "train.amp": False}``.
-
-    Values are parsed as YAML scalars, so numbers, booleans, null and lists work.
-    """
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        _check(arg.startswith("--") and len(arg) > 2, arg, "expected --section.field VALUE")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            _check(i + 1 < len(args), arg, "is missing its value")
-            value = args[i + 1]
-            i += 1
-        out[key] = yaml.safe_load(value) if value != "" else ""
-        i += 1
-    return out
-
-
-def _read_yaml(path: str, including: tuple = ()) -> dict:
-    """A YAML config as a nested dict. ``base: FILE`` (relative to this file) is read first and this file's
-    sections are merged over it, field by field: a search YAML builds on the recipe it searches."""
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path}: not found" + (f" (the base of {including[-1]})" if including else ""))
-    with open(path) as f:
-        try:
-            loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    if "applications" in loaded:  # a Ray Serve config file (configs/serve.yaml)
-        return serve_file_tree(loaded, path)
-    base = loaded.pop("base", None)
-    if base is None:
-        return loaded
-    if not isinstance(base, str):
-        raise ConfigError(f"config file {path}: base must be a file name, got {base!r}")
-    base_path = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base)))
-    if base_path in including:
-        raise ConfigError(f"config file {path}: base {base} includes itself")
-    tree = _read_yaml(base_path, (*including, os.path.normpath(path)))
-    for section, values in loaded.items():
-        if isinstance(values, dict) and isinstance(tree.get(section), dict):
-            tree[section] = {**tree[section], **values}
-        else:
-            tree[section] = values
-    return tree
-
-
-def serve_file_tree(loaded: dict, path: str) -> dict:
-    """A Ray Serve config file (top-level ``applications``, for `serve run` / `serve deploy`) as a config tree:
-    the ``args`` of its one application, less ``model`` (sections as mappings or dotted keys, as
-    ``resnet_ray.serve.app_builder`` reads them), with ``http_options`` host and port as serve.host / serve.port."""
-    apps = loaded["applications"]
-    if not (isinstance(apps, list) and len(apps) == 1 and isinstance(apps[0], dict)):
-        raise ConfigError(f"config file {path}: a Ray Serve config file must hold exactly one application")
-    args = apps[0].get("args") or {}
-    _check(isinstance(args, dict), f"{path}: applications[0].args", f"expected a mapping, got {args!r}")
-    tree: dict = {}
-    for key, value in args.items():
-        if key == "model":  # what the app builder serves
-            continue
-        if "." in key:
-            set_dotted(tree, key, value)
-        else:
-            tree[key] = value
-    http = loaded.get("http_options") or {}
-    for key in ("host", "port"):
-        if key in http:
-            tree.setdefault("serve", {})[key] = http[key]
-    return tree
-
-
-def load_config(path: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
-    """Defaults <- YAML file (and its base) <- dotted overrides, validated. Raises ConfigError naming the field."""
-    tree = _read_yaml(path) if path else {}
-    if not isinstance(overrides, Mapping):
-        overrides = parse_overrides(overrides)
-    for key, value in overrides.items():
-        set_dotted(tree, key, value)
-    return from_dict(tree)
-
-
-def replace(cfg: Config, overrides: Mapping[str, Any]) -> Config:
-    """A copy of cfg with dotted overrides applied and validated (used by Tune trials)."""
-    tree = to_dict(cfg)
-    for key, value in overrides.items():
-        set_dotted(tree, key, value)
-    return from_dict(tree)
-
-
 def _validate_search_spec(key: str, spec: Any) -> None:
     name = f"tune.search_space.{key}"
-    _check(
+    check(
         isinstance(spec, dict) and spec.get("type") in SEARCH_TYPES,
         name,
         f"must be a mapping with type one of {', '.join(SEARCH_TYPES)}",
     )
     parts = key.split(".")
     section = {f.name: f for f in dataclasses.fields(Config)}.get(parts[0])
-    _check(section is not None and len(parts) == 2, name, "must name a config field as section.field")
+    check(section is not None and len(parts) == 2, name, "must name a config field as section.field")
     fields = {f.name for f in dataclasses.fields(typing.get_type_hints(Config)[parts[0]])}
-    _check(parts[1] in fields, name, f"unknown field; {parts[0]} has: {', '.join(sorted(fields))}")
+    check(parts[1] in fields, name, f"unknown field; {parts[0]} has: {', '.join(sorted(fields))}")
     if spec["type"] in ("choice", "grid"):
         kind = spec["type"]
-        _check(isinstance(spec.get("values"), list) and spec["values"], name, f"{kind} needs a non-empty 'values' list")
-        _check(set(spec) <= {"type", "values"}, name, f"{kind} takes only 'values'")
+        check(isinstance(spec.get("values"), list) and spec["values"], name, f"{kind} needs a non-empty 'values' list")
+        check(set(spec) <= {"type", "values"}, name, f"{kind} takes only 'values'")
     else:
-        _check(set(spec) == {"type", "low", "high"}, name, f"{spec['type']} needs exactly 'low' and 'high'")
+        check(set(spec) == {"type", "low", "high"}, name, f"{spec['type']} needs exactly 'low' and 'high'")
         low, high = spec["low"], spec["high"]
-        _check(
+        check(
             isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high,
             name,
             f"needs numeric low < high, got {low!r}, {high!r}",
         )
         if spec["type"] == "loguniform":
-            _check(low > 0, name, "loguniform needs low > 0")
+            check(low > 0, name, "loguniform needs low > 0")

@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resnet_ray import console, metrics, report, storage
-from resnet_ray.checkpoint import CheckpointError
-from resnet_ray.config import Config, EvalConfig, to_dict
+from resnet_ray import calibration, console, metrics, report, storage
+from resnet_ray.checkpoint import MODEL_INFO, CheckpointError
+from resnet_ray.config import Config, EvalConfig
+from resnet_ray.config_files import to_dict
 from resnet_ray.data.layout import read_rows, split_rows
 from resnet_ray.data.load import (
     IN_MEMORY_BYTES,
@@ -64,21 +65,21 @@ def batch_statistics(batch: dict, num_classes: int, ece_bins: int, temperature: 
     stats = {
         "cm": metrics.confusion_matrix(labels, preds, num_classes)[None],
         "top5": np.array([(batch["top5"] == labels[:, None]).any(1).sum()]),
-        "calibration": metrics.calibration_counts(batch["confidence"], correct, ece_bins)[None],
+        "calibration": calibration.calibration_counts(batch["confidence"], correct, ece_bins)[None],
         "rows": np.array([len(labels)]),
     }
     if "logits" in batch:
-        raw = np.exp(metrics.log_softmax(batch["logits"]).max(axis=1))
-        stats["calibration_raw"] = metrics.calibration_counts(raw, correct, ece_bins)[None]
-        stats["nll"] = np.array([metrics.negative_log_likelihood(batch["logits"], labels, temperature)])
-        stats["nll_raw"] = np.array([metrics.negative_log_likelihood(batch["logits"], labels)])
+        raw = np.exp(calibration.log_softmax(batch["logits"]).max(axis=1))
+        stats["calibration_raw"] = calibration.calibration_counts(raw, correct, ece_bins)[None]
+        stats["nll"] = np.array([calibration.negative_log_likelihood(batch["logits"], labels, temperature)])
+        stats["nll_raw"] = np.array([calibration.negative_log_likelihood(batch["logits"], labels)])
     return stats
 
 
 def _predictions_table(batch: dict) -> pa.Table:
     columns = {k: v for k, v in batch.items() if k not in ("top5", "logits")}
     if "logits" in batch:
-        columns["confidence_raw"] = np.exp(metrics.log_softmax(batch["logits"]).max(axis=1))
+        columns["confidence_raw"] = np.exp(calibration.log_softmax(batch["logits"]).max(axis=1))
     columns["top5"] = pa.array(list(batch["top5"]), type=pa.list_(pa.int64()))
     return pa.table(columns)
 
@@ -298,7 +299,7 @@ def _report(
             "split": split,
             "rows": expected,
             "top5_accuracy": float(stats["top5"]) / expected,
-            "ece": metrics.expected_calibration_error(stats["calibration"]),
+            "ece": calibration.expected_calibration_error(stats["calibration"]),
             "nll": float(stats["nll"]) / expected,
             "calibration": _calibration(stats, saved, expected),
             "tta": cfg.eval.tta,
@@ -324,7 +325,32 @@ def _calibration(stats: dict, saved: SavedModel, rows: int) -> dict:
         "fitted_with_tta": fitted.get("tta") if fitted.get("fitted") else None,
         "before": {
             "nll": float(stats["nll_raw"]) / rows,
-            "ece": metrics.expected_calibration_error(stats["calibration_raw"]),
+            "ece": calibration.expected_calibration_error(stats["calibration_raw"]),
         },
-        "after": {"nll": float(stats["nll"]) / rows, "ece": metrics.expected_calibration_error(stats["calibration"])},
+        "after": {
+            "nll": float(stats["nll"]) / rows,
+            "ece": calibration.expected_calibration_error(stats["calibration"]),
+        },
     }
+
+
+def calibrate(cfg: Config, model_path: str) -> dict:
+    """Fit the temperature of the exported model at ``model_path`` on the validation split of ``cfg.data`` (with
+    eval.tta) and store it in its model.json; the record (see :func:`resnet_ray.calibration.fit_record`).
+
+    A refit on train+val (``cfg.train.refit_on_val``) has no validation split: T = 1 is stored, and the record
+    says why (``fitted`` false, ``reason``).
+    """
+    saved = SavedModel.read(model_path)
+    if not saved.exported:
+        raise CheckpointError(
+            f"{model_path}: a temperature is stored in an exported model's {MODEL_INFO}; this is a training "
+            "checkpoint: give the run folder or its model/ folder"
+        )
+    if cfg.train.refit_on_val:
+        record = {"fitted": False, "temperature": 1.0, "reason": calibration.NO_VALIDATION}
+    else:
+        logits, labels = collect_logits(cfg, saved.folder, calibration.SPLIT)
+        record = calibration.fit_record(logits, labels, cfg.eval.ece_bins, cfg.eval.tta)
+    saved.store_calibration(record)
+    return {**record, "model": saved.folder}

@@ -15,7 +15,9 @@ import tempfile
 import torch
 
 from resnet_ray import plots, storage
-from resnet_ray.config import Config, ConfigError, replace
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import replace
 from resnet_ray.model import build_model, normalization
 from resnet_ray.probes import first_last_ratio, signal_stats
 from resnet_ray.transforms import Preprocess

@@ -4,16 +4,10 @@ Everything here works on quantities that can be accumulated per batch on
 many actors and then summed:
 
 * ``confusion_matrix`` -> ``(C, C)`` int64 counts; sum matrices over batches.
-* ``calibration_counts`` -> ``(n_bins, 3)`` float64 statistics; sum them too.
-* ``negative_log_likelihood`` -> a float sum over rows (at a temperature); sum it too.
-
-Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks"): ``fit_temperature`` finds the
-one T > 0 that minimises the NLL of ``softmax(logits / T)`` on held-out logits; dividing by T never changes the
-ranking of the classes, so top-1 (and top-k) stay the same.
+* the calibration statistics of :mod:`resnet_ray.calibration` (``calibration_counts``, the NLL); sum them too.
 
 The final numbers are then derived once from the summed statistics with
-``classification_report``, ``expected_calibration_error``,
-``coarse_confusion_matrix`` and ``most_confused_pairs``.
+``classification_report``, ``coarse_confusion_matrix`` and ``most_confused_pairs``.
 
 Intervals (95% by default) are added by ``classification_report``: Wilson
 score intervals (``wilson_interval``) for accuracy and each class's
@@ -49,7 +43,7 @@ Python ``int``/``float``/``str``, so the dict is JSON-serialisable; a
     }
 
 The evaluation job adds ``model``, ``dataset``, ``split``, ``config``,
-``top5_accuracy``, ``ece``, ``confused_pairs`` and ``coarse`` (a nested report
+``top5_accuracy``, ``ece`` (:mod:`resnet_ray.calibration`), ``confused_pairs`` and ``coarse`` (a nested report
 of this same structure plus its own ``confused_pairs``) on top.
 """
 
@@ -64,12 +58,6 @@ import numpy as np
 
 __all__ = [
     "confusion_matrix",
-    "calibration_counts",
-    "expected_calibration_error",
-    "calibration_bins",
-    "log_softmax",
-    "negative_log_likelihood",
-    "fit_temperature",
     "wilson_interval",
     "bootstrap_macro_f1",
     "classification_report",
@@ -82,7 +70,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Confusion matrix
 # --------------------------------------------------------------------------
-def _as_int_labels(values: Any, name: str, num_classes: int) -> np.ndarray:
+def int_labels(values: Any, name: str, num_classes: int) -> np.ndarray:
     """1-D int64 view of ``values`` after checking every entry is in [0, C)."""
     arr = np.asarray(values)
     if arr.ndim != 1:
@@ -124,161 +112,12 @@ def confusion_matrix(labels: Any, preds: Any, num_classes: int) -> np.ndarray:
     num_classes = int(num_classes)
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    y = _as_int_labels(labels, "labels", num_classes)
-    p = _as_int_labels(preds, "preds", num_classes)
+    y = int_labels(labels, "labels", num_classes)
+    p = int_labels(preds, "preds", num_classes)
     if y.shape[0] != p.shape[0]:
         raise ValueError(f"labels and preds have different lengths: {y.shape[0]} != {p.shape[0]}")
     flat = np.bincount(y * num_classes + p, minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes).astype(np.int64, copy=False)
-
-
-# --------------------------------------------------------------------------
-# Calibration (expected calibration error)
-# --------------------------------------------------------------------------
-def _bin_edges(n_bins: int) -> np.ndarray:
-    return np.linspace(0.0, 1.0, n_bins + 1)
-
-
-def calibration_counts(confidence: Any, correct: Any, n_bins: int = 15) -> np.ndarray:
-    """Per-bin calibration statistics for one batch; add the results across batches.
-
-    Bins are equal-width on ``[0, 1]``: bin ``b`` holds confidences in
-    ``(b/n_bins, (b+1)/n_bins]`` (bin 0 also holds exactly 0).
-
-    Args:
-        confidence: ``(N,)`` top-1 confidence (max softmax probability),
-            a probability in ``[0, 1]``. Values within 1e-6 outside the range
-            (float rounding) are clipped; anything else raises ValueError.
-        correct: ``(N,)`` bool/0-1, whether the top-1 prediction was right.
-        n_bins: number of bins.
-
-    Returns:
-        ``(n_bins, 3)`` float64 array; columns are ``count`` (samples in the
-        bin), ``sum confidence`` and ``sum correct``. Arrays from different
-        batches with the same ``n_bins`` can simply be added.
-    """
-    n_bins = int(n_bins)
-    if n_bins <= 0:
-        raise ValueError(f"n_bins must be positive, got {n_bins}")
-    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    corr = np.asarray(correct, dtype=np.float64).reshape(-1)
-    if conf.shape[0] != corr.shape[0]:
-        raise ValueError(f"confidence and correct have different lengths: {conf.shape[0]} != {corr.shape[0]}")
-    out = np.zeros((n_bins, 3), dtype=np.float64)
-    if conf.size == 0:
-        return out
-    bad = ~np.isfinite(conf) | (conf < -1e-6) | (conf > 1.0 + 1e-6)
-    if bad.any():
-        raise ValueError(f"confidence must be in [0, 1], got {conf[bad][0]!r}")
-    conf = np.clip(conf, 0.0, 1.0)
-    idx = np.searchsorted(_bin_edges(n_bins)[1:-1], conf, side="left")
-    out[:, 0] = np.bincount(idx, minlength=n_bins)
-    out[:, 1] = np.bincount(idx, weights=conf, minlength=n_bins)
-    out[:, 2] = np.bincount(idx, weights=corr, minlength=n_bins)
-    return out
-
-
-def expected_calibration_error(counts: Any) -> float:
-    """Standard ECE from summed :func:`calibration_counts` statistics.
-
-    ``ECE = sum_b (n_b / N) * |acc_b - conf_b| = sum_b |sum_correct_b - sum_conf_b| / N``
-
-    Args:
-        counts: ``(n_bins, 3)`` array (count, sum confidence, sum correct).
-
-    Returns:
-        ECE as a fraction in ``[0, 1]`` (not percent); NaN if no samples.
-    """
-    c = _check_counts(counts)
-    total = c[:, 0].sum()
-    if total <= 0:
-        return float("nan")
-    return float(np.abs(c[:, 2] - c[:, 1]).sum() / total)
-
-
-def _check_counts(counts: Any) -> np.ndarray:
-    c = np.asarray(counts, dtype=np.float64)
-    if c.ndim != 2 or c.shape[1] != 3:
-        raise ValueError(f"counts must have shape (n_bins, 3), got {c.shape}")
-    return c
-
-
-def calibration_bins(counts: Any) -> list[dict]:
-    """The reliability diagram behind the ECE, one dict per bin of summed :func:`calibration_counts`.
-
-    Returns:
-        ``n_bins`` dicts ``{"low", "high", "count", "confidence", "accuracy"}``:
-        the bin's confidence range, its number of samples, and the mean
-        confidence and the accuracy of those samples (fractions; NaN for an
-        empty bin).
-    """
-    c = _check_counts(counts)
-    edges = _bin_edges(c.shape[0])
-    mean_conf = _divide(c[:, 1], c[:, 0], math.nan)
-    accuracy = _divide(c[:, 2], c[:, 0], math.nan)
-    return [
-        {
-            "low": float(edges[b]),
-            "high": float(edges[b + 1]),
-            "count": int(round(c[b, 0])),
-            "confidence": float(mean_conf[b]),
-            "accuracy": float(accuracy[b]),
-        }
-        for b in range(c.shape[0])
-    ]
-
-
-# --------------------------------------------------------------------------
-# Likelihood and temperature scaling
-# --------------------------------------------------------------------------
-def log_softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """``(N, C)`` log-probabilities ``log softmax(logits / temperature)`` in float64, computed stably."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    if z.ndim != 2:
-        raise ValueError(f"logits must have shape (N, C), got {z.shape}")
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def negative_log_likelihood(logits: Any, labels: Any, temperature: float = 1.0) -> float:
-    """Sum over rows of ``-log softmax(logits / temperature)[label]`` (nats): additive over batches; divide by
-    the row count for the mean NLL (the cross-entropy)."""
-    logp = log_softmax(logits, temperature)
-    y = _as_int_labels(labels, "labels", logp.shape[1])
-    if y.shape[0] != logp.shape[0]:
-        raise ValueError(f"logits and labels have different lengths: {logp.shape[0]} != {y.shape[0]}")
-    return float(-logp[np.arange(len(y)), y].sum())
-
-
-def fit_temperature(logits: Any, labels: Any, low: float = 0.05, high: float = 20.0) -> float:
-    """The temperature T in ``[low, high]`` that minimises the mean NLL of ``softmax(logits / T)`` (Guo et al.
-    2017): a bounded scalar search over log T. The NLL is convex in 1/T, so the search finds the global minimum.
-
-    Args:
-        logits: ``(N, C)`` held-out scores (the validation split's; never the test split's).
-        labels: ``(N,)`` their true classes.
-
-    Returns:
-        T (> 1 softens over-confident probabilities, < 1 sharpens under-confident ones); 1.0 without rows.
-    """
-    from scipy.optimize import minimize_scalar
-
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"logits must have shape (N, C), got {z.shape}")
-    y = _as_int_labels(labels, "labels", z.shape[1])
-    if not len(y):
-        return 1.0
-    picked = z[np.arange(len(y)), y]
-
-    def mean_nll(log_t: float) -> float:
-        scaled = z / math.exp(log_t)
-        top = scaled.max(axis=1)
-        lse = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
-        return float(np.mean(lse - picked / math.exp(log_t)))
-
-    best = minimize_scalar(mean_nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-5})
-    return float(math.exp(best.x))
 
 
 # --------------------------------------------------------------------------
@@ -295,7 +134,7 @@ def _zero_division_value(zero_division: Union[float, str]) -> float:
     raise ValueError(f"zero_division must be 0, 1, nan or 'warn', got {zero_division!r}")
 
 
-def _divide(num: np.ndarray, den: np.ndarray, zd: float) -> np.ndarray:
+def safe_divide(num: np.ndarray, den: np.ndarray, zd: float) -> np.ndarray:
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
     mask = den == 0
@@ -364,7 +203,7 @@ def wilson_interval(successes: Any, trials: Any, confidence: float = 0.95) -> tu
 
 def _macro_f1(tp: np.ndarray, true_sum: np.ndarray, pred_sum: np.ndarray, zd: float) -> np.ndarray:
     """Macro-F1 of the last axis (classes), ignoring NaN (zero_division=nan) like ``_nanaverage``."""
-    f1 = _divide(2.0 * tp, true_sum + pred_sum, zd)
+    f1 = safe_divide(2.0 * tp, true_sum + pred_sum, zd)
     valid = ~np.isnan(f1)
     counts = valid.sum(axis=-1)
     sums = np.where(valid, f1, 0.0).sum(axis=-1)
@@ -472,9 +311,9 @@ def classification_report(
     true_sum = cm.sum(axis=1).astype(np.float64)
     total = int(cm.sum())
 
-    precision = _divide(tp, pred_sum, zd)
-    recall = _divide(tp, true_sum, zd)
-    f1 = _divide(2.0 * tp, true_sum + pred_sum, zd)
+    precision = safe_divide(tp, pred_sum, zd)
+    recall = safe_divide(tp, true_sum, zd)
+    f1 = safe_divide(2.0 * tp, true_sum + pred_sum, zd)
 
     precision_ci = _pairs(*wilson_interval(tp, pred_sum, confidence))
     recall_ci = _pairs(*wilson_interval(tp, true_sum, confidence))
@@ -502,9 +341,9 @@ def classification_report(
 
     tp_all, pred_all, true_all = tp.sum(), pred_sum.sum(), true_sum.sum()
     micro = {
-        "precision": float(_divide(np.array([tp_all]), np.array([pred_all]), zd)[0]),
-        "recall": float(_divide(np.array([tp_all]), np.array([true_all]), zd)[0]),
-        "f1": float(_divide(np.array([2.0 * tp_all]), np.array([true_all + pred_all]), zd)[0]),
+        "precision": float(safe_divide(np.array([tp_all]), np.array([pred_all]), zd)[0]),
+        "recall": float(safe_divide(np.array([tp_all]), np.array([true_all]), zd)[0]),
+        "f1": float(safe_divide(np.array([2.0 * tp_all]), np.array([true_all + pred_all]), zd)[0]),
         "support": total,
     }
 
@@ -552,7 +391,7 @@ def coarse_confusion_matrix(cm: Any, fine_to_coarse: Sequence[int], num_coarse: 
     mapping = np.asarray(fine_to_coarse).reshape(-1)
     if mapping.shape[0] != C:
         raise ValueError(f"fine_to_coarse has {mapping.shape[0]} entries but the matrix is {C}x{C}")
-    mapping = _as_int_labels(mapping, "fine_to_coarse", num_coarse)
+    mapping = int_labels(mapping, "fine_to_coarse", num_coarse)
     onehot = np.zeros((C, num_coarse), dtype=np.int64)
     onehot[np.arange(C), mapping] = 1
     return (onehot.T @ cm.astype(np.int64) @ onehot).astype(np.int64)

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from functools import partial
 
 import torch
 import torchvision
 from torch import nn
 
 from resnet_ray import weights
+from resnet_ray.architectures import ARCH_SWITCHES, TORCHVISION_ARCHS
 from resnet_ray.cifar_resnet import CifarResNet, init_weights
-from resnet_ray.config import TORCHVISION_ARCHS, ModelConfig
+from resnet_ray.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +121,20 @@ def _cifar_resnet(depth: int, cfg: ModelConfig, num_classes: int) -> nn.Module:
     )
 
 
-# model.arch -> builder(resolved cfg, num_classes). resnetN and plainN share a builder: what tells them apart is
-# the arch's own shortcut (config.ARCH_SWITCHES), which the resolved cfg carries
-ARCHITECTURES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    **{arch: _torchvision_resnet for arch in TORCHVISION_ARCHS},
-    **{f"resnet{depth}": partial(_cifar_resnet, depth) for depth in (20, 32, 44, 56, 110, 164)},
-    **{f"plain{depth}": partial(_cifar_resnet, depth) for depth in (20, 32, 44, 56, 110)},
-}
+def _build(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The network of a resolved cfg: torchvision's for its ImageNet ResNets, else the CIFAR ResNet of the arch's
+    depth (config.ARCH_SWITCHES, the one registry of model.arch names). resnetN and plainN differ only by the
+    shortcut that the resolved cfg carries."""
+    if cfg.arch in TORCHVISION_ARCHS:
+        return _torchvision_resnet(cfg, num_classes)
+    return _cifar_resnet(ARCH_SWITCHES[cfg.arch]["depth"], cfg, num_classes)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The cfg.arch network with its switches, cfg.weights loaded (all but the head) and a freshly initialised
     num_classes head named ``fc``."""
     cfg = cfg.resolved()
-    model = ARCHITECTURES[cfg.arch](cfg, num_classes)
+    model = _build(cfg, num_classes)
     if cfg.weights != "none":
         enum = _weights_enum(cfg)
         state = read_weights_file(_fetch_pretrained(enum) if enum else os.path.expanduser(cfg.weights))

@@ -13,8 +13,8 @@ from typing import Any, Optional
 import numpy as np
 
 from resnet_ray import storage
+from resnet_ray.calibration import calibration_bins, expected_calibration_error
 from resnet_ray.formatting import fmt
-from resnet_ray.metrics import calibration_bins, expected_calibration_error
 
 
 @contextlib.contextmanager
@@ -113,7 +113,7 @@ def write_reliability_plot(calibration: Any, path: str, before: Any = None, temp
     """Draw the reliability diagram behind the ECE into ``path`` (PNG; local path or URI).
 
     Args:
-        calibration: ``(n_bins, 3)`` summed ``metrics.calibration_counts`` (count, sum confidence, sum correct).
+        calibration: ``(n_bins, 3)`` summed ``calibration.calibration_counts`` (count, sum confidence, sum correct).
         path: where to write the PNG.
         before: the same counts before temperature scaling (T = 1), drawn as a line beside the bars.
         temperature: the temperature that ``calibration`` was computed at (shown in the title).

@@ -32,8 +32,9 @@ from typing import Any, Optional
 import numpy as np
 
 from resnet_ray import storage
+from resnet_ray.calibration import calibration_bins
 from resnet_ray.formatting import AVERAGES, fmt, fmt_ci, identity, per_class_cells, to_jsonable
-from resnet_ray.metrics import calibration_bins, most_confused_pairs
+from resnet_ray.metrics import most_confused_pairs
 from resnet_ray.plots import plot_confusion, plot_f1, write_error_gallery, write_reliability_plot
 
 _CSV_FIELDS = (
@@ -374,7 +375,7 @@ def write_outputs(
         coarse_cm: optional ``(K, K)`` superclass matrix; if given and
             ``report["coarse"]`` exists, also writes
             ``coarse_confusion_matrix.png``.
-        calibration: optional ``(n_bins, 3)`` summed ``metrics.calibration_counts``;
+        calibration: optional ``(n_bins, 3)`` summed ``calibration.calibration_counts``;
             if given, writes ``reliability.png`` and adds ``calibration_bins`` to
             report.json and a calibration table to report.md.
         calibration_before: the same counts before the temperature (T = 1): drawn beside them in

@@ -14,7 +14,9 @@ import json
 import time
 
 from resnet_ray import storage
-from resnet_ray.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import from_dict, load_config, to_dict, to_yaml
 
 
 def run_dir_of(cfg: Config) -> str:

@@ -29,7 +29,8 @@ import torch
 
 from resnet_ray import storage, weights
 from resnet_ray.checkpoint import META, MODEL, MODEL_INFO, STATE, CheckpointError, load_training_state, model_weights
-from resnet_ray.config import Config, from_dict, parse_overrides, replace
+from resnet_ray.config import Config
+from resnet_ray.config_files import from_dict, parse_overrides, replace
 from resnet_ray.images import ResizeSpec
 from resnet_ray.model import build_model, saved_model_config
 from resnet_ray.transforms import Preprocess

@@ -36,13 +36,10 @@ import logging
 import os
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
 try:
     from ray import serve
@@ -52,77 +49,20 @@ except ImportError as _missing:  # the serve extra is optional for the library, 
     raise ImportError(f"resnet_ray.serve needs Ray Serve ({_missing}): pip install -e '.[serve]'") from None
 
 from resnet_ray import storage
-from resnet_ray.config import Config, ConfigError, ServeConfig, from_dict, replace, to_dict
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import from_dict, replace, serve_args, to_dict
 from resnet_ray.images import ResizeSpec
 from resnet_ray.saved_model import SavedModel
+from resnet_ray.serve_config import ServeConfig
 from resnet_ray.serve_http import RequestError, api_key_sha256, authorized, decode_request_image, image_bytes, read_body
+from resnet_ray.serve_stats import Window, report_line, summarize
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "resnet_ray"
 STATS_PUSH_S = 2.0  # how often a replica hands its counts to ServeStats
 LATENCIES_KEPT = 100_000  # of the requests between two report lines: the latest, for p50 / p99
-
-
-# ---------------------------------------------------------------------------
-# statistics: per replica, gathered by ServeStats, read by the job
-
-
-@dataclass
-class Window:
-    """One replica's requests since its last push: the latencies (ms) of its /predict answers, the status of
-    every answer, the sizes of the batches it ran."""
-
-    latencies: list
-    statuses: Counter
-    batches: Counter
-
-    @classmethod
-    def empty(cls) -> Window:
-        return cls([], Counter(), Counter())
-
-    def take(self) -> Optional[dict]:
-        if not self.statuses:
-            return None
-        part = {"latencies": self.latencies, "statuses": dict(self.statuses), "batches": dict(self.batches)}
-        self.latencies, self.statuses, self.batches = [], Counter(), Counter()
-        return part
-
-
-def summarize(parts: list[dict]) -> dict:
-    """Pushed windows -> {requests (all routes), errors (4xx and 5xx answers), statuses, p50_ms / p99_ms (of
-    /predict), batches: {size: count}}."""
-    latencies = [v for p in parts for v in p["latencies"]]
-    statuses, batches = Counter(), Counter()
-    for p in parts:
-        statuses.update({int(k): v for k, v in p["statuses"].items()})
-        batches.update({int(k): v for k, v in p["batches"].items()})
-    p50, p99 = np.percentile(latencies, [50, 99]).tolist() if latencies else (None, None)
-    return {
-        "requests": sum(statuses.values()),
-        "errors": sum(v for k, v in statuses.items() if k >= 400),
-        "statuses": dict(sorted(statuses.items())),
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "batches": dict(sorted(batches.items())),
-    }
-
-
-def report_line(stats: dict, seconds: float) -> str:
-    """One line of the job's log: requests, p50/p99 latency, errors, batch sizes."""
-    n = stats["requests"]
-    line = f"{n} requests in {seconds:.0f} s ({n / seconds:.3g}/s)" if seconds > 0 else f"{n} requests"
-    if stats["p50_ms"] is not None:
-        line += f", p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms"
-    errors = {k: v for k, v in stats["statuses"].items() if k >= 400}
-    line += f", {stats['errors']} errors" + (
-        " (" + ", ".join(f"{v} x {k}" for k, v in errors.items()) + ")" if errors else ""
-    )
-    if stats["batches"]:
-        sizes = stats["batches"]
-        images = sum(k * v for k, v in sizes.items())
-        line += f", batches of {min(sizes)}-{max(sizes)} (mean {images / sum(sizes.values()):.1f})"
-    return line
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -357,19 +297,6 @@ def build_app(cfg: Config, model: str):
     )
 
 
-def _flat(args: Mapping, prefix: str = "") -> dict:
-    """{"serve": {"port": 8000}, "serve.top_k": "3"} -> {"serve.port": 8000, "serve.top_k": 3} (strings from the
-    command line of `serve run` are read as YAML scalars, as the jobs' overrides are)."""
-    out = {}
-    for key, value in args.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and name.count(".") == 0:
-            out.update(_flat(value, name))
-        else:
-            out[name] = yaml.safe_load(value) if isinstance(value, str) and value else value
-    return out
-
-
 def app_builder(args: dict):
     """Application builder for Ray's CLI: ``serve run resnet_ray.serve:app_builder model=RUN serve.top_k=3`` or
     ``import_path: resnet_ray.serve:app_builder`` with ``args: {model: RUN, serve: {...}}`` in a Serve config file.
@@ -380,7 +307,7 @@ def app_builder(args: dict):
     model = args.pop("model", None)
     if not model:
         raise ConfigError("args.model: the run folder, model/ folder or URI to serve is required")
-    cfg = replace(SavedModel.read(str(model)).config(), _flat(args))
+    cfg = replace(SavedModel.read(str(model)).config(), serve_args(args, parse_strings=True))
     return build_app(cfg, str(model))
 
 
@@ -401,10 +328,39 @@ def start(cfg: Config, model: str, name: str = APP_NAME) -> str:
 
 def deploy(app, cfg: ServeConfig, name: str = APP_NAME) -> str:
     """Run a built application (``build_app``) under ``name``; the URL of its /predict once it is up."""
+    from ray.serve.api import _run
+
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     running = _running_http(cfg)
-    serve.run(app, name=name, route_prefix=cfg.route_prefix, blocking=False)
+    _run(app, name=name, route_prefix=cfg.route_prefix, _blocking=False)  # serve.run would wait without a word
+    wait_until_running(name, cfg.start_timeout_s)
     return url(running)
+
+
+def wait_until_running(name: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Wait for the application's replicas, logging a line a minute of what it waits for; StallError after
+    timeout_s (serve.start_timeout_s), DeployError with Serve's message when the deployment failed."""
+    from resnet_ray import watchdog
+
+    start = last_line = time.monotonic()
+    while True:
+        app = serve.status().applications.get(name)
+        state = app.status.value if app else "NOT_STARTED"  # ApplicationStatus, a str Enum
+        if state == "RUNNING":
+            return
+        message = (app.message if app else "") or state
+        if state == "DEPLOY_FAILED":
+            raise watchdog.DeployError(f"serving {name}: the deployment failed: {message}")
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise watchdog.StallError(
+                f"serving {name}: not running after {timeout_s:g} s (serve.start_timeout_s): {message}; "
+                f"{watchdog.diagnose()}"
+            )
+        if now - last_line >= watchdog.REPORT_EVERY_S:
+            last_line = now
+            log.warning("waiting %.0f s for %s's replicas: %s; %s", now - start, name, message, watchdog.diagnose())
+        time.sleep(poll_s)
 
 
 def _running_http(cfg: ServeConfig) -> ServeConfig:

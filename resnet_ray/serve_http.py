@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from resnet_ray.config import ConfigError, ServeConfig
+from resnet_ray.config_checks import ConfigError
 from resnet_ray.images import PIL_FORMATS, BadImage, ResizeSpec, decode
+from resnet_ray.serve_config import ServeConfig
 
 if TYPE_CHECKING:
     from starlette.requests import Request

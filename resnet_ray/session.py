@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_ray.config import Config, to_dict
+from resnet_ray.config import Config
+from resnet_ray.config_files import to_dict
 from resnet_ray.data.layout import split_rows
 from resnet_ray.images import ResizeSpec
 from resnet_ray.loop import StepSettings, WeightEMA, evaluate_epoch, train_epoch

@@ -21,7 +21,9 @@ import time
 from typing import Optional
 
 from resnet_ray import storage
-from resnet_ray.config import Config, ConfigError, to_dict
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import to_dict
 
 log = logging.getLogger(__name__)
 

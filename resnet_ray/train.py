@@ -11,7 +11,9 @@ from typing import Optional
 
 from resnet_ray import plots, storage
 from resnet_ray.checkpoint import export_checkpoint
-from resnet_ray.config import Config, ConfigError, to_dict
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import to_dict
 from resnet_ray.console import logging_console
 from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memory, quiet_data_progress, split_nbytes
 from resnet_ray.data.prepare import ensure_prepared
@@ -160,7 +162,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
             )
     except CapacityError as exc:  # the checkpoint is kept: say how to continue once the cluster has room again
         resume = interrupted_run(run_dir, f"python jobs/train.py --resume {run_dir}")
-        raise CapacityError(f"{exc}; {resume} (once the cluster has room)") from None
+        raise CapacityError(f"{exc}; {resume}") from None
     finally:
         if progress is not None:
             import ray
@@ -171,8 +173,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     best, model_dir = _export_best(result, cfg, run_dir)
     evaluation = calibration = None
     if cfg.train.evaluate_test:  # the end of a run: a temperature fitted on val (T = 1 in a refit), then test
-        from resnet_ray.calibration import calibrate
-        from resnet_ray.evaluate import evaluate
+        from resnet_ray.evaluate import calibrate, evaluate
 
         step = f"fitting its temperature (python jobs/calibrate.py --model {run_dir})"
         try:  # the model is exported: a failure from here on names the step to rerun, it never costs the training

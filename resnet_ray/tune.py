@@ -19,7 +19,9 @@ from typing import Optional
 
 from resnet_ray import plots, storage
 from resnet_ray.checkpoint import export_checkpoint
-from resnet_ray.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_yaml
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import from_dict, load_config, replace, to_dict, to_yaml
 from resnet_ray.model import fetch_weights
 from resnet_ray.resources import (
     TRIAL_DRIVER_CPUS,

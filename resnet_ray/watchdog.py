@@ -39,6 +39,10 @@ class CapacityError(RuntimeError):
     """A run's workers no longer fit on the cluster and no node is coming that would make room."""
 
 
+class DeployError(RuntimeError):
+    """A Serve application failed to deploy (Serve's DEPLOY_FAILED)."""
+
+
 def _free(free: dict, total: dict) -> str:
     """'0/4 CPU, 12.8/15.0 GiB memory, ...': free of total, for the resources the cluster has."""
 

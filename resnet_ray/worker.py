@@ -10,7 +10,8 @@ import time
 
 from resnet_ray import storage
 from resnet_ray.checkpoint import load_training_state, save_training_state
-from resnet_ray.config import Config, from_dict
+from resnet_ray.config import Config
+from resnet_ray.config_files import from_dict
 from resnet_ray.live import counted
 from resnet_ray.run_folder import config_file, latest_checkpoint_epoch, write_history
 from resnet_ray.session import WorkerSession, epoch_seed

@@ -69,7 +69,7 @@ def shared_cifar10():
 
 def tiny_config(data_root: str, storage: str, **overrides):
     """A seconds-long 2-worker CPU training config: resnet18 at 32 px on 240 digits."""
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
 
     values = {
         "data.source": "digits",

@@ -6,14 +6,13 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_ray.calibration import calibrate
 from resnet_ray.checkpoint import CheckpointError
 from resnet_ray.compare import ComparisonError, compare_folders
-from resnet_ray.config import replace
+from resnet_ray.config_files import replace
 from resnet_ray.data.layout import read_rows
 from resnet_ray.data.load import read_split
 from resnet_ray.data.prepare import dataset_dir
-from resnet_ray.evaluate import check_model_fits, evaluate
+from resnet_ray.evaluate import calibrate, check_model_fits, evaluate
 from resnet_ray.saved_model import SavedModel
 
 pytestmark = pytest.mark.slow

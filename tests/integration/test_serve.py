@@ -23,7 +23,7 @@ import pytest
 import requests
 from PIL import Image
 
-from resnet_ray.config import replace
+from resnet_ray.config_files import replace
 from resnet_ray.data.load import read_split
 from resnet_ray.data.prepare import dataset_dir
 from resnet_ray.runtime import _free_port

@@ -6,7 +6,7 @@ import time
 import pytest
 from conftest import tiny_config
 
-from resnet_ray.config import replace
+from resnet_ray.config_files import replace
 from resnet_ray.evaluate import evaluate
 from resnet_ray.train import fit
 from resnet_ray.watchdog import StallError

@@ -11,7 +11,8 @@ from resnet_ray import checkpoint as ckpt
 from resnet_ray import saved_model as sm
 from resnet_ray import weights
 from resnet_ray.checkpoint import CheckpointError, export_model, load_training_state, save_training_state
-from resnet_ray.config import Config, ModelConfig, to_dict
+from resnet_ray.config import Config, ModelConfig
+from resnet_ray.config_files import to_dict
 from resnet_ray.model import build_model
 from resnet_ray.saved_model import SavedModel, load_model, temperature_of
 from resnet_ray.weights import unwrap_state_dict

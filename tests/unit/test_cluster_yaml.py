@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from resnet_ray.config import load_config
+from resnet_ray.config_files import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

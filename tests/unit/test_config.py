@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from resnet_ray.config import Config, ConfigError, from_dict, load_config, parse_overrides, replace, to_dict, to_yaml
+from resnet_ray.config import Config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import from_dict, load_config, parse_overrides, replace, to_dict, to_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -220,7 +222,8 @@ def test_model_switches_and_schedules_refuse_what_cannot_apply_naming_the_field(
 
 
 def test_null_switches_are_the_archs_own_and_older_configs_load_unchanged():
-    from resnet_ray.config import ARCHS, ModelConfig
+    from resnet_ray.architectures import ARCHS
+    from resnet_ray.config import ModelConfig
 
     old = to_dict(Config())
     for key in ("shortcut", "block", "preact", "norm", "init", "zero_init_residual"):

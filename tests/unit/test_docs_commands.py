@@ -229,7 +229,8 @@ def _config_problems(command: Command, job: str) -> list[str]:
 
     Skipped where the config is not in the repository: --resume, a search's best_config.yaml. evaluate and predict
     without --config take the model's config: their overrides are checked against the defaults."""
-    from resnet_ray.config import ConfigError, load_config
+    from resnet_ray.config_checks import ConfigError
+    from resnet_ray.config_files import load_config
 
     words, overrides, config = command.words, [], None
     for i, word in enumerate(words[2:], 2):

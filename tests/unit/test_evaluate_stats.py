@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from resnet_ray import metrics
+from resnet_ray import calibration, metrics
 from resnet_ray.evaluate import batch_statistics
 from resnet_ray.run_folder import default_output
 
@@ -60,7 +60,7 @@ def test_the_job_process_predicts_with_the_cpus_its_local_instance_declares(monk
 
     import resnet_ray.evaluate as ev
     import resnet_ray.predictor
-    from resnet_ray.config import load_config
+    from resnet_ray.config_files import load_config
 
     seen = []
 
@@ -86,7 +86,7 @@ def test_batch_statistics_with_scores_count_nll_and_the_bins_before_the_temperat
     n, classes, t = 200, 6, 2.0
     logits = rng.normal(0, 3, (n, classes))
     labels = rng.integers(0, classes, n)
-    calibrated = np.exp(metrics.log_softmax(logits, t))
+    calibrated = np.exp(calibration.log_softmax(logits, t))
     batch = {
         "label": labels,
         "pred": logits.argmax(1),
@@ -96,9 +96,9 @@ def test_batch_statistics_with_scores_count_nll_and_the_bins_before_the_temperat
     }
     stats = batch_statistics(batch, classes, 15, temperature=t)
     assert set(stats) == {"cm", "top5", "calibration", "rows", "calibration_raw", "nll", "nll_raw"}
-    assert stats["nll"][0] == pytest.approx(metrics.negative_log_likelihood(logits, labels, t), rel=1e-5)
-    assert stats["nll_raw"][0] == pytest.approx(metrics.negative_log_likelihood(logits, labels), rel=1e-5)
-    raw = np.exp(metrics.log_softmax(logits)).max(1)
+    assert stats["nll"][0] == pytest.approx(calibration.negative_log_likelihood(logits, labels, t), rel=1e-5)
+    assert stats["nll_raw"][0] == pytest.approx(calibration.negative_log_likelihood(logits, labels), rel=1e-5)
+    raw = np.exp(calibration.log_softmax(logits)).max(1)
     correct = batch["pred"] == labels
-    np.testing.assert_allclose(stats["calibration_raw"][0], metrics.calibration_counts(raw, correct, 15), rtol=1e-5)
-    np.testing.assert_allclose(stats["calibration"][0], metrics.calibration_counts(calibrated.max(1), correct, 15))
+    np.testing.assert_allclose(stats["calibration_raw"][0], calibration.calibration_counts(raw, correct, 15), rtol=1e-5)
+    np.testing.assert_allclose(stats["calibration"][0], calibration.calibration_counts(calibrated.max(1), correct, 15))

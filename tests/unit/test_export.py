@@ -14,7 +14,7 @@ import torch
 
 from resnet_ray import export as ex
 from resnet_ray.checkpoint import export_model, save_training_state
-from resnet_ray.config import load_config, to_dict
+from resnet_ray.config_files import load_config, to_dict
 from resnet_ray.images import ResizeSpec
 from resnet_ray.model import build_model
 from resnet_ray.predictor import Predictor

@@ -14,7 +14,7 @@ from conftest import make_image_folder, make_parquet_source
 from PIL import Image
 
 from resnet_ray.config import DataConfig
-from resnet_ray.data import imagefolder, layout, parquet, writer
+from resnet_ray.data import imagefolder, layout, parquet, shard_tasks, writer
 from resnet_ray.data import prepare as prep
 from resnet_ray.data.layout import DataError, SplitRows
 from resnet_ray.data.load import table_to_batch
@@ -189,8 +189,8 @@ def test_without_duplicates_the_carve_is_the_label_carve_and_nothing_is_written_
     source = make_image_folder(tmp_path / "src")
     cfg = DataConfig(source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=S)
     reads = []
-    real = writer.read_file
-    monkeypatch.setattr(writer, "read_file", lambda fs, p: reads.append(p) or real(fs, p))
+    real = shard_tasks.read_file
+    monkeypatch.setattr(shard_tasks, "read_file", lambda fs, p: reads.append(p) or real(fs, p))
     meta = prep.read_metadata(prep.prepare(cfg))
     assert len(reads) == 36  # one decoding pass
     assert meta["format_version"] == layout.FORMAT_VERSION == 2

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from resnet_ray.config import ConfigError, DataConfig
+from resnet_ray.config import DataConfig
+from resnet_ray.config_checks import ConfigError
 from resnet_ray.data import prepare as prep
 from resnet_ray.data.layout import DataError
 from resnet_ray.images import BadImage, ResizeSpec, decode

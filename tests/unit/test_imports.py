@@ -135,3 +135,23 @@ def test_an_import_inside_a_function_is_an_edge(tmp_path):
 def test_data_layout_is_a_leaf_of_the_data_package():
     graph = import_graph()
     assert not {m for m in graph["resnet_ray.data.layout"] if m.startswith("resnet_ray.data.")}
+
+
+def test_the_report_side_imports_neither_ray_nor_torch():
+    """docs/ARCHITECTURE.md's rule: metrics, calibration maths, reports, plots and comparisons run without Ray or
+    torch (a laptop reads an evaluation folder with them), through every package module they import, in functions
+    too."""
+    modules = package_modules()
+    for start in ("metrics", "calibration", "report", "plots", "compare"):
+        seen, todo, heavy = set(), [f"{PACKAGE}.{start}"], set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for imported in package_imports(name, modules[name]):
+                if imported in modules:
+                    todo.append(imported)
+                elif imported.split(".")[0] in ("ray", "torch", "torchvision"):
+                    heavy.add(f"{name} imports {imported}")
+        assert not heavy, f"{start}: {sorted(heavy)}"

@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import classification_report as sk_report
 from sklearn.metrics import confusion_matrix as sk_cm
 
+from resnet_ray import calibration as C
 from resnet_ray import metrics as M
 
 TOL = 1e-9
@@ -183,15 +184,15 @@ def test_ece_hand_computed():
     # 4 bins: [0,.25], (.25,.5], (.5,.75], (.75,1]
     conf = np.array([0.1, 0.3, 0.4, 0.6, 0.7, 0.9, 1.0, 0.5])
     correct = np.array([0, 1, 0, 1, 1, 1, 0, 1])
-    counts = M.calibration_counts(conf, correct, n_bins=4)
+    counts = C.calibration_counts(conf, correct, n_bins=4)
     np.testing.assert_allclose(counts[:, 0], [1, 3, 2, 2])  # 0.5 lands in (.25,.5]
     # bin0: |0 - .1| = .1 ; bin1: |2 - 1.2| = .8 ; bin2: |2 - 1.3| = .7 ; bin3: |1 - 1.9| = .9
     expected = (0.1 + 0.8 + 0.7 + 0.9) / 8
-    assert abs(M.expected_calibration_error(counts) - expected) < 1e-12
+    assert abs(C.expected_calibration_error(counts) - expected) < 1e-12
     # additive across batches
-    split = M.calibration_counts(conf[:3], correct[:3], 4) + M.calibration_counts(conf[3:], correct[3:], 4)
+    split = C.calibration_counts(conf[:3], correct[:3], 4) + C.calibration_counts(conf[3:], correct[3:], 4)
     np.testing.assert_allclose(split, counts)
-    assert abs(M.expected_calibration_error(split) - expected) < 1e-12
+    assert abs(C.expected_calibration_error(split) - expected) < 1e-12
 
 
 def test_ece_default_bins_matches_loop_reference():
@@ -204,18 +205,18 @@ def test_ece_default_bins_matches_loop_reference():
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ref += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    assert abs(M.expected_calibration_error(M.calibration_counts(conf, correct)) - ref) < 1e-12
+    assert abs(C.expected_calibration_error(C.calibration_counts(conf, correct)) - ref) < 1e-12
 
 
 def test_ece_edge_cases():
-    assert math.isnan(M.expected_calibration_error(np.zeros((15, 3))))
-    perfect = M.calibration_counts([1.0, 1.0], [1, 1])
-    assert M.expected_calibration_error(perfect) == 0.0
-    assert M.calibration_counts([0.0], [0], 15)[0, 0] == 1  # 0 lands in the first bin
+    assert math.isnan(C.expected_calibration_error(np.zeros((15, 3))))
+    perfect = C.calibration_counts([1.0, 1.0], [1, 1])
+    assert C.expected_calibration_error(perfect) == 0.0
+    assert C.calibration_counts([0.0], [0], 15)[0, 0] == 1  # 0 lands in the first bin
     with pytest.raises(ValueError, match="1.5"):
-        M.calibration_counts([0.2, 1.5], [1, 0])
+        C.calibration_counts([0.2, 1.5], [1, 0])
     with pytest.raises(ValueError):
-        M.expected_calibration_error(np.zeros((15, 2)))
+        C.expected_calibration_error(np.zeros((15, 2)))
 
 
 def test_most_confused_pairs_known_matrix():
@@ -331,8 +332,8 @@ def test_bootstrap_edge_cases():
 
 
 def test_calibration_bins():
-    counts = M.calibration_counts([0.1, 0.3, 0.4, 0.9], [0, 1, 0, 1], n_bins=4)
-    bins = M.calibration_bins(counts)
+    counts = C.calibration_counts([0.1, 0.3, 0.4, 0.9], [0, 1, 0, 1], n_bins=4)
+    bins = C.calibration_bins(counts)
     assert [(b["low"], b["high"], b["count"]) for b in bins] == [
         (0.0, 0.25, 1),
         (0.25, 0.5, 2),
@@ -369,37 +370,37 @@ def _overconfident(n=20000, c=10, temperature=2.5, seed=0):
     sharp, so the temperature that calibrates them is known."""
     rng = np.random.default_rng(seed)
     true = rng.normal(0.0, 2.0, (n, c))
-    p = np.exp(M.log_softmax(true))
+    p = np.exp(C.log_softmax(true))
     labels = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
     return true * temperature, labels
 
 
 def _ece(logits, labels, t):
-    logp = M.log_softmax(logits, t)
-    return M.expected_calibration_error(M.calibration_counts(np.exp(logp.max(1)), logp.argmax(1) == labels, 15))
+    logp = C.log_softmax(logits, t)
+    return C.expected_calibration_error(C.calibration_counts(np.exp(logp.max(1)), logp.argmax(1) == labels, 15))
 
 
 @pytest.mark.parametrize("temperature", [2.5, 0.6])
 def test_fit_temperature_recovers_a_known_temperature_and_lowers_nll_and_ece(temperature):
     logits, labels = _overconfident(temperature=temperature)
-    fitted = M.fit_temperature(logits, labels)
+    fitted = C.fit_temperature(logits, labels)
     assert fitted == pytest.approx(temperature, rel=0.05)
-    assert M.negative_log_likelihood(logits, labels, fitted) < M.negative_log_likelihood(logits, labels)
+    assert C.negative_log_likelihood(logits, labels, fitted) < C.negative_log_likelihood(logits, labels)
     assert _ece(logits, labels, fitted) < _ece(logits, labels, 1.0) / 3
     # top-1 (and the whole ranking) is the same at any temperature
-    np.testing.assert_array_equal(M.log_softmax(logits, fitted).argsort(1), M.log_softmax(logits).argsort(1))
+    np.testing.assert_array_equal(C.log_softmax(logits, fitted).argsort(1), C.log_softmax(logits).argsort(1))
 
 
 def test_nll_matches_sklearn_log_loss_and_adds_over_batches():
     from sklearn.metrics import log_loss
 
     logits, labels = _overconfident(n=500, c=5, temperature=1.0, seed=3)
-    expected = log_loss(labels, np.exp(M.log_softmax(logits, 1.3)), labels=range(5), normalize=False)
-    assert M.negative_log_likelihood(logits, labels, 1.3) == pytest.approx(expected, rel=1e-9)
-    parts = M.negative_log_likelihood(logits[:200], labels[:200], 1.3) + M.negative_log_likelihood(
+    expected = log_loss(labels, np.exp(C.log_softmax(logits, 1.3)), labels=range(5), normalize=False)
+    assert C.negative_log_likelihood(logits, labels, 1.3) == pytest.approx(expected, rel=1e-9)
+    parts = C.negative_log_likelihood(logits[:200], labels[:200], 1.3) + C.negative_log_likelihood(
         logits[200:], labels[200:], 1.3
     )
     assert parts == pytest.approx(expected, rel=1e-12)
-    assert M.fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
+    assert C.fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
     with pytest.raises(ValueError, match="outside the valid class range"):
-        M.negative_log_likelihood(logits, labels + 5)
+        C.negative_log_likelihood(logits, labels + 5)

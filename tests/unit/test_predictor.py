@@ -13,7 +13,8 @@ from torch import nn
 
 from resnet_ray import checkpoint as ckpt
 from resnet_ray.checkpoint import CheckpointError
-from resnet_ray.config import Config, ModelConfig, to_dict
+from resnet_ray.config import Config, ModelConfig
+from resnet_ray.config_files import to_dict
 from resnet_ray.model import build_model
 from resnet_ray.predictor import Predictor
 from resnet_ray.saved_model import SavedModel

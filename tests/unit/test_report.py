@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from resnet_ray import calibration as C
 from resnet_ray import metrics as M
 from resnet_ray.console import print_search_summary, print_summary, print_training_summary
 from resnet_ray.plots import write_history_plot, write_reliability_plot
@@ -185,7 +186,7 @@ def test_write_outputs_pictures(tmp_path, c):
     report, cm, names, _ = _make(c, n=3000)
     rng = np.random.default_rng(1)
     confidence = rng.random(3000)
-    calibration = M.calibration_counts(confidence, rng.random(3000) < confidence, n_bins=10)
+    calibration = C.calibration_counts(confidence, rng.random(3000) < confidence, n_bins=10)
     paths = write_outputs(report, cm, names, str(tmp_path), calibration=calibration)
 
     assert paths["reliability_png"] == str(tmp_path / "reliability.png")
@@ -238,7 +239,7 @@ def test_write_history_plot(tmp_path):
 
 
 def test_write_reliability_plot_alone(tmp_path):
-    counts = M.calibration_counts([0.95, 0.97, 0.6, 0.3], [1, 1, 0, 1], n_bins=15)
+    counts = C.calibration_counts([0.95, 0.97, 0.6, 0.3], [1, 1, 0, 1], n_bins=15)
     assert _png_size(write_reliability_plot(counts, str(tmp_path / "r.png")))
     with pytest.raises(ValueError, match="n_bins, 3"):
         write_reliability_plot(np.zeros((15, 2)), str(tmp_path / "bad.png"))
@@ -424,8 +425,8 @@ def test_write_outputs_with_galleries_and_calibration_before_and_after(tmp_path)
     images = {i: np.full((8, 8, 3), i % 255, np.uint8) for i in error_rows(report["errors"])}
     rng = np.random.default_rng(0)
     conf = rng.random(300)
-    after = M.calibration_counts(conf * 0.8, rng.random(300) < conf, 15)
-    before = M.calibration_counts(conf, rng.random(300) < conf, 15)
+    after = C.calibration_counts(conf * 0.8, rng.random(300) < conf, 15)
+    before = C.calibration_counts(conf, rng.random(300) < conf, 15)
     paths = write_outputs(
         report, cm, names, str(tmp_path), calibration=after, calibration_before=before, error_images=images
     )

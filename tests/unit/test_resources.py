@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from resnet_ray.config import load_config
+from resnet_ray.config_files import load_config
 from resnet_ray.resources import ResourceError, check_training, size_actor_pool, trial_concurrency
 
 ONE_2CPU = [{"CPU": 2.0, "memory": 8e9}]

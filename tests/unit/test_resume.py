@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from resnet_ray.config import ConfigError, load_config, to_yaml
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import load_config, to_yaml
 from resnet_ray.run_folder import config_file, config_for_resume, write_config
 
 

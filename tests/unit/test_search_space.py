@@ -3,7 +3,7 @@
 import pytest
 from conftest import tiny_config
 
-from resnet_ray.config import ConfigError
+from resnet_ray.config_checks import ConfigError
 from resnet_ray.tune import validate_search_space
 
 

@@ -14,9 +14,11 @@ import yaml
 from PIL import Image
 
 from resnet_ray import serve as rs
-from resnet_ray import serve_http
-from resnet_ray.config import ConfigError, ServeConfig, load_config
+from resnet_ray import serve_http, serve_stats
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import load_config, serve_args
 from resnet_ray.images import ResizeSpec, decode
+from resnet_ray.serve_config import ServeConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = ResizeSpec(32)
@@ -155,22 +157,24 @@ def test_the_api_key():
 
 
 def test_statistics_and_the_report_line():
-    window = rs.Window.empty()
+    window = serve_stats.Window.empty()
     assert window.take() is None
     window.latencies += [10.0, 20.0, 30.0]
     window.statuses.update({200: 3, 422: 1, 401: 1})
     window.batches.update({1: 1, 2: 1})
     part = window.take()
     assert window.take() is None  # taken once
-    stats = rs.summarize([part, {"latencies": [40.0], "statuses": {"200": 1}, "batches": {"1": 1}}])
+    stats = serve_stats.summarize([part, {"latencies": [40.0], "statuses": {"200": 1}, "batches": {"1": 1}}])
     assert stats["requests"] == 6 and stats["errors"] == 2 and stats["batches"] == {1: 2, 2: 1}
     assert stats["p50_ms"] == pytest.approx(25.0)
-    line = rs.report_line(stats, 60.0)
+    line = serve_stats.report_line(stats, 60.0)
     assert line.startswith("6 requests in 60 s (0.1/s), p50 25.0 ms, p99 39.")
     assert "2 errors (1 x 401, 1 x 422), batches of 1-2 (mean 1.3)" in line
-    assert rs.report_line(rs.summarize([]), 60.0) == "0 requests in 60 s (0/s), 0 errors"
-    health_only = rs.summarize([{"latencies": [], "statuses": {"200": 2}, "batches": {}}])
-    assert rs.report_line(health_only, 10.0) == "2 requests in 10 s (0.2/s), 0 errors"  # no /predict: no latency
+    assert serve_stats.report_line(serve_stats.summarize([]), 60.0) == "0 requests in 60 s (0/s), 0 errors"
+    health_only = serve_stats.summarize([{"latencies": [], "statuses": {"200": 2}, "batches": {}}])
+    assert (
+        serve_stats.report_line(health_only, 10.0) == "2 requests in 10 s (0.2/s), 0 errors"
+    )  # no /predict: no latency
 
 
 def test_the_statistics_deployment_sums_and_stays_bounded(monkeypatch):
@@ -228,10 +232,8 @@ def test_the_shipped_serve_yaml_is_a_ray_serve_config_and_a_config_of_ours():
 
 
 def test_app_builder_args_from_the_command_line_are_typed_like_overrides():
-    assert rs._flat({"serve": {"port": 8001}, "serve.top_k": "3", "serve.api_key_env": "KEY"}) == {
-        "serve.port": 8001,
-        "serve.top_k": 3,
-        "serve.api_key_env": "KEY",
-    }
+    args = {"model": "runs/a", "serve": {"port": 8001}, "serve.top_k": "3", "serve.api_key_env": "KEY"}
+    assert serve_args(args, parse_strings=True) == {"serve.port": 8001, "serve.top_k": 3, "serve.api_key_env": "KEY"}
+    assert serve_args(args)["serve.top_k"] == "3"  # a Serve config file's values are typed by its YAML already
     with pytest.raises(ConfigError, match="args.model"):
         rs.app_builder({"serve.top_k": "3"})

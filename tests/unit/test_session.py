@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from resnet_ray.config import load_config
+from resnet_ray.config_files import load_config
 from resnet_ray.session import GPU_BACKEND, WorkerSession, all_reduce, epoch_seed, global_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to an oversubscribed machine

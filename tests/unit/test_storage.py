@@ -112,7 +112,9 @@ def test_split_and_local_file(tmp_path):
 
 def test_search_and_run_resume_from_a_uri(tmp_path):
     from resnet_ray import run_folder, tune
-    from resnet_ray.config import Config, ConfigError, to_yaml
+    from resnet_ray.config import Config
+    from resnet_ray.config_checks import ConfigError
+    from resnet_ray.config_files import to_yaml
 
     storage.write_text(str(tmp_path / "exp" / tune.SEARCH_CONFIG), to_yaml(Config()))
     cfg = tune.config_for_resume(f"file://{tmp_path}/exp/", ["--tune.num_samples", "3"])

@@ -10,7 +10,8 @@ from conftest import tiny_config
 from tensorboard_events import read_events
 
 from resnet_ray import train, tune
-from resnet_ray.config import ConfigError, load_config
+from resnet_ray.config_checks import ConfigError
+from resnet_ray.config_files import load_config
 from resnet_ray.tracking import EPOCH_TAGS, MLFLOW_RUN_FILE, MLflow, TensorBoard, check_mlflow, hyperparameters
 
 

@@ -122,3 +122,29 @@ def test_a_search_whose_trials_all_wait_says_so_once_a_minute(monkeypatch, caplo
     assert len(lines) == 3, lines  # at 60, 120 and 180 s
     assert lines[0].startswith("waiting 60 s: 2 trials pending, none running (each needs 1 CPU for its driver")
     assert lines[0].endswith(watchdog.diagnose())
+
+
+def test_serving_says_what_its_replicas_wait_for_and_fails_after_its_start_timeout(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from ray.serve.schema import ApplicationStatus
+
+    import resnet_ray.serve as serving
+    import resnet_ray.watchdog as watchdog
+
+    monkeypatch.setattr(watchdog, "REPORT_EVERY_S", 0.05)
+    apps = {}
+    monkeypatch.setattr(serving.serve, "status", lambda: SimpleNamespace(applications=apps))
+    unschedulable = "Deployment 'Classifier' has 1 replica that cannot be scheduled: {CPU: 8}"
+    apps["app"] = SimpleNamespace(status=ApplicationStatus.DEPLOYING, message=unschedulable)
+    with caplog.at_level("WARNING", logger="resnet_ray.serve"):
+        with pytest.raises(StallError, match=r"serving app: not running after 0.3 s \(serve.start_timeout_s\): Deploy"):
+            serving.wait_until_running("app", 0.3, poll_s=0.01)
+    assert any(r.getMessage().startswith(f"waiting 0 s for app's replicas: {unschedulable}") for r in caplog.records)
+    apps["app"] = SimpleNamespace(status=ApplicationStatus.DEPLOY_FAILED, message="replica crashed: out of memory")
+    with pytest.raises(
+        watchdog.DeployError, match="serving app: the deployment failed: replica crashed: out of memory"
+    ):
+        serving.wait_until_running("app", 10, poll_s=0.01)
+    apps["app"] = SimpleNamespace(status=ApplicationStatus.RUNNING, message="")
+    serving.wait_until_running("app", 10, poll_s=0.01)  # returns

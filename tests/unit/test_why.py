@@ -108,7 +108,8 @@ def test_layer_responses_are_one_per_3x3_layer_after_its_bn():
 
 
 def test_the_default_nets_of_init_stats_are_model_switches():
-    from resnet_ray.config import Config, replace
+    from resnet_ray.config import Config
+    from resnet_ray.config_files import replace
     from resnet_ray.init_stats import DEFAULT_NETS, parse_net
 
     parsed = [parse_net(text) for text in DEFAULT_NETS]

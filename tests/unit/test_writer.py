@@ -14,7 +14,7 @@ from conftest import make_image_folder as make_folder
 from conftest import make_parquet_source
 
 from resnet_ray.config import DataConfig
-from resnet_ray.data import imagefolder, layout, parquet, writer
+from resnet_ray.data import imagefolder, layout, parquet, shard_tasks, writer
 from resnet_ray.data import prepare as prep
 from resnet_ray.data.load import table_to_batch
 
@@ -41,9 +41,9 @@ def test_streamed_prepare_equals_the_in_memory_dataset(tmp_path, small_shards, m
     source = make_folder(tmp_path / "src")
     cfg = DataConfig(source="imagefolder", path=str(source), root=str(tmp_path / "root"), image_size=S)
     reads = []
-    real_read = writer.read_file
+    real_read = shard_tasks.read_file
     monkeypatch.setattr(
-        writer, "read_file", lambda fs, p: reads.append(threading.current_thread().name) or real_read(fs, p)
+        shard_tasks, "read_file", lambda fs, p: reads.append(threading.current_thread().name) or real_read(fs, p)
     )
     progress = []
     prepared = prep.prepare(cfg, on_start=lambda n: progress.append(("start", n)), on_rows=lambda n: progress.append(n))
