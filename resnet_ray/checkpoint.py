@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 
 import torch
@@ -63,13 +62,7 @@ def load_training_state(folder: str) -> tuple[dict, dict]:
 def export_model(checkpoint_folder: str, out_dir: str) -> str:
     """Write the checkpoint's model as a self-contained folder (state_dict + JSON metadata), atomically."""
     state, meta = load_training_state(checkpoint_folder)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a folder like any other (mkdtemp's 0700 would hide it from other users)
-    try:
+    with storage.new_local_folder(out_dir) as tmp:
         torch.save(model_weights(state), os.path.join(tmp, MODEL))
         info = {
             key: meta[key]
@@ -93,12 +86,6 @@ def export_model(checkpoint_folder: str, out_dir: str) -> str:
         info["sha256"] = storage.file_sha256(os.path.join(tmp, MODEL))
         with open(os.path.join(tmp, MODEL_INFO), "w") as f:
             json.dump(info, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -260,6 +260,7 @@ class TrainConfig:
     fail_at_epoch: Optional[int] = None  # debug hook: kill one worker once after this epoch
     prefetch_batches: int = 2
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
+    diagnostics: bool = True  # per-stage gradient norms (every step, on the device) in the history, gradients.png
     stall_timeout_s: float = 3600.0  # no epoch report for this long (workers unscheduled, hung): fail
     # the workers no longer fit on the cluster's nodes (a node lost for good): fail after this long when no node is
     # pending, after pending_node_timeout_s while the autoscaler launches nodes

@@ -37,7 +37,6 @@ from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.run_folder import default_output
 from resnet_ray.runtime import started_here
 from resnet_ray.saved_model import SavedModel
-from resnet_ray.watchdog import watched
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +120,7 @@ def predict_stream(
 
     Raises StallError when no batch arrives for eval.stall_timeout_s (actors or reads that cannot start).
     """
-    import ray.data
-
-    from resnet_ray.predictor import Predictor
+    from resnet_ray.predictor import Predictor, on_actor_pool
 
     quiet_data_progress()  # the caller shows the progress; Ray Data's lines go to its log file
     pool = size_actor_pool(cfg.eval.num_actors, cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor, alive_nodes())
@@ -132,26 +129,8 @@ def predict_stream(
     small = split_nbytes(meta, split, cfg.data.limit) <= IN_MEMORY_BYTES
     rows = (load_split_in_memory if small else load_split)(cfg.data, split, prepared)  # small: no read tasks
     rows = rows.repartition(target_num_rows_per_block=cfg.eval.batch_size)
-    predictions = rows.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model_path": storage.normalize(model_path),
-            "threads": pool.threads,
-            **(options or {}),
-        },
-        batch_size=cfg.eval.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_gpus=cfg.eval.gpus_per_actor,
-        num_cpus=cfg.eval.cpus_per_actor,
-    )
-    log.debug("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
-    return watched(
-        predictions.iter_batches(batch_size=None, batch_format="numpy"),
-        cfg.eval.stall_timeout_s,
-        what,
-        "eval.stall_timeout_s",
-    )
+    kwargs = {"model_path": storage.normalize(model_path), **(options or {})}
+    return on_actor_pool(rows, Predictor, kwargs, cfg.eval, pool, what)
 
 
 def in_process(cfg: EvalConfig, rows: int) -> bool:

@@ -29,8 +29,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,10 +297,7 @@ def export(
     with _exact_float32():  # on a GPU: no TF32 either, so that the reference is the CPU's to ~1e-6
         expected = reference_probabilities(predictor, images, batch_size)
     module = pixel_model(saved, predictor.temperature)
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with storage.new_local_folder(output) as tmp:
         graph = os.path.join(tmp, FORMATS[fmt])
         WRITERS[fmt](module, size, graph)
         record = {
@@ -323,11 +318,5 @@ def export(
         _write_json(os.path.join(tmp, MODEL_INFO), exported)
         record["verified"] = compare(load_export(tmp).run, images, expected, batch_size)
         _write_json(os.path.join(tmp, MODEL_INFO), exported)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s as %s into %s (%s)", folder, fmt, output, record["verified"])
     return record

@@ -48,6 +48,54 @@ class WeightEMA:
             e.copy_(m)
 
 
+GRAD_NORM = "grad_norm_"  # history key prefix: grad_norm_stem, grad_norm_layer1, ..., grad_norm_head
+
+
+def stage_of(name: str) -> str:
+    """The stage of a parameter: ``layerN`` (a residual stage), ``head`` (the classifier ``fc``), else ``stem``
+    (the first conv and its norm); a DDP wrapper's ``module.`` prefix is dropped."""
+    first = name.removeprefix("module.").split(".")[0]
+    return "head" if first == "fc" else first if first.startswith("layer") else "stem"
+
+
+class StageGradNorms:
+    """The L2 norm of each stage's parameter gradients (``stage_of``), summed on the device over an epoch's steps:
+    no host-device synchronization; ``take()`` reads the epoch's mean per stage once. With DDP the gradients are
+    already averaged over the ranks, so every rank measures the same."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.stages: list[str] = []
+        self.params, index = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                stage = stage_of(name)
+                if stage not in self.stages:
+                    self.stages.append(stage)
+                self.params.append(p)
+                index.append(self.stages.index(stage))
+        self.index = torch.tensor(index, device=device)
+        self.sums = torch.zeros(len(self.stages), device=device, dtype=torch.float64)
+        self.steps = 0
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """After backward: add this step's per-stage norms (parameters without a gradient count as 0)."""
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not have:
+            return
+        norms = torch.stack(torch._foreach_norm([self.params[i].grad for i in have])).double()
+        index = self.index if len(have) == len(self.params) else self.index[have]
+        self.sums += torch.zeros_like(self.sums).index_add_(0, index, norms.square()).sqrt()
+        self.steps += 1
+
+    def take(self) -> dict:
+        """{grad_norm_<stage>: mean over the steps since the last take}; starts a new epoch."""
+        means = (self.sums / max(self.steps, 1)).tolist()
+        self.sums.zero_()
+        self.steps = 0
+        return {f"{GRAD_NORM}{stage}": value for stage, value in zip(self.stages, means)}
+
+
 @dataclass
 class StepSettings:
     """What a training step needs besides the model and the data."""
@@ -66,6 +114,7 @@ class StepSettings:
     host_generator: Optional[torch.Generator] = None  # per-batch mixup/cutmix scalars, on the CPU
     sync_debug: bool = False  # run each training step under torch.cuda.set_sync_debug_mode("error")
     ema: Optional[WeightEMA] = None  # updated after every optimizer step
+    grad_norms: Optional[StageGradNorms] = None  # train.diagnostics: per-stage gradient norms, every step
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -158,6 +207,8 @@ def _train_step(
     loss.backward()
     for p in s.frozen:
         p.grad = None  # optimizers skip parameters without a gradient: no update, no decay, no momentum
+    if s.grad_norms is not None:
+        s.grad_norms.add()  # the gradient the optimizer gets, before any clipping
     if s.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
     optimizer.step()

@@ -291,6 +291,55 @@ def write_search_curves(trials: Sequence[dict], path: str) -> str:
     return path
 
 
+def write_gradients_plot(runs: Sequence[dict], path: str) -> Optional[str]:
+    """The per-stage gradient norms of train.diagnostics (history keys ``grad_norm_<stage>``, the epoch's mean) per
+    epoch, log scale: for one run one line per stage; for several (a search's trials) one panel per stage and one
+    line per run. A stage whose norm falls by orders of magnitude towards the input vanishes; one rising, explodes.
+
+    Args:
+        runs: dicts with ``label`` and ``history`` (one dict per epoch with ``epoch``).
+        path: where to write the PNG.
+
+    Returns ``path``, or None when no history holds a gradient norm (diagnostics off).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    keys = list(dict.fromkeys(k for run in runs for row in run["history"] for k in row if k.startswith("grad_norm_")))
+    if not keys:
+        return None
+    stages = [k.removeprefix("grad_norm_") for k in keys]
+    single = len(runs) == 1
+    panels = 1 if single else len(keys)
+    with _figure(path, ncols=panels, figsize=(5 * panels if not single else 7, 4.2), dpi=110, squeeze=False) as (
+        fig,
+        axes,
+    ):
+        for i, (key, stage) in enumerate(zip(keys, stages)):
+            ax = axes[0][0 if single else i]
+            for run, colour in zip(runs, _trial_colours(len(runs))):
+                epochs, values = _history_series(run["history"], key)
+                if epochs:
+                    ax.plot(
+                        epochs,
+                        values,
+                        "-o",
+                        ms=3,
+                        label=stage if single else run["label"],
+                        **({} if single else {"color": colour}),
+                    )
+            ax.set_yscale("log")
+            ax.set_xlabel("Epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3, which="both")
+            if not single:
+                ax.set_title(stage)
+        axes[0][0].set_ylabel("Gradient norm (mean over the epoch's steps)")
+        axes[0][-1].legend(fontsize=8, title="stage" if single else "trial")
+        if single:
+            axes[0][0].set_title(f"Gradient norm per stage: {runs[0]['label']}")
+    return path
+
+
 def _trial_colours(n: int) -> list:
     import matplotlib
 

@@ -40,7 +40,6 @@ from resnet_ray.images import IMAGE_EXTENSIONS, BadImage, ResizeSpec
 from resnet_ray.metrics import RowCoverage
 from resnet_ray.resources import alive_nodes, size_actor_pool
 from resnet_ray.saved_model import SavedModel
-from resnet_ray.watchdog import watched
 
 log = logging.getLogger(__name__)
 
@@ -305,28 +304,10 @@ def _stream(
         decoded = ray.data.from_items(inputs.items, override_num_blocks=blocks).map_batches(
             read_row_groups, fn_kwargs={**fn_kwargs, "image_column": image_column}, batch_size=1, batch_format="numpy"
         )
-    predictions = decoded.map_batches(
-        ImagePredictor,
-        fn_constructor_kwargs={
-            "model_path": model_folder,
-            "threads": pool.threads,
-            "k": k,
-            "calibrated": calibrated,
-            "tta": cfg.eval.tta,
-        },
-        batch_size=cfg.eval.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_gpus=cfg.eval.gpus_per_actor,
-        num_cpus=cfg.eval.cpus_per_actor,
-    )
-    log.debug("prediction: %d actor(s) x %d thread(s)", pool.actors, pool.threads)
-    return watched(
-        predictions.iter_batches(batch_size=None, batch_format="numpy"),
-        cfg.eval.stall_timeout_s,
-        "prediction",
-        "eval.stall_timeout_s",
-    )
+    from resnet_ray.predictor import on_actor_pool
+
+    kwargs = {"model_path": model_folder, "k": k, "calibrated": calibrated, "tta": cfg.eval.tta}
+    return on_actor_pool(decoded, ImagePredictor, kwargs, cfg.eval, pool, "prediction")
 
 
 def _where(batch: dict, i: int, kind: str) -> str:

@@ -4,6 +4,7 @@ serving."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Optional
@@ -11,10 +12,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resnet_ray.config import TTA_MODES
+from resnet_ray.config import TTA_MODES, EvalConfig
 from resnet_ray.lesion import lesioned
 from resnet_ray.loop import autocast
+from resnet_ray.resources import ActorPool
 from resnet_ray.saved_model import SavedModel
+from resnet_ray.watchdog import watched
+
+log = logging.getLogger(__name__)
 
 TOPK = 5
 
@@ -108,3 +113,27 @@ class Predictor:
     def _lesioned_top1(self, images: torch.Tensor, names: list[str]) -> np.ndarray:
         with lesioned(self.model, names):
             return self.scores(images).argmax(dim=1).cpu().numpy().astype(np.int64)
+
+
+def on_actor_pool(rows, predictor: type, kwargs: dict, cfg: EvalConfig, pool: ActorPool, what: str):
+    """Prediction batches of ``rows`` (a Ray Data dataset) from a pool of ``predictor`` actors (a Predictor class,
+    built with ``kwargs`` and the pool's threads), as they arrive; StallError when none arrives for
+    eval.stall_timeout_s (actors or reads that cannot start)."""
+    import ray.data
+
+    predictions = rows.map_batches(
+        predictor,
+        fn_constructor_kwargs={**kwargs, "threads": pool.threads},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=cfg.gpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
+    )
+    log.debug("%s: %d actor(s) x %d thread(s)", what, pool.actors, pool.threads)
+    return watched(
+        predictions.iter_batches(batch_size=None, batch_format="numpy"),
+        cfg.stall_timeout_s,
+        what,
+        "eval.stall_timeout_s",
+    )

@@ -23,7 +23,7 @@ from resnet_ray.config import Config
 from resnet_ray.config_files import to_dict
 from resnet_ray.data.layout import split_rows
 from resnet_ray.images import ResizeSpec
-from resnet_ray.loop import StepSettings, WeightEMA, evaluate_epoch, train_epoch
+from resnet_ray.loop import StageGradNorms, StepSettings, WeightEMA, evaluate_epoch, train_epoch
 from resnet_ray.model import build_model, is_head, normalization
 from resnet_ray.optim import build_optimizer, build_scheduler, load_optimizer_moments, set_schedule_step
 from resnet_ray.transforms import Preprocess
@@ -150,6 +150,7 @@ class WorkerSession:
             "resize": meta.get("resize") or ResizeSpec(cfg.data.image_size, cfg.data.resize).record(),
         }
         self.ema = self._new_ema()
+        self.settings.grad_norms = StageGradNorms(model, device) if cfg.train.diagnostics else None
         self.epoch, self.history = 0, []
 
     def _new_ema(self) -> Optional[WeightEMA]:
@@ -248,8 +249,9 @@ class WorkerSession:
             "lr": self.optimizer.param_groups[0]["lr"],
             "val_s": time.perf_counter() - val_start,
             "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs,
-            "finished_at": time.time(),
-        }  # wall clock: which attempt of a restarted run trained it
+            "finished_at": time.time(),  # wall clock: which attempt of a restarted run trained it
+            **(self.settings.grad_norms.take() if self.settings.grad_norms else {}),
+        }
         self.epoch = epoch
         self.history.append(metrics)
         return metrics

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import socket
 import tempfile
 import threading
@@ -79,6 +80,26 @@ def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
     except BaseException:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def new_local_folder(out_dir: str) -> Iterator[str]:
+    """A temporary folder beside the local ``out_dir`` to write into, renamed to ``out_dir`` (replacing an older
+    one) when the block ends without error and removed when it fails: nobody sees a half-written folder."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".new-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder like any other (mkdtemp's 0700 would hide it from other users)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -170,6 +170,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
             ray.kill(progress)
     history = read_history(run_dir)
     plots.write_history_plot(history, storage.join(run_dir, "history.png"))
+    plots.write_gradients_plot([{"label": cfg.train.name, "history": history}], storage.join(run_dir, "gradients.png"))
     best, model_dir = _export_best(result, cfg, run_dir)
     evaluation = calibration = None
     if cfg.train.evaluate_test:  # the end of a run: a temperature fitted on val (T = 1 in a refit), then test

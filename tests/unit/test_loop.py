@@ -1,5 +1,7 @@
 """Plain-PyTorch train/eval epochs on tiny CPU models (no Ray)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,3 +293,60 @@ def test_counted_reports_steps_at_most_every_interval_and_after_the_last(monkeyp
     reported = []
     assert list(live.counted(range(6), reported.append)) == list(range(6))
     assert reported == [2, 4, 6]  # at 0.6 s (>= 0.5 after 0.0), at 1.2 s (>= 0.5 after 0.7), then the end
+
+
+def test_stage_gradient_norms_are_the_norms_of_each_stages_gradients_averaged_over_the_steps():
+    from resnet_ray.loop import StageGradNorms, stage_of
+
+    assert [stage_of(n) for n in ("conv1.weight", "module.bn1.bias", "layer2.0.conv1.weight", "fc.bias")] == [
+        "stem",
+        "stem",
+        "layer2",
+        "head",
+    ]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet20", weights="none", image_size=32), 10)
+    norms = StageGradNorms(model, torch.device("cpu"))
+    assert norms.stages == ["stem", "layer1", "layer2", "layer3", "head"]
+    expected = []
+    for step in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+        if step == 1:
+            model.fc.weight.grad = None  # a frozen parameter counts as 0
+            model.fc.bias.grad = None
+        expected.append(
+            {
+                stage: math.sqrt(
+                    sum(
+                        float((p.grad.double() ** 2).sum())
+                        for n, p in model.named_parameters()
+                        if stage_of(n) == stage and p.grad is not None
+                    )
+                )
+                for stage in norms.stages
+            }
+        )
+        norms.add()
+    taken = norms.take()
+    for stage in norms.stages:
+        assert taken[f"grad_norm_{stage}"] == pytest.approx((expected[0][stage] + expected[1][stage]) / 2, rel=1e-6)
+    assert taken["grad_norm_head"] == pytest.approx(expected[0]["head"] / 2, rel=1e-6)
+    assert all(v == 0 for v in norms.take().values())  # take() starts a new epoch
+
+
+def test_the_gradient_picture_draws_one_run_or_the_trials_of_a_search(tmp_path):
+    from resnet_ray.plots import write_gradients_plot
+
+    history = [
+        {"epoch": e, "grad_norm_stem": 0.1 * e, "grad_norm_layer1": 1.0, "grad_norm_head": 2.0 / e} for e in (1, 2)
+    ]
+    assert write_gradients_plot([{"label": "run", "history": history}], str(tmp_path / "one.png"))
+    trials = [{"label": f"lr {lr}", "history": history} for lr in (0.1, 0.01)]
+    assert write_gradients_plot(trials, str(tmp_path / "search.png"))
+    assert (tmp_path / "one.png").stat().st_size > 10_000 and (tmp_path / "search.png").stat().st_size > 10_000
+    assert (
+        write_gradients_plot([{"label": "off", "history": [{"epoch": 1, "train_loss": 1.0}]}], str(tmp_path / "n.png"))
+        is None
+    )
+    assert not (tmp_path / "n.png").exists()

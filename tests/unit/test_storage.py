@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,17 @@ def test_search_and_run_resume_from_a_uri(tmp_path):
     assert run_folder.run_dir_of(run) == f"file://{tmp_path}/run"
     with pytest.raises(ConfigError, match="no search_config.yaml there"):
         tune.config_for_resume(f"file://{tmp_path}/run")
+
+
+def test_a_new_local_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with storage.new_local_folder(str(out)) as tmp:
+            (Path(tmp) / "half.txt").write_text("half")
+            raise RuntimeError("the export failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "old.txt").exists()
+    with storage.new_local_folder(str(out)) as tmp:
+        (Path(tmp) / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and sorted(os.listdir(out)) == ["new.txt"]
