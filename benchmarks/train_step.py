@@ -10,7 +10,8 @@ with SGD and pad-and-crop + flip on the device. (p) is a plain loop written here
 model; (a) is the product's worker session (resnet_ray.session.WorkerSession, the code a Ray Train worker runs,
 without Ray); (b) is the product's own Ray Train worker (worker.train_fn_per_worker via train.fit), whose reported
 images_per_s covers the training epoch only. (b) takes its second epoch, (p) and (a) run after a warm-up epoch, so
-all are measured in a warm process. Prints images/s per run, medians and the ratios a/p, b/p and b/a.
+all are measured in a warm process. (a0) is (a) without train.diagnostics (its per-stage gradient norms every
+step): a/a0 is their cost. Prints images/s per run, medians and the ratios a/p, b/p, b/a and a/a0.
 """
 
 import argparse
@@ -89,12 +90,16 @@ def handwritten_loop(cfg, meta, data, threads):
     return steps * b / (time.perf_counter() - start)
 
 
-def plain_loop(cfg, meta, data, threads):
+def plain_loop(cfg, meta, data, threads, diagnostics=True):
     """(a): the product's worker session trains one epoch on the in-memory rows in this process
-    (session.WorkerSession.train: the code a Ray Train worker runs, without Ray)."""
+    (session.WorkerSession.train: the code a Ray Train worker runs, without Ray); ``diagnostics`` False: the same
+    without train.diagnostics' per-stage gradient norms ((a0), for their cost)."""
     import torch
 
+    from resnet_ray.config_files import replace
     from resnet_ray.session import WorkerSession
+
+    cfg = replace(cfg, {"train.diagnostics": diagnostics})
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
@@ -150,17 +155,25 @@ def main():
     data = in_memory(cfg, prepared)
     handwritten_loop(cfg, meta, data, args.threads)  # warm-up (allocator, cudnn autotune)
     plain_loop(cfg, meta, data, args.threads)
-    handwritten, plain, ray_runs = [], [], []
+    handwritten, plain, bare, ray_runs = [], [], [], []
     for run in range(args.runs):  # interleaved so that drift in machine load hits all alike
         handwritten.append(handwritten_loop(cfg, meta, data, args.threads))
         plain.append(plain_loop(cfg, meta, data, args.threads))
+        bare.append(plain_loop(cfg, meta, data, args.threads, diagnostics=False))
         ray_runs.append(ray_train(cfg, run))
     device = "GPU bf16 channels_last" if args.gpu else f"CPU {args.threads} threads"
     print(f"{args.arch} at {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.steps} steps, {device}")
     summary("(p) hand-written PyTorch loop", handwritten)
     summary("(a) the product's worker session, one process", plain)
+    summary("(a0) the same without train.diagnostics", bare)
     summary("(b) TorchTrainer 1 worker + Ray Data", ray_runs)
-    for name, top, bottom in (("a/p", plain, handwritten), ("b/p", ray_runs, handwritten), ("b/a", ray_runs, plain)):
+    pairs = (
+        ("a/p", plain, handwritten),
+        ("b/p", ray_runs, handwritten),
+        ("b/a", ray_runs, plain),
+        ("a/a0", plain, bare),
+    )
+    for name, top, bottom in pairs:
         ratios = sorted(y / x for x, y in zip(bottom, top))
         print(f"ratio {name}: median of per-run ratios {ratios[len(ratios) // 2]:.2f}")
 

@@ -256,7 +256,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best K by validation top-1 (among the checkpointed epochs)
     checkpoint_every: Optional[int] = None  # epochs between checkpoints; null: about ten per run; the last always
     async_checkpoint: bool = True  # upload checkpoints in the background (training goes on meanwhile)
-    max_failures: int = 0  # worker-group restarts allowed (Ray FailureConfig)
+    max_failures: int = 0  # worker-group restarts allowed after a worker's error (Ray FailureConfig)
+    max_preemptions: int = -1  # restarts after a node preemption (spot), counted apart from max_failures; -1: any
     fail_at_epoch: Optional[int] = None  # debug hook: kill one worker once after this epoch
     prefetch_batches: int = 2
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
@@ -293,6 +294,11 @@ class TrainConfig:
         if self.checkpoint_every is not None:
             check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         check(self.max_failures >= -1, "train.max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        check(
+            self.max_preemptions >= -1,
+            "train.max_preemptions",
+            f"must be >= -1 (-1 = unlimited), got {self.max_preemptions}",
+        )
         if self.fail_at_epoch is not None:
             check(
                 1 <= self.fail_at_epoch < self.epochs,

@@ -115,7 +115,9 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
                 checkpoint_score_order="max",
                 checkpoint_score_attribute=None if cfg.train.refit_on_val else METRIC,
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures, max_preemption_failures=cfg.train.max_preemptions
+            ),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options),

@@ -52,3 +52,15 @@ def test_a_resumed_cifar_resnet_keeps_its_shortcuts(tmp_path):
         config_for_resume(os.path.join(tmp_path, "r20"), ["--model.shortcut", "none"])
     same = config_for_resume(os.path.join(tmp_path, "r20"), ["--model.shortcut", "identity"])  # its own: allowed
     assert same.model.shortcut == "identity"
+
+
+def test_preemptions_have_their_own_budget_beside_worker_failures(tmp_path):
+    """train.max_preemptions reaches Ray's FailureConfig apart from train.max_failures: a reclaimed spot node does
+    not spend the budget of worker errors."""
+    from resnet_ray.train import build_trainer
+
+    overrides = {"train.max_failures": 2, "train.max_preemptions": 5, "train.name": "spot"}
+    cfg = load_config(None, {**overrides, "train.storage_path": str(tmp_path)})
+    failure = build_trainer(cfg, {"classes": ["a", "b"]}, None).run_config.failure_config
+    assert (failure.max_failures, failure.max_preemption_failures) == (2, 5)
+    assert load_config(None, {}).train.max_preemptions == -1  # Ray's default: any number of preemptions
