@@ -1,9 +1,8 @@
-"""The model registry: ``model.arch`` name -> builder, with weights loading and a new classification head.
+"""Building the network of a ``model.arch`` name, with weights loading and a new classification head.
 
 torchvision's ImageNet ResNets (resnet18/34/50, ImageNet weights allowed) and the CIFAR ResNets of He et al.
-(resnet20..110, resnet164, plain20..110; resnet_ray/cifar_resnet.py). Every builder takes the resolved
-ModelConfig (its null switches replaced by the arch's own, config.ARCH_SWITCHES) and the number of classes;
-config.ARCHS lists the same names (a unit test checks).
+(resnet20..110, resnet164, plain20..110; resnet_ray/cifar_resnet.py), each built from the resolved ModelConfig (its
+null switches replaced by the arch's own) and its depth in ``architectures.ARCH_SWITCHES``, the one registry.
 """
 
 from __future__ import annotations
@@ -123,7 +122,7 @@ def _cifar_resnet(depth: int, cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def _build(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The network of a resolved cfg: torchvision's for its ImageNet ResNets, else the CIFAR ResNet of the arch's
-    depth (config.ARCH_SWITCHES, the one registry of model.arch names). resnetN and plainN differ only by the
+    depth (architectures.ARCH_SWITCHES, the one registry of model.arch names). resnetN and plainN differ only by the
     shortcut that the resolved cfg carries."""
     if cfg.arch in TORCHVISION_ARCHS:
         return _torchvision_resnet(cfg, num_classes)

@@ -35,6 +35,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Optional
@@ -392,15 +393,26 @@ def take_stats(name: str = APP_NAME, timeout_s: float = 30.0) -> dict:
     return serve.get_deployment_handle("ServeStats", app_name=name).take.remote().result(timeout_s=timeout_s)
 
 
-def stop(name: str = APP_NAME, whole_serve: bool = False) -> None:
-    """Delete the application (and with ``whole_serve`` Serve itself: controller and proxies)."""
-    try:
-        if whole_serve:
-            serve.shutdown()
-        else:
-            serve.delete(name)
-    except Exception as exc:  # the cluster is already gone: nothing is left to stop
-        log.warning("stopping the application: %s", exc)
+def stop(name: str = APP_NAME, whole_serve: bool = False, timeout_s: float = 30.0) -> None:
+    """Delete the application (and with ``whole_serve`` Serve itself: controller and proxies), waiting at most
+    timeout_s: a Serve controller killed by the same Ctrl-C (a local instance's processes share the terminal's
+    process group) would have Serve retry its shutdown forever."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            if whole_serve:
+                serve.shutdown()
+            else:
+                serve.delete(name)
+        except Exception as exc:  # the cluster is already gone: nothing is left to stop
+            log.warning("stopping the application: %s", exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="serve stop", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("stopping the application: Serve did not answer within %g s; going on without it", timeout_s)
 
 
 def serve_until_interrupted(

@@ -19,7 +19,7 @@ from resnet_ray.data.load import IN_MEMORY_BYTES, load_split, load_split_in_memo
 from resnet_ray.data.prepare import ensure_prepared
 from resnet_ray.live import EpochLog, step_progress_actor
 from resnet_ray.model import fetch_weights
-from resnet_ray.resources import ResourceError, alive_nodes, check_training, pending_nodes
+from resnet_ray.resources import ResourceError, alive_nodes, check_training, describe_pending, pending_nodes
 from resnet_ray.run_folder import interrupted_run, read_history, run_dir_of, with_run_name, write_config
 from resnet_ray.session import process_group_backend, training_rows
 from resnet_ray.tracking import check_mlflow
@@ -138,9 +138,10 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     try:
         check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
     except ResourceError as exc:
-        if pending_nodes() is None:  # no autoscaler: no node will come
+        pending = pending_nodes()
+        if not pending:  # no node is coming (a read-only autoscaler, as `ray start` runs one, reports 0)
             raise
-        log.warning("%s; waiting for the autoscaler to add nodes (train.capacity_timeout_s)", exc)
+        log.warning("%s; %s: waiting for them (train.pending_node_timeout_s)", exc, describe_pending(pending))
     run_dir = run_dir_of(cfg)
     write_config(run_dir, cfg)
     console = logging_console()

@@ -186,7 +186,8 @@ class CapacityWatch:
         )
 
     def cluster_line(self, nodes: list[dict], pending: Optional[int]) -> str:
-        """'needs 2 workers x {CPU: 2}; the cluster has 1 node: 2 CPU (1 worker fits); no node pending'"""
+        """'training needs 2 workers x {CPU: 2}; the cluster has 2 nodes: 0 CPU, 2 CPU (1 of them fit now); no node
+        pending'"""
         from resnet_ray.resources import describe, describe_pending, fit_count, workers_text
 
         fits = sum(fit_count(self.per_worker, n) for n in nodes)
