@@ -180,3 +180,11 @@ def make_parquet_source(root, corrupt_rows=()):
         )
         pq.write_table(table, root / name, row_group_size=group)
     return root
+
+
+def ctrl_c_as_in_a_terminal():
+    """Popen preexec_fn: Ctrl-C's default action in the job, as a terminal's foreground job has it. A suite run in
+    the background (`nohup ... &`) ignores SIGINT, and an ignored signal stays ignored in its children."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

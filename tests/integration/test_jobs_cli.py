@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
+from conftest import ctrl_c_as_in_a_terminal, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +244,7 @@ def test_ctrl_c_of_a_training_run_says_what_was_kept_and_its_resume_command_fini
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=ctrl_c_as_in_a_terminal,
     )
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
+from conftest import ctrl_c_as_in_a_terminal
 from PIL import Image
 
 from resnet_ray.config_files import replace
@@ -277,6 +278,7 @@ def test_the_job_serves_reports_and_stops_on_ctrl_c_leaving_no_process(tiny_run,
         env=env,
         cwd=str(tmp_path),
         start_new_session=True,  # its own process group: Ctrl-C goes to the whole group, as in a terminal
+        preexec_fn=ctrl_c_as_in_a_terminal,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
