@@ -389,9 +389,10 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
 
     rows = _trial_rows(grid, cfg)
     _write_trials_csv(storage.join(exp_dir, "trials.csv"), rows, cfg.tune.metric)
-    curves_path = plots.write_search_curves(_curves(rows), storage.join(exp_dir, "curves.png"))
+    curves = _curves(rows)
+    curves_path = plots.write_search_curves(curves, storage.join(exp_dir, "curves.png"))
     plots.write_gradients_plot(  # per trial beside the curves (train.diagnostics)
-        [{"label": c["label"], "history": r["history"]} for c, r in zip(_curves(rows), rows)],
+        [{"label": c["label"], "history": r["history"]} for c, r in zip(curves, rows)],
         storage.join(exp_dir, "gradients.png"),
     )
     scored = [r for r in rows if r[cfg.tune.metric] is not None]
