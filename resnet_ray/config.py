@@ -2,8 +2,8 @@
 
 ``config_files.load_config(yaml_path, overrides)`` merges a YAML file and dotted overrides
 (``["--optim.lr", "0.01"]`` or ``{"optim.lr": 0.01}``) into the defaults below; errors name the field
-(``config_checks.ConfigError``). The model.arch registry is ``architectures.py``, the serve section
-``serve_config.py``.
+(``config_checks.ConfigError``). The model.arch registry is ``architectures.py``, the scaling section
+``scaling_config.py``, the serve section ``serve_config.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from resnet_ray.architectures import ARCH_SWITCHES, ARCHS, BLOCKS, INITS, NORMS, SHORTCUTS, TORCHVISION_ARCHS
 from resnet_ray.config_checks import check, choice, positive
+from resnet_ray.scaling_config import ScalingConfig
 from resnet_ray.serve_config import ServeConfig
 
 SOURCES = ("digits", "cifar10", "cifar100", "parquet", "imagefolder")
@@ -260,6 +261,9 @@ class TrainConfig:
     max_preemptions: int = -1  # restarts after a node preemption (spot), counted apart from max_failures; -1: any
     fail_at_epoch: Optional[int] = None  # debug hook: kill one worker once after this epoch
     prefetch_batches: int = 2
+    # elastic runs (scaling.num_workers: [min, max]): the largest batch one worker holds when the run has fewer
+    # workers than max (resnet_ray.elastic); null: train.batch_size (the global batch shrinks, the lr with it)
+    max_batch_size: Optional[int] = None
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
     diagnostics: bool = True  # per-stage gradient norms (every step, on the device) in the history, gradients.png
     stall_timeout_s: float = 3600.0  # no epoch report for this long (workers unscheduled, hung): fail
@@ -305,6 +309,12 @@ class TrainConfig:
                 "train.fail_at_epoch",
                 f"must be in [1, train.epochs), got {self.fail_at_epoch}",
             )
+        if self.max_batch_size is not None:
+            check(
+                self.max_batch_size >= self.batch_size,
+                "train.max_batch_size",
+                f"must be >= train.batch_size={self.batch_size}, got {self.max_batch_size}",
+            )
         check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
         positive(self.stall_timeout_s, "train.stall_timeout_s")
         positive(self.capacity_timeout_s, "train.capacity_timeout_s")
@@ -323,28 +333,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
-    """How many Ray Train workers and what each one holds."""
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # only with use_gpu
-
-    def __post_init__(self):
-        check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
-        positive(self.cpus_per_worker, "scaling.cpus_per_worker", allow_zero=True)
-        positive(self.gpus_per_worker, "scaling.gpus_per_worker")
-
-    @property
-    def resources_per_worker(self) -> dict:
-        resources = {"CPU": self.cpus_per_worker}
-        if self.use_gpu:
-            resources["GPU"] = self.gpus_per_worker
-        return resources
-
-
-@dataclass(frozen=True)
 class TuneConfig:
     """Hyperparameter search over Ray Train trials: sampled values (Optuna's TPE) stopped early by ASHA, or a grid
     (``type: grid``: every combination, ``num_samples`` times) run to the end with ``scheduler: none``."""
@@ -352,8 +340,8 @@ class TuneConfig:
     num_samples: int = 8
     max_concurrent_trials: int = 2
     max_epochs: int = 10  # train.epochs of every trial
-    # Train workers of every trial (default scaling.num_workers). train.epochs and scaling.num_workers stay the
-    # full-length run's: best_config.yaml keeps them, with the best trial's sampled values on top.
+    # Train workers of every trial (default scaling.num_workers, an elastic run's max). train.epochs and
+    # scaling.num_workers stay the full-length run's: best_config.yaml keeps them, with the best trial's values on top.
     trial_workers: Optional[int] = None
     grace_period: int = 1
     reduction_factor: int = 2
@@ -438,7 +426,13 @@ class Config:
 
     @property
     def global_batch_size(self) -> int:
-        return self.train.batch_size * self.scaling.num_workers
+        """The run's global batch: train.batch_size per worker on all (scaling.num_workers' max) workers."""
+        return self.train.batch_size * self.scaling.max_workers
+
+    @property
+    def trial_workers(self) -> int:
+        """Train workers of every search trial: a fixed count (an elastic run's max by default)."""
+        return self.tune.trial_workers or self.scaling.max_workers
 
 
 def _validate_search_spec(key: str, spec: Any) -> None:

@@ -247,6 +247,7 @@ class WorkerSession:
             "epoch": epoch,
             **global_metrics(tr, ev, self.val_rows, self.device),
             "lr": self.optimizer.param_groups[0]["lr"],
+            "world_size": self.world,
             "val_s": time.perf_counter() - val_start,
             "backbone_frozen": epoch <= self.cfg.train.freeze_backbone_epochs,
             "finished_at": time.time(),  # wall clock: which attempt of a restarted run trained it

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
-from resnet_ray import plots, storage
+from resnet_ray import elastic, plots, storage
 from resnet_ray.checkpoint import export_checkpoint
 from resnet_ray.config import Config
 from resnet_ray.config_checks import ConfigError
@@ -27,6 +28,11 @@ from resnet_ray.watchdog import CapacityError, CapacityWatch, watch_fit
 from resnet_ray.worker import train_fn_per_worker
 
 METRIC = "val_top1"
+# An elastic run's restart is sized by the resources Ray last saw; a node that died a moment ago still counts until
+# the GCS's health check declares it dead (seconds), and the group sized with it waits for its placement group for
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) before Ray sizes it again. Elastic runs wait less.
+ELASTIC_START_TIMEOUT_S = "20"
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # passed on to the Train controller by Ray
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +54,15 @@ class FitResult:
 
 
 def _check_batches(cfg: Config, meta: dict) -> None:
-    rows = training_rows(cfg, meta)
-    if rows // cfg.scaling.num_workers < cfg.train.batch_size:
+    """Every worker gets a batch (an elastic run's batches are smaller at fewer workers: elastic.batch_at)."""
+    rows, workers = training_rows(cfg, meta), cfg.scaling.max_workers
+    if rows // workers < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} per worker is more than the "
-            f"{rows // cfg.scaling.num_workers} training rows each of the "
-            f"{cfg.scaling.num_workers} workers gets"
+            f"{rows // workers} training rows each of the {workers} workers gets"
         )
+    if cfg.scaling.elastic:
+        log.info("%s", elastic.describe(cfg))
 
 
 def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
@@ -63,6 +71,19 @@ def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
     model_dir = storage.join(run_dir, "model")
     chosen = result.checkpoint if cfg.train.refit_on_val else result.get_best_checkpoint(metric=METRIC, mode="max")
     return export_checkpoint(chosen, model_dir)["metrics"], model_dir
+
+
+@contextlib.contextmanager
+def _start_timeout(cfg: Config):
+    """ELASTIC_START_TIMEOUT_S for an elastic run's Train controller while it runs (a user's own setting wins)."""
+    if not cfg.scaling.elastic or START_TIMEOUT_VAR in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_VAR] = ELASTIC_START_TIMEOUT_S
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_VAR, None)
 
 
 def training_datasets(cfg: Config, prepared: str, meta: dict) -> dict:
@@ -102,9 +123,10 @@ def build_trainer(cfg: Config, meta: dict, datasets: Optional[dict], callbacks: 
         train_loop_config={"config": to_dict(cfg), "meta": meta, "run_dir": run_dir_of(cfg), "progress": progress},
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.num_workers,  # (min, max) for an elastic run
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.resources_per_worker,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
@@ -136,7 +158,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
     prepared, meta = ensure_prepared(cfg.data)
     _check_batches(cfg, meta)
     try:
-        check_training(cfg.scaling.num_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
+        check_training(cfg.scaling.min_workers, cfg.scaling.resources_per_worker, alive_nodes(), not cfg.data.cache)
     except ResourceError as exc:
         pending = pending_nodes()
         if not pending:  # no node is coming (a read-only autoscaler, as `ray start` runs one, reports 0)
@@ -150,14 +172,15 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
         with (
             EpochLog(run_dir, cfg.train.epochs, progress=progress, console=console)
             if epoch_log
-            else contextlib.nullcontext()
+            else contextlib.nullcontext(),
+            _start_timeout(cfg),
         ):
             # fails with a diagnosis instead of hanging
             result = watch_fit(
                 build_trainer(cfg, meta, training_datasets(cfg, prepared, meta), callbacks, progress),
                 cfg.train.stall_timeout_s,
                 capacity=CapacityWatch(
-                    cfg.scaling.num_workers,
+                    cfg.scaling.min_workers,
                     cfg.scaling.resources_per_worker,
                     cfg.train.capacity_timeout_s,
                     cfg.train.pending_node_timeout_s,

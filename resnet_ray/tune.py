@@ -104,7 +104,7 @@ def trial_config(base: Config, params: dict, trial_id: str, exp_dir: str) -> Con
         {
             **params,
             "train.epochs": base.tune.max_epochs,
-            "scaling.num_workers": base.tune.trial_workers or base.scaling.num_workers,
+            "scaling.num_workers": base.trial_workers,
             "train.name": trial_id,
             "train.storage_path": storage.join(exp_dir, TRIALS_FOLDER),
             "train.evaluate_test": False,
@@ -223,7 +223,7 @@ def local_cpus_for(cfg: Config) -> float:
     cpus, line = local_search_cpus(
         local_cpus(),
         cfg.tune.max_concurrent_trials,
-        cfg.tune.trial_workers or cfg.scaling.num_workers,
+        cfg.trial_workers,
         cfg.scaling.resources_per_worker,
         not cfg.data.cache,
     )
@@ -367,7 +367,7 @@ def search(cfg: Config, resume: bool = False) -> SearchResult:
         {
             "tune.max_concurrent_trials": trial_concurrency(
                 cfg.tune.max_concurrent_trials,
-                cfg.tune.trial_workers or cfg.scaling.num_workers,
+                cfg.trial_workers,
                 cfg.scaling.resources_per_worker,
                 alive_nodes(),
                 not cfg.data.cache,

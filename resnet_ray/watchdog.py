@@ -209,6 +209,7 @@ def _heartbeat_class():
         def __init__(self, path: str):
             self.path = path
             self.state = {"pid": None, "reports": 0, "controller": "not started"}
+            self.schedulings = 0
 
         def _write(self, progress: bool = True, **values):
             """Record values (``progress``: also the time of the latest progress)."""
@@ -224,12 +225,46 @@ def _heartbeat_class():
             self._write(pid=os.getpid(), actor_id=ray.get_runtime_context().get_actor_id(), controller="started")
 
         def after_controller_state_update(self, previous_state, current_state):
-            self._write(progress=False, controller=type(current_state).__name__)
+            name = type(current_state).__name__
+            self.schedulings += name == "SchedulingState"
+            # the controller re-enters PreemptingState every loop iteration while a preemption goes on: told once
+            repeated = name == type(previous_state).__name__
+            event = None if repeated else _controller_event(current_state, self.schedulings)
+            events = [*self.state.get("events", []), event] if event else self.state.get("events", [])
+            self._write(progress=False, controller=name, events=events)
 
         def after_report(self, training_report, metrics):
             self._write(reports=self.state["reports"] + 1)
 
     return Heartbeat
+
+
+def _controller_event(state, schedulings: int) -> Optional[str]:
+    """What a user is told when the Train controller enters ``state``: restarts, resizes and preemptions of
+    the worker group (None for the states of a run that goes as planned)."""
+    from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+
+    name = type(state).__name__
+    if name == "PreemptingState":
+        return (
+            "a node of the run is being preempted (a spot reclaim notice): the workers checkpoint their epoch, "
+            "then the run restarts without it"
+        )
+    if name == "RestartingState":
+        error = state.training_failed_error
+        if _is_preemption_failure(error):
+            return "restarting from the latest checkpoint after a preemption (train.max_preemptions)"
+        # Ray's message holds each failed rank's traceback: its last line is the error itself
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = lines[-1][:200] if lines else type(error).__name__
+        return f"restarting from the latest checkpoint after a failure (train.max_failures): {cause}"
+    if name == "ResizingState":
+        workers = state.scaling_decision.num_workers
+        return f"the cluster has room for {workers} workers now: resizing the run (it restarts from its checkpoint)"
+    if name == "SchedulingState" and schedulings > 1:
+        workers = state.scaling_decision.num_workers
+        return f"starting {workers} worker{'s' if workers != 1 else ''} from the latest checkpoint"
+    return None
 
 
 def _read(path: str) -> dict:
@@ -290,10 +325,19 @@ def watch_fit(
             )
         return error
 
+    told = [0]  # controller events logged so far
+
+    def tell(beat: dict) -> None:
+        events = beat.get("events", [])
+        for event in events[told[0] :]:
+            log.warning("%s", event)
+        told[0] = len(events)
+
     def watch():
         waiting = {"start": time.time(), "since": None, "line": 0.0}
         while not done.wait(min(5.0, timeout_s / 4)):
             beat = _read(path)
+            tell(beat)
             error = failure(beat, time.time(), waiting)
             if error is not None:
                 stall.append(error)
@@ -313,6 +357,7 @@ def watch_fit(
     finally:
         done.set()
         watcher.join()
+        tell(_read(path))
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)

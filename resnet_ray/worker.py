@@ -12,6 +12,7 @@ from resnet_ray import storage
 from resnet_ray.checkpoint import load_training_state, save_training_state
 from resnet_ray.config import Config
 from resnet_ray.config_files import from_dict
+from resnet_ray.elastic import at_world_size
 from resnet_ray.live import counted
 from resnet_ray.run_folder import config_file, latest_checkpoint_epoch, write_history
 from resnet_ray.session import WorkerSession, epoch_seed
@@ -40,8 +41,17 @@ def _restore(session: WorkerSession) -> None:
         session.restore(state, meta["history"])
 
 
-def _report(session: WorkerSession, metrics: dict) -> None:
-    """ray.train.report on every rank (a barrier); rank 0 attaches a checkpoint on the epochs that are due.
+def _preempted() -> bool:
+    """Whether one of the run's nodes is being preempted (drained with reason preemption: a spot reclaim notice).
+    A barrier on every rank, asked once per epoch."""
+    import ray.train
+
+    return ray.train.get_preemption_info() is not None
+
+
+def _report(session: WorkerSession, metrics: dict, checkpoint_now: bool = False) -> None:
+    """ray.train.report on every rank (a barrier); rank 0 attaches a checkpoint on the epochs that are due, and
+    on every epoch with ``checkpoint_now`` (a node of the run is being preempted).
 
     The checkpoint is written to a fresh temporary folder that Ray uploads (in the background with
     train.async_checkpoint) and then deletes.
@@ -50,7 +60,7 @@ def _report(session: WorkerSession, metrics: dict) -> None:
 
     cfg = session.cfg.train
     checkpoint = None
-    if session.rank == 0 and cfg.checkpoint_due(session.epoch):
+    if session.rank == 0 and (checkpoint_now or cfg.checkpoint_due(session.epoch)):
         folder = tempfile.mkdtemp(prefix="resnet_ray-checkpoint-")
         save_training_state(folder, session.state(), session.checkpoint_meta())
         checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -66,18 +76,20 @@ def train_fn_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = from_dict(loop_config["config"])
+    planned = from_dict(loop_config["config"])
     meta, run_dir = loop_config["meta"], loop_config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = at_world_size(planned, world)  # an elastic run's batch and lr on the workers it has now
     session = WorkerSession(cfg, meta, ray.train.torch.get_device(), rank, world)
+    session.model_meta["config"] = loop_config["config"]  # the run's config, not this restart's
     _restore(session)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if session.val_rows else None
     pin = session.device.type == "cuda"  # pinned host batches: the non_blocking copies really overlap
-    board = TensorBoard(cfg, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
-    mlflow_run = MLflow(cfg, run_dir) if rank == 0 and cfg.train.mlflow_tracking_uri else None
-    config_name = config_file(cfg)  # which config the epochs of this attempt run under
+    board = TensorBoard(planned, run_dir, resume_step=session.epoch * session.steps) if rank == 0 else None
+    mlflow_run = MLflow(planned, run_dir) if rank == 0 and cfg.train.mlflow_tracking_uri else None
+    config_name = config_file(planned)  # which config the epochs of this attempt run under
 
     progress = loop_config.get("progress") if rank == 0 else None  # the driver's live bar, on a terminal
     for epoch in range(session.epoch + 1, cfg.train.epochs + 1):
@@ -101,7 +113,11 @@ def train_fn_per_worker(loop_config: dict) -> None:
         metrics = session.run_epoch(epoch, batches, val, on_step=on_step, log_every=max(1, session.steps // 4))
         metrics["config"] = config_name
         report_start = time.perf_counter()
-        _report(session, dict(metrics))
+        preempted = _preempted()
+        if preempted and rank == 0:
+            log.warning("a node of the run is being preempted: checkpointing epoch %d", epoch)
+        # an elastic run restarts from its latest checkpoint at every resize: each epoch is kept
+        _report(session, dict(metrics), checkpoint_now=preempted or planned.scaling.elastic)
         metrics["report_s"] = time.perf_counter() - report_start  # in the history from now on
         if board:
             write_history(run_dir, session.history)

@@ -165,6 +165,7 @@ class Cluster:
 
     def __init__(self, tmp, env):
         self.tmp, self.env, self.nodes, self.killed = tmp, env, [], ()
+        self.node_ids = {}  # index -> Ray node id (hex)
         self.sessions = tempfile.mkdtemp(prefix="rr-")  # short: Ray's socket paths must fit in 107 bytes
         self.gcs = self.address = None
 
@@ -212,10 +213,32 @@ class Cluster:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
+    def alive(self) -> list:
+        nodes = self._get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
     def alive_cpus(self) -> list:
         """CPU counts of the alive nodes (0 for the head), sorted."""
-        nodes = self._get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
-        return sorted(int(n["resources_total"].get("CPU", 0)) for n in nodes if n["state"] == "ALIVE")
+        return sorted(int(n["resources_total"].get("CPU", 0)) for n in self.alive())
+
+    def drain(self, index: int, deadline_s: int) -> None:
+        """Drain node ``index`` with reason preemption, as a cloud's spot reclaim notice does through the
+        autoscaler (which would also kill it at the deadline; here the test does)."""
+        subprocess.run(
+            [
+                RAY,
+                "drain-node",
+                f"--address=127.0.0.1:{self.gcs}",
+                f"--node-id={self.node_ids[index]}",
+                "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message=spot instance reclaimed (test)",
+                f"--deadline-remaining-seconds={deadline_s}",
+            ],
+            check=True,
+            env=self.env,
+            capture_output=True,
+            timeout=60,
+        )
 
     def wait_for(self, cpus: list, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -247,6 +270,9 @@ class Cluster:
             self.start(head, cpus)
             try:
                 self.wait_for(expect)
+                known = set(self.node_ids.values())
+                new = next(n["node_id"] for n in self.alive() if n["node_id"] not in known)
+                self.node_ids[len(self.nodes) - 1] = new
                 return len(self.nodes) - 1
             except RuntimeError:
                 if self.nodes[-1].poll() is None or attempt == attempts - 1:
@@ -534,3 +560,135 @@ def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cl
     alive = [e for e in entries if int(e.parent.parent.parent.name.removeprefix("node")) not in cluster.killed]
     assert all(len(e.name) == 64 for e in alive), entries
     assert all(sorted(os.listdir(e)) == ["model.json", "model.pt"] for e in entries)  # only what inference needs
+
+
+SPOT_EPOCHS = 24  # of the elastic run: enough to span a preemption, a node's return and a node's loss
+DRAIN_DEADLINE_S = 10  # the spot reclaim notice (AWS gives 120 s; GCP 30 s)
+
+
+def history_rows(s3, run: str) -> list:
+    try:
+        return [json.loads(line) for line in s3.read(f"{run}/history.jsonl").decode().splitlines()]
+    except OSError:
+        return []
+
+
+def wait_for_history(s3, run, proc, what, until, timeout=JOB_TIMEOUT) -> list:
+    """The run's history once ``until(rows)`` holds (rank 0 rewrites it after every epoch)."""
+    deadline = time.time() + timeout
+    while not until(rows := history_rows(s3, run)):
+        assert proc.poll() is None, f"the job ended before {what}"
+        assert time.time() < deadline, f"never {what}"
+        time.sleep(0.5)
+    return rows
+
+
+def checkpointed(s3, run: str) -> dict:
+    """The metrics of the run's latest registered checkpoint ({} before the first)."""
+    try:
+        snapshot = json.loads(s3.read(f"{run}/checkpoint_manager_snapshot.json"))
+    except (OSError, ValueError):
+        return {}
+    return (snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}
+
+
+def started(row: dict) -> float:
+    """When an epoch began training (its row is written when it ends)."""
+    return row["finished_at"] - row["epoch_s"] - row["val_s"]
+
+
+@pytest.fixture(scope="module")
+def spot_run(prepared, cluster, workdir, s3):
+    """jobs/train.py with scaling.num_workers [1, 2] on the two worker nodes (2 CPUs each: one worker per node),
+    allowing ONE failure. After epoch 1: node B gets a preemption notice
+    (drained with reason preemption) and is reclaimed at its deadline; a node C joins; once the run trains on
+    two workers again, C's raylet is killed without notice."""
+    cluster.wait_for([0, 3, 3])
+    a, b = cluster.workers
+    seen = {}
+
+    def spot_life(proc):
+        wait_for_history(s3, "runs/spot", proc, "epoch 1", lambda rows: len(rows) >= 1)
+        seen["noticed"] = time.time()
+        cluster.drain(b, DRAIN_DEADLINE_S)
+        time.sleep(DRAIN_DEADLINE_S)
+        cluster.kill_raylet(b)  # reclaimed at the deadline
+        seen["reclaimed"] = time.time()
+        shrunk = wait_for_history(
+            s3, "runs/spot", proc, "trained on 1 worker", lambda rows: rows and rows[-1]["world_size"] == 1
+        )
+        seen["trained_on_1"] = min(started(r) for r in shrunk if r["world_size"] == 1)
+        c = cluster.add(head=False, cpus=3, expect=[0, 3, 3])
+        seen["joined"] = time.time()
+        grown = wait_for_history(
+            s3,
+            "runs/spot",
+            proc,
+            "trained on 2 workers again",
+            lambda rows: rows and rows[-1]["world_size"] == 2 and started(rows[-1]) > seen["joined"],
+        )
+        seen["trained_on_2"] = min(started(r) for r in grown if r["world_size"] == 2 and started(r) > seen["joined"])
+        deadline = time.time() + 120  # and the checkpoint of an epoch on two workers is registered
+        while not (
+            (latest := checkpointed(s3, "runs/spot")).get("world_size") == 2 and latest["finished_at"] > seen["joined"]
+        ):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint on two workers again"
+            time.sleep(0.5)
+        cluster.kill_raylet(c)  # lost without notice: a failure, not a preemption
+        seen["lost"] = time.time()
+
+    returncode, output = run_job(
+        cluster,
+        workdir,
+        "jobs/train.py",
+        "--local",
+        *TINY,
+        "--train.name",
+        "spot",
+        "--scaling.num_workers",
+        "[1, 2]",
+        "--scaling.cpus_per_worker",
+        "2",
+        "--scaling.resize_interval_s",
+        "5",
+        "--train.epochs",
+        str(SPOT_EPOCHS),
+        "--train.async_checkpoint",
+        "false",
+        "--train.max_failures",
+        "1",
+        "--train.evaluate_test",
+        "false",
+        during=spot_life,
+    )
+    cluster.workers[1] = cluster.add(head=False, cpus=3, expect=[0, 3, 3])  # for what runs after
+    return returncode, output, seen
+
+
+def test_s3_multinode_elastic_run_rides_a_preemption_a_node_loss_and_a_node_return(spot_run, s3):
+    returncode, output, seen = spot_run
+    assert returncode == 0 and "succeeded" in output, output[-4000:]
+    history = history_rows(s3, "runs/spot")
+    assert [h["epoch"] for h in history] == list(range(1, SPOT_EPOCHS + 1))  # each epoch once
+    assert all(h["val_count"] == 144 for h in history)
+    sizes = [h["world_size"] for h in history]
+    runs = [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size]
+    assert runs[:3] == [2, 1, 2] and runs[-1] == 1, sizes  # shrunk, grown back, shrunk again
+    # the batch rule: 2 x 64 at two workers; one worker cannot hold 128 (train.max_batch_size: 64), so its global
+    # batch is 64 and its peak lr half
+    assert "2 workers: batch 64 each, global 128" in output and "1 worker: batch 64 each, global 64" in output
+    # the preemption counted as one, not against train.max_failures: 1, which the later loss used up
+    assert "a node of the run is being preempted" in output, output[-4000:]
+    assert "restarting from the latest checkpoint after a preemption" in output
+    assert "restarting from the latest checkpoint after a failure (train.max_failures)" in output
+    # no finished epoch was lost or trained twice across the four restarts: the driver logged each epoch once
+    logged = re.findall(rf"INFO epoch (\d+)/{SPOT_EPOCHS} ", output)
+    assert sorted(map(int, logged)) == list(range(1, SPOT_EPOCHS + 1)), logged
+    assert {"model.json", "model.pt"} <= set(s3.names("runs/spot/model"))
+    # what a resize costs (BENCHMARKS.md): from the event to the first epoch that starts on the new worker group
+    lost = min(started(h) for h in history if h["world_size"] == 1 and started(h) > seen["lost"]) - seen["lost"]
+    print(
+        f"\nelastic: training on 1 worker {seen['trained_on_1'] - seen['reclaimed']:.0f} s after the reclaim "
+        f"(notice {DRAIN_DEADLINE_S} s before), on 2 workers {seen['trained_on_2'] - seen['joined']:.0f} s after "
+        f"a node joined, on 1 worker {lost:.0f} s after a node was lost without notice"
+    )

@@ -35,6 +35,7 @@ METRIC_KEYS = {
     "report_s",
     "config",
     "finished_at",
+    "world_size",
     # train.diagnostics: the mean gradient norm of each stage of the tiny ResNet-18
     *(f"grad_norm_{stage}" for stage in ("stem", "layer1", "layer2", "layer3", "layer4", "head")),
 }
@@ -46,7 +47,7 @@ def test_two_worker_run_reports_checkpoints_and_exports(tiny_run):
     for row in result.history:
         assert set(row) == METRIC_KEYS
         assert all(row[f"grad_norm_{stage}"] > 0 for stage in ("stem", "layer4", "head"))
-        assert row["val_count"] == 144  # the whole validation split, each image once, across 2 workers
+        assert row["val_count"] == 144 and row["world_size"] == 2  # the whole validation split, each image once
         assert 0.0 <= row["val_top1"] <= row["val_top5"] <= 1.0
     checkpoints = sorted(p for p in glob.glob(os.path.join(result.run_dir, "checkpoint_*")) if os.path.isdir(p))
     assert 1 <= len(checkpoints) <= cfg.train.keep_checkpoints

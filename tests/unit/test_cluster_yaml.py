@@ -87,3 +87,25 @@ def test_a_run_of_four_gpu_workers_fits_on_one_node(cluster):
         and n["resources"]["CPU"] >= cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         for n in _worker_types(cluster)
     )
+
+
+def test_spot_workers_have_an_on_demand_twin_and_the_head_is_on_demand(cluster):
+    """Drivers and Train controllers stay on the on-demand head; each spot type has an on-demand type of the same
+    shape that Ray's autoscaler takes once the spot type is at its max_workers (on equal fit it takes the type
+    whose name sorts last: the spot one first)."""
+    types = cluster["available_node_types"]
+
+    def spot(node):
+        return node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+    assert not spot(types[cluster["head_node_type"]])
+    spot_types = [name for name, node in types.items() if spot(node)]
+    assert spot_types
+    for name in spot_types:
+        twins = [
+            other
+            for other, node in types.items()
+            if not spot(node) and other != cluster["head_node_type"] and node["resources"] == types[name]["resources"]
+        ]
+        assert twins and all(name > twin for twin in twins), (name, twins)
+    assert any("resnet_ray.spot_watch" in command for command in cluster["worker_start_ray_commands"])

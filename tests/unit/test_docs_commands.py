@@ -197,8 +197,10 @@ def problems(command: Command) -> list[str]:
         return [f"{command.script} does not exist"]
     found = [
         f"{w!r} would not run as written (a placeholder or an optional part?)"
-        for w in words
-        if w in REDIRECTS or w.startswith("[") or w.endswith("]")
+        for i, w in enumerate(words)
+        if w in REDIRECTS
+        or (w.startswith("[") or w.endswith("]"))
+        and not (words[i - 1].startswith("--") and "." in words[i - 1])  # a quoted YAML list: "[1, 4]"
     ]
     if command.script.startswith("benchmarks/"):
         return found + _benchmark_problems(command)
