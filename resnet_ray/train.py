@@ -31,7 +31,7 @@ METRIC = "val_top1"
 # An elastic run's restart is sized by the resources Ray last saw; a node that died a moment ago still counts until
 # the GCS's health check declares it dead (seconds), and the group sized with it waits for its placement group for
 # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) before Ray sizes it again. Elastic runs wait less.
-ELASTIC_START_TIMEOUT_S = "20"
+ELASTIC_START_TIMEOUT_S = "10"
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # passed on to the Train controller by Ray
 
 log = logging.getLogger(__name__)

@@ -117,14 +117,15 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if preempted and rank == 0:
             log.warning("a node of the run is being preempted: checkpointing epoch %d", epoch)
         # an elastic run restarts from its latest checkpoint at every resize: each epoch is kept
-        _report(session, dict(metrics), checkpoint_now=preempted or planned.scaling.elastic)
+        checkpoint_now = preempted or planned.scaling.elastic
+        _report(session, dict(metrics), checkpoint_now)
         metrics["report_s"] = time.perf_counter() - report_start  # in the history from now on
         if board:
             write_history(run_dir, session.history)
             board.epoch(session.history)
         if mlflow_run:
             mlflow_run.epoch(session.history)
-        _maybe_inject_failure(cfg, epoch, rank, world, run_dir)
+        _maybe_inject_failure(cfg, epoch, rank, world, run_dir, checkpoint_now or cfg.train.checkpoint_due(epoch))
     if board:
         board.close()
     if mlflow_run:
@@ -132,7 +133,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
 
 def _maybe_inject_failure(
-    cfg: Config, epoch: int, rank: int, world: int, run_dir: str, timeout_s: float = 120.0
+    cfg: Config, epoch: int, rank: int, world: int, run_dir: str, checkpointed: bool, timeout_s: float = 120.0
 ) -> None:
     """Debug hook (train.fail_at_epoch): the last rank dies once, after reporting that epoch and, when the epoch
     is checkpointed, once Ray Train has registered its checkpoint (uploaded in the background: a worker that
@@ -143,7 +144,7 @@ def _maybe_inject_failure(
     if storage.exists(marker):
         return
     deadline = time.monotonic() + timeout_s
-    while cfg.train.checkpoint_due(epoch) and latest_checkpoint_epoch(run_dir) < epoch:
+    while checkpointed and latest_checkpoint_epoch(run_dir) < epoch:
         if time.monotonic() > deadline:
             log.warning("train.fail_at_epoch=%d: the checkpoint was not registered within %g s", epoch, timeout_s)
             break

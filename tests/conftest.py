@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -188,3 +189,33 @@ def ctrl_c_as_in_a_terminal():
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def foreground_job(args: list, **popen_kwargs):
+    """A job started as a terminal's foreground job: its own process group, with Ctrl-C's default action. Yields
+    the process and the list its output lines are collected in as they come; the group is SIGKILLed on the way out
+    if the job still runs."""
+    import signal
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Ctrl-C in a terminal goes to the whole foreground group
+        preexec_fn=ctrl_c_as_in_a_terminal,
+        **popen_kwargs,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ctrl_c_as_in_a_terminal, tiny_config
+from conftest import foreground_job, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -148,41 +148,6 @@ def test_a_parquet_trained_run_is_evaluated_again_with_local_and_model(ray_sessi
     assert [c["class"] for c in report["per_class"]][:2] == ["digit-0", "digit-1"]
 
 
-def test_local_mode_prints_one_line_per_epoch_then_the_summary(digits_prepared, tmp_path):
-    """The README's local mode on prepared data, shrunk: no Ray noise (its INFO lines, its workers' output,
-    'Reporting training result'), one log line per epoch, then the summary tables. (A first run also says once
-    that it prepared the data.)"""
-    data_cfg, _, _ = digits_prepared
-    rc, out = finish(
-        job(
-            "train.py",
-            "--local",
-            "--model.arch",
-            "resnet18",
-            "--data.limit",
-            "240",
-            "--data.root",
-            data_cfg.root,
-            "--train.epochs",
-            "2",
-            "--train.storage_path",
-            str(tmp_path / "runs"),
-            "--train.name",
-            "quiet",
-        ),
-        900,
-    )
-    assert rc == 0, out[-3000:]
-    # nothing before the summary but our epoch lines (the local mode evaluates its few test images in the job's
-    # process: no actor whose creation Ray's C++ core would comment on)
-    lines = [line for line in out.splitlines() if line.strip()]
-    summary = next(i for i, line in enumerate(lines) if "Training run" in line)
-    assert len(lines[:summary]) == 2 and all(" epoch " in line for line in lines[:summary]), lines[:summary]
-    assert [line.split(" epoch ")[1].split()[0] for line in lines[:summary]] == ["1/2", "2/2"]
-    assert "Reporting training result" not in out and "Traceback" not in out and "Warning" not in out
-    assert "accuracy" in out and "total support 240" in out  # the evaluation summary follows
-
-
 def test_local_training_on_a_small_image_folder_finishes_with_its_test_evaluation(tmp_path):
     """A new user's first run: 3 classes x 20 photos in class folders (no train/test split of their own), the
     README's local mode. The validation split is far under calibration.MIN_ROWS: the model keeps T = 1 and says
@@ -224,32 +189,23 @@ def test_local_training_on_a_small_image_folder_finishes_with_its_test_evaluatio
 def test_ctrl_c_of_a_training_run_says_what_was_kept_and_its_resume_command_finishes_it(digits_prepared, tmp_path):
     """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) once epoch 1's checkpoint is registered:
     exit status 130 within a minute, one line naming the kept epoch and the exact `--resume` command, no traceback,
-    none of the job's processes left. That command, run as printed, trains the remaining epochs only."""
+    none of the job's processes left. That command, run as printed, trains the remaining epochs only, and shows
+    the README's local mode as a user sees it: no Ray noise (its INFO lines, its workers' output, 'Reporting training
+    result'), one log line per epoch, then the summary tables and the test evaluation's."""
     import shlex
-    import threading
 
     from resnet_ray.run_folder import latest_checkpoint_epoch
 
     data_cfg, _, _ = digits_prepared
     run = tmp_path / "runs" / "stopped"
     common = ("--model.arch", "resnet18", "--data.limit", "240", "--data.root", data_cfg.root)
-    proc = subprocess.Popen(
+    with foreground_job(
         [sys.executable, "jobs/train.py", "--local", *common, "--train.epochs", "4", "--train.checkpoint_every", "1"]
         # each epoch's checkpoint registered before the next starts: Ctrl-C lands with epochs to go (each takes ~3 s)
-        + ["--train.async_checkpoint", "false", "--train.evaluate_test", "false"]
-        + ["--train.storage_path", str(run.parent), "--train.name", "stopped"],
+        + ["--train.async_checkpoint", "false", "--train.storage_path", str(run.parent), "--train.name", "stopped"],
         cwd=ROOT,
         env=job_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        preexec_fn=ctrl_c_as_in_a_terminal,
-    )
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
+    ) as (proc, lines):
         deadline = time.monotonic() + 600
         while latest_checkpoint_epoch(str(run)) < 1:
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
@@ -257,11 +213,6 @@ def test_ctrl_c_of_a_training_run_says_what_was_kept_and_its_resume_command_fini
         stopped_at = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    reader.join(timeout=10)
     out = "".join(lines)
     assert rc == 130 and time.monotonic() - stopped_at < 60, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -290,6 +241,15 @@ def test_ctrl_c_of_a_training_run_says_what_was_kept_and_its_resume_command_fini
     history = [json.loads(line) for line in open(run / "history.jsonl")]
     assert kept < 4 and [h["epoch"] for h in history] == [1, 2, 3, 4]  # each once: the resume trained the rest
     assert (run / "model" / "model.pt").exists()
+    # nothing before the summary but our epoch lines (the local mode evaluates its few test images in the job's
+    # process: no actor whose creation Ray's C++ core would comment on)
+    lines = [line for line in out.splitlines() if line.strip()]
+    summary = next(i for i, line in enumerate(lines) if "Training run" in line)
+    assert all(" epoch " in line for line in lines[:summary]), lines[:summary]
+    # (the epochs before the interruption too: the run's whole history, each epoch once)
+    assert [line.split(" epoch ")[1].split()[0] for line in lines[:summary]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "Reporting training result" not in out and "Traceback" not in out and "Warning" not in out
+    assert "accuracy" in out and "total support 240" in out  # the evaluation summary follows
 
 
 def _group_alive(pgid: int) -> bool:

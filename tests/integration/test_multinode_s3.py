@@ -400,8 +400,8 @@ def search(prepared, cluster, workdir, s3):
     return output, time.time() - start
 
 
-CAPACITY_TIMEOUT_S = 30  # train.capacity_timeout_s of the run that loses a node (default 120)
-EPOCHS = 5  # of that run: the node dies after epoch 1's checkpoint, with epochs to go (one takes seconds here)
+CAPACITY_TIMEOUT_S = 20  # train.capacity_timeout_s of the run that loses a node (default 120)
+EPOCHS = 4  # of that run: the node dies after epoch 1's checkpoint, with epochs to go (one takes seconds here)
 
 
 @pytest.fixture(scope="module")
@@ -562,8 +562,8 @@ def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cl
     assert all(sorted(os.listdir(e)) == ["model.json", "model.pt"] for e in entries)  # only what inference needs
 
 
-SPOT_EPOCHS = 24  # of the elastic run: enough to span a preemption, a node's return and a node's loss
-DRAIN_DEADLINE_S = 10  # the spot reclaim notice (AWS gives 120 s; GCP 30 s)
+SPOT_EPOCHS = 20  # of the elastic run: enough to span a preemption and a node's return
+DRAIN_DEADLINE_S = 20  # the spot reclaim notice (AWS gives 120 s; GCP 30 s)
 
 
 def history_rows(s3, run: str) -> list:
@@ -583,15 +583,6 @@ def wait_for_history(s3, run, proc, what, until, timeout=JOB_TIMEOUT) -> list:
     return rows
 
 
-def checkpointed(s3, run: str) -> dict:
-    """The metrics of the run's latest registered checkpoint ({} before the first)."""
-    try:
-        snapshot = json.loads(s3.read(f"{run}/checkpoint_manager_snapshot.json"))
-    except (OSError, ValueError):
-        return {}
-    return (snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}
-
-
 def started(row: dict) -> float:
     """When an epoch began training (its row is written when it ends)."""
     return row["finished_at"] - row["epoch_s"] - row["val_s"]
@@ -600,16 +591,14 @@ def started(row: dict) -> float:
 @pytest.fixture(scope="module")
 def spot_run(prepared, cluster, workdir, s3):
     """jobs/train.py with scaling.num_workers [1, 2] on the two worker nodes (2 CPUs each: one worker per node),
-    allowing ONE failure. After epoch 1: node B gets a preemption notice
-    (drained with reason preemption) and is reclaimed at its deadline; a node C joins; once the run trains on
-    two workers again, C's raylet is killed without notice."""
+    allowing no failure. After epoch 1, node B gets a preemption notice (drained with reason preemption) and is
+    reclaimed at its deadline, for good; then a node C joins."""
     cluster.wait_for([0, 3, 3])
-    a, b = cluster.workers
+    b = cluster.workers[1]
     seen = {}
 
     def spot_life(proc):
         wait_for_history(s3, "runs/spot", proc, "epoch 1", lambda rows: len(rows) >= 1)
-        seen["noticed"] = time.time()
         cluster.drain(b, DRAIN_DEADLINE_S)
         time.sleep(DRAIN_DEADLINE_S)
         cluster.kill_raylet(b)  # reclaimed at the deadline
@@ -618,7 +607,7 @@ def spot_run(prepared, cluster, workdir, s3):
             s3, "runs/spot", proc, "trained on 1 worker", lambda rows: rows and rows[-1]["world_size"] == 1
         )
         seen["trained_on_1"] = min(started(r) for r in shrunk if r["world_size"] == 1)
-        c = cluster.add(head=False, cpus=3, expect=[0, 3, 3])
+        cluster.add(head=False, cpus=3, expect=[0, 3, 3])
         seen["joined"] = time.time()
         grown = wait_for_history(
             s3,
@@ -628,14 +617,6 @@ def spot_run(prepared, cluster, workdir, s3):
             lambda rows: rows and rows[-1]["world_size"] == 2 and started(rows[-1]) > seen["joined"],
         )
         seen["trained_on_2"] = min(started(r) for r in grown if r["world_size"] == 2 and started(r) > seen["joined"])
-        deadline = time.time() + 120  # and the checkpoint of an epoch on two workers is registered
-        while not (
-            (latest := checkpointed(s3, "runs/spot")).get("world_size") == 2 and latest["finished_at"] > seen["joined"]
-        ):
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint on two workers again"
-            time.sleep(0.5)
-        cluster.kill_raylet(c)  # lost without notice: a failure, not a preemption
-        seen["lost"] = time.time()
 
     returncode, output = run_job(
         cluster,
@@ -656,39 +637,35 @@ def spot_run(prepared, cluster, workdir, s3):
         "--train.async_checkpoint",
         "false",
         "--train.max_failures",
-        "1",
+        "0",
         "--train.evaluate_test",
         "false",
         during=spot_life,
     )
-    cluster.workers[1] = cluster.add(head=False, cpus=3, expect=[0, 3, 3])  # for what runs after
     return returncode, output, seen
 
 
-def test_s3_multinode_elastic_run_rides_a_preemption_a_node_loss_and_a_node_return(spot_run, s3):
+def test_s3_multinode_elastic_run_rides_a_preemption_and_grows_back_when_a_node_joins(spot_run, s3):
     returncode, output, seen = spot_run
+    # with train.max_failures 0, a preemption counted as a failure would have stopped the run
     assert returncode == 0 and "succeeded" in output, output[-4000:]
+    assert "restarting from the latest checkpoint after a preemption (train.max_preemptions)" in output
+    assert "a node of the run is being preempted" in output, output[-4000:]  # the notice, before the reclaim
     history = history_rows(s3, "runs/spot")
     assert [h["epoch"] for h in history] == list(range(1, SPOT_EPOCHS + 1))  # each epoch once
     assert all(h["val_count"] == 144 for h in history)
     sizes = [h["world_size"] for h in history]
-    runs = [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size]
-    assert runs[:3] == [2, 1, 2] and runs[-1] == 1, sizes  # shrunk, grown back, shrunk again
+    assert [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size] == [2, 1, 2], sizes
     # the batch rule: 2 x 64 at two workers; one worker cannot hold 128 (train.max_batch_size: 64), so its global
     # batch is 64 and its peak lr half
     assert "2 workers: batch 64 each, global 128" in output and "1 worker: batch 64 each, global 64" in output
-    # the preemption counted as one, not against train.max_failures: 1, which the later loss used up
-    assert "a node of the run is being preempted" in output, output[-4000:]
-    assert "restarting from the latest checkpoint after a preemption" in output
-    assert "restarting from the latest checkpoint after a failure (train.max_failures)" in output
-    # no finished epoch was lost or trained twice across the four restarts: the driver logged each epoch once
+    # no finished epoch was lost or trained twice across the restarts: the driver logged each epoch once
     logged = re.findall(rf"INFO epoch (\d+)/{SPOT_EPOCHS} ", output)
     assert sorted(map(int, logged)) == list(range(1, SPOT_EPOCHS + 1)), logged
     assert {"model.json", "model.pt"} <= set(s3.names("runs/spot/model"))
-    # what a resize costs (BENCHMARKS.md): from the event to the first epoch that starts on the new worker group
-    lost = min(started(h) for h in history if h["world_size"] == 1 and started(h) > seen["lost"]) - seen["lost"]
+    # what a resize costs (BENCHMARKS.md): from the event to the start of the first epoch on the new worker group
     print(
         f"\nelastic: training on 1 worker {seen['trained_on_1'] - seen['reclaimed']:.0f} s after the reclaim "
         f"(notice {DRAIN_DEADLINE_S} s before), on 2 workers {seen['trained_on_2'] - seen['joined']:.0f} s after "
-        f"a node joined, on 1 worker {lost:.0f} s after a node was lost without notice"
+        "a node joined"
     )

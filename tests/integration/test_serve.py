@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import ctrl_c_as_in_a_terminal
+from conftest import foreground_job
 from PIL import Image
 
 from resnet_ray.config_files import replace
@@ -258,7 +257,7 @@ def test_the_job_serves_reports_and_stops_on_ctrl_c_leaving_no_process(tiny_run,
     _, result = tiny_run
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen(
+    with foreground_job(
         [
             sys.executable,
             os.path.join(ROOT, "jobs", "serve.py"),
@@ -272,18 +271,9 @@ def test_the_job_serves_reports_and_stops_on_ctrl_c_leaving_no_process(tiny_run,
             "--report-every",
             "2",
         ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         env=env,
         cwd=str(tmp_path),
-        start_new_session=True,  # its own process group: Ctrl-C goes to the whole group, as in a terminal
-        preexec_fn=ctrl_c_as_in_a_terminal,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
-    reader.start()
-    try:
+    ) as (job, lines):
         deadline = time.monotonic() + 240
         while not any("serving" in line for line in lines):
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
@@ -297,11 +287,6 @@ def test_the_job_serves_reports_and_stops_on_ctrl_c_leaving_no_process(tiny_run,
         assert processes, "the job started no Ray processes?"
         os.killpg(job.pid, signal.SIGINT)
         assert job.wait(timeout=120) == 0, "".join(lines)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    reader.join(timeout=10)
     text = "".join(lines)
     assert "stopping" in text and "Traceback" not in text, text
     deadline = time.monotonic() + 30  # processes reaped by their parent a moment after it exits
