@@ -304,6 +304,9 @@ def cluster(s3, tmp_path_factory):
         # through the same pyarrow S3 filesystem with none of them.
         RAY_DATA_USE_DATASOURCE_V2="0",
     )
+    # the GCS declares a node dead after 5 failed health checks, one every 3 s by Ray's default: every second here,
+    # so that the node-loss tests do not wait on it (benchmarks/elastic.py measures with Ray's default)
+    env.setdefault("RAY_health_check_period_ms", "1000")
     nodes = Cluster(tmp_path_factory.mktemp("multinode"), env)
     try:
         nodes.head = nodes.add(head=True, cpus=0, expect=[0])
@@ -388,6 +391,8 @@ def search(prepared, cluster, workdir, s3):
         "search",
         "--tune.num_samples",
         "2",
+        "--tune.max_concurrent_trials",  # both at once: each a driver and a worker of 1 CPU
+        "2",
         "--tune.max_epochs",
         "2",
         "--train.epochs",
@@ -402,14 +407,41 @@ def search(prepared, cluster, workdir, s3):
 
 CAPACITY_TIMEOUT_S = 20  # train.capacity_timeout_s of the run that loses a node (default 120)
 EPOCHS = 4  # of that run: the node dies after epoch 1's checkpoint, with epochs to go (one takes seconds here)
+SPOT_EPOCHS = 16  # of its elastic continuation: enough to span a preemption and a node's return
+DRAIN_DEADLINE_S = 10  # the spot reclaim notice (AWS gives 120 s)
+ELASTIC = ["--scaling.num_workers", "[1, 2]", "--scaling.resize_interval_s", "5", "--train.max_failures", "0"]
+
+
+def history_rows(s3, run: str) -> list:
+    try:
+        return [json.loads(line) for line in s3.read(f"{run}/history.jsonl").decode().splitlines()]
+    except OSError:
+        return []
+
+
+def wait_for_history(s3, run, proc, what, until, timeout=JOB_TIMEOUT) -> list:
+    """The run's history once ``until(rows)`` holds (rank 0 rewrites it after every epoch)."""
+    deadline = time.time() + timeout
+    while not until(rows := history_rows(s3, run)):
+        assert proc.poll() is None, f"the job ended before {what}"
+        assert time.time() < deadline, f"never {what}"
+        time.sleep(0.5)
+    return rows
+
+
+def started(row: dict) -> float:
+    """When an epoch began training (its row is written when it ends)."""
+    return row["finished_at"] - row["epoch_s"] - row["val_s"]
 
 
 @pytest.fixture(scope="module")
 def trained(search, cluster, workdir, s3):
     """jobs/train.py --config best_config.yaml on 2 workers x 2 CPUs, one per worker node. Once epoch 1's
     checkpoint is registered, one node's raylet is killed and no node replaces it: the run cannot restart (the
-    head has 0 CPUs, the other node 3) and there is no autoscaler. Then a node joins, as once capacity is back,
-    and the command the failed run printed continues it."""
+    head has 0 CPUs, the other node 3) and there is no autoscaler. Then a node C joins, as once capacity is back,
+    and the command the failed run printed continues it, elastic (scaling.num_workers [1, 2], no failure allowed)
+    and longer: after its first epoch node C gets a preemption notice (drained with reason preemption) and is
+    reclaimed at its deadline, for good; then a node D joins."""
     (workdir / "best_config.yaml").write_bytes(s3.read("tune/search/best_config.yaml"))
     seen = {}
 
@@ -448,9 +480,33 @@ def trained(search, cluster, workdir, s3):
         during=lose_a_node_for_good_after_epoch_1,
     )
     stopped_after = time.time() - seen["killed_at"]
-    cluster.workers[1] = cluster.add(head=False, cpus=3, expect=[0, 3, 3])
+    c = cluster.workers[1] = cluster.add(head=False, cpus=3, expect=[0, 3, 3])
     resume = next((line.split("continue with: ")[1] for line in output.splitlines() if "continue with: " in line), "")
-    resumed = run_job(cluster, workdir, *shlex.split(resume)[1:]) if resume else (None, "")
+
+    def spot_life(proc):
+        resumed_at = time.time()
+        wait_for_history(s3, "runs/best", proc, "an epoch", lambda rows: rows[-1]["finished_at"] > resumed_at)
+        cluster.drain(c, DRAIN_DEADLINE_S)
+        time.sleep(DRAIN_DEADLINE_S)
+        cluster.kill_raylet(c)  # reclaimed at the deadline
+        seen["reclaimed"] = time.time()
+        shrunk = wait_for_history(
+            s3, "runs/best", proc, "trained on 1 worker", lambda rows: rows[-1]["world_size"] == 1
+        )
+        seen["trained_on_1"] = min(started(r) for r in shrunk if r["world_size"] == 1)
+        cluster.workers[1] = cluster.add(head=False, cpus=3, expect=[0, 3, 3])
+        seen["joined"] = time.time()
+        grown = wait_for_history(
+            s3,
+            "runs/best",
+            proc,
+            "trained on 2 workers again",
+            lambda rows: rows[-1]["world_size"] == 2 and started(rows[-1]) > seen["joined"],
+        )
+        seen["trained_on_2"] = min(started(r) for r in grown if r["world_size"] == 2 and started(r) > seen["joined"])
+
+    args = [*shlex.split(resume)[1:], *ELASTIC, "--train.epochs", str(SPOT_EPOCHS)]
+    resumed = run_job(cluster, workdir, *args, during=spot_life) if resume else (None, "")
     return returncode, output, seen, stopped_after, resume, resumed
 
 
@@ -526,9 +582,10 @@ def test_s3_multinode_train_that_loses_a_node_for_good_stops_in_bounded_time_and
     found = re.search(line, output)
     assert found and CAPACITY_TIMEOUT_S <= int(found.group(1)) < CAPACITY_TIMEOUT_S + 15, output[-4000:]
     assert resume == f"python jobs/train.py --resume {STORE}/runs/best"
+    # that command (with more epochs, elastic: test_s3_multinode_elastic_...) continued and finished the run
     assert resumed_rc == 0 and "succeeded" in resumed_out, resumed_out[-4000:]
-    history = [json.loads(line) for line in s3.read("runs/best/history.jsonl").decode().splitlines()]
-    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))  # each epoch once, across the two jobs
+    history = history_rows(s3, "runs/best")
+    assert [h["epoch"] for h in history] == list(range(1, SPOT_EPOCHS + 1))  # each epoch once, across the two jobs
     assert all(h["val_count"] == 144 for h in history)  # the whole validation split, each row once
     assert {"model.json", "model.pt"} <= set(s3.names("runs/best/model"))
 
@@ -562,107 +619,23 @@ def test_s3_multinode_evaluate_caches_only_the_model_on_worker_nodes(trained, cl
     assert all(sorted(os.listdir(e)) == ["model.json", "model.pt"] for e in entries)  # only what inference needs
 
 
-SPOT_EPOCHS = 20  # of the elastic run: enough to span a preemption and a node's return
-DRAIN_DEADLINE_S = 20  # the spot reclaim notice (AWS gives 120 s; GCP 30 s)
-
-
-def history_rows(s3, run: str) -> list:
-    try:
-        return [json.loads(line) for line in s3.read(f"{run}/history.jsonl").decode().splitlines()]
-    except OSError:
-        return []
-
-
-def wait_for_history(s3, run, proc, what, until, timeout=JOB_TIMEOUT) -> list:
-    """The run's history once ``until(rows)`` holds (rank 0 rewrites it after every epoch)."""
-    deadline = time.time() + timeout
-    while not until(rows := history_rows(s3, run)):
-        assert proc.poll() is None, f"the job ended before {what}"
-        assert time.time() < deadline, f"never {what}"
-        time.sleep(0.5)
-    return rows
-
-
-def started(row: dict) -> float:
-    """When an epoch began training (its row is written when it ends)."""
-    return row["finished_at"] - row["epoch_s"] - row["val_s"]
-
-
-@pytest.fixture(scope="module")
-def spot_run(prepared, cluster, workdir, s3):
-    """jobs/train.py with scaling.num_workers [1, 2] on the two worker nodes (2 CPUs each: one worker per node),
-    allowing no failure. After epoch 1, node B gets a preemption notice (drained with reason preemption) and is
-    reclaimed at its deadline, for good; then a node C joins."""
-    cluster.wait_for([0, 3, 3])
-    b = cluster.workers[1]
-    seen = {}
-
-    def spot_life(proc):
-        wait_for_history(s3, "runs/spot", proc, "epoch 1", lambda rows: len(rows) >= 1)
-        cluster.drain(b, DRAIN_DEADLINE_S)
-        time.sleep(DRAIN_DEADLINE_S)
-        cluster.kill_raylet(b)  # reclaimed at the deadline
-        seen["reclaimed"] = time.time()
-        shrunk = wait_for_history(
-            s3, "runs/spot", proc, "trained on 1 worker", lambda rows: rows and rows[-1]["world_size"] == 1
-        )
-        seen["trained_on_1"] = min(started(r) for r in shrunk if r["world_size"] == 1)
-        cluster.add(head=False, cpus=3, expect=[0, 3, 3])
-        seen["joined"] = time.time()
-        grown = wait_for_history(
-            s3,
-            "runs/spot",
-            proc,
-            "trained on 2 workers again",
-            lambda rows: rows and rows[-1]["world_size"] == 2 and started(rows[-1]) > seen["joined"],
-        )
-        seen["trained_on_2"] = min(started(r) for r in grown if r["world_size"] == 2 and started(r) > seen["joined"])
-
-    returncode, output = run_job(
-        cluster,
-        workdir,
-        "jobs/train.py",
-        "--local",
-        *TINY,
-        "--train.name",
-        "spot",
-        "--scaling.num_workers",
-        "[1, 2]",
-        "--scaling.cpus_per_worker",
-        "2",
-        "--scaling.resize_interval_s",
-        "5",
-        "--train.epochs",
-        str(SPOT_EPOCHS),
-        "--train.async_checkpoint",
-        "false",
-        "--train.max_failures",
-        "0",
-        "--train.evaluate_test",
-        "false",
-        during=spot_life,
-    )
-    return returncode, output, seen
-
-
-def test_s3_multinode_elastic_run_rides_a_preemption_and_grows_back_when_a_node_joins(spot_run, s3):
-    returncode, output, seen = spot_run
+def test_s3_multinode_elastic_run_rides_a_preemption_and_grows_back_when_a_node_joins(trained, s3):
+    _, _, seen, _, _, (returncode, output) = trained
     # with train.max_failures 0, a preemption counted as a failure would have stopped the run
     assert returncode == 0 and "succeeded" in output, output[-4000:]
     assert "restarting from the latest checkpoint after a preemption (train.max_preemptions)" in output
-    assert "a node of the run is being preempted" in output, output[-4000:]  # the notice, before the reclaim
-    history = history_rows(s3, "runs/spot")
+    history = history_rows(s3, "runs/best")
     assert [h["epoch"] for h in history] == list(range(1, SPOT_EPOCHS + 1))  # each epoch once
-    assert all(h["val_count"] == 144 for h in history)
     sizes = [h["world_size"] for h in history]
     assert [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size] == [2, 1, 2], sizes
-    # the batch rule: 2 x 64 at two workers; one worker cannot hold 128 (train.max_batch_size: 64), so its global
-    # batch is 64 and its peak lr half
-    assert "2 workers: batch 64 each, global 128" in output and "1 worker: batch 64 each, global 64" in output
-    # no finished epoch was lost or trained twice across the restarts: the driver logged each epoch once
+    # the batch rule: b per worker at two workers; one worker cannot hold 2b (train.max_batch_size defaults to b), so
+    # its global batch is b and its peak lr half
+    b = yaml.safe_load(s3.read("runs/best/config.yaml"))["train"]["batch_size"]
+    assert f"2 workers: batch {b} each, global {2 * b}" in output and f"1 worker: batch {b} each, global {b}" in output
+    # no finished epoch was lost or trained twice across the restarts: the driver logged each epoch once (those of
+    # the interrupted job too, as the history it continues)
     logged = re.findall(rf"INFO epoch (\d+)/{SPOT_EPOCHS} ", output)
     assert sorted(map(int, logged)) == list(range(1, SPOT_EPOCHS + 1)), logged
-    assert {"model.json", "model.pt"} <= set(s3.names("runs/spot/model"))
     # what a resize costs (BENCHMARKS.md): from the event to the start of the first epoch on the new worker group
     print(
         f"\nelastic: training on 1 worker {seen['trained_on_1'] - seen['reclaimed']:.0f} s after the reclaim "

@@ -29,6 +29,7 @@ def test_the_degradation_grid_runs_every_cell_once_to_the_end_and_draws_the_curv
         "eval.in_process_rows": 0,
         "tune.name": "grid",
         "tune.max_epochs": 2,
+        "tune.max_concurrent_trials": 2,  # the session's 4 logical CPUs: two trials (driver + worker each) at once
         "tune.search_space.model.arch": "{type: grid, values: [resnet20, resnet32]}",
     }
     argv = ["jobs/tune.py", "--local", "--config", os.path.join(ROOT, "configs", "tune-degradation.yaml")]
