@@ -1,7 +1,8 @@
 """What a resize of an elastic run costs on the loopback multi-node cluster (issue 34).
 
-Each run is the elastic test of tests/integration/test_multinode_s3.py (a fresh 3-node cluster on 127.0.0.1 with
-the S3 server, scaling.num_workers [1, 2]): a preemption notice and the reclaim of that node, then a node joining.
+Each run is the elastic test of tests/integration/test_multinode_s3.py with the fixtures it needs (a fresh 3-node
+cluster on 127.0.0.1 with the S3 server, the data, the search, the node-loss run): that run's --resume continues it
+with scaling.num_workers [1, 2] through a preemption notice and the reclaim of that node, then a node joining.
 It prints two times, each from the event to the start of the first epoch on the new worker group:
   shrink   the preempted node is reclaimed at its deadline -> training on 1 worker
   grow     a node has joined the cluster -> training on 2 workers

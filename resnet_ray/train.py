@@ -73,6 +73,29 @@ def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
     return export_checkpoint(chosen, model_dir)["metrics"], model_dir
 
 
+def _live_autoscaling_coordinator(timeout_s: float = 10.0) -> None:
+    """An elastic run sizes itself through Ray's AutoscalingCoordinator, a detached actor pinned to the node that
+    first created it (Ray Data's, on whatever node ran that). When that node is gone (a spot node reclaimed) the
+    actor can never come back, and every elastic run would wait in InitializingState for good: an unresponsive
+    one is replaced by one on this (the driver's) node."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    try:
+        ray.get(coordinator.__ray_ready__.remote(), timeout=timeout_s)
+        return
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        pass
+    log.warning(
+        "Ray's autoscaling coordinator did not answer within %g s (its node is gone?): starting a new one", timeout_s
+    )
+    ray.kill(coordinator, no_restart=True)
+    ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=60)
+
+
 @contextlib.contextmanager
 def _start_timeout(cfg: Config):
     """ELASTIC_START_TIMEOUT_S for an elastic run's Train controller while it runs (a user's own setting wins)."""
@@ -164,6 +187,8 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
         if not pending:  # no node is coming (a read-only autoscaler, as `ray start` runs one, reports 0)
             raise
         log.warning("%s; %s: waiting for them (train.pending_node_timeout_s)", exc, describe_pending(pending))
+    if cfg.scaling.elastic:
+        _live_autoscaling_coordinator()
     run_dir = run_dir_of(cfg)
     write_config(run_dir, cfg)
     console = logging_console()

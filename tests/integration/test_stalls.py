@@ -57,3 +57,27 @@ def test_training_whose_workers_cannot_start_fails_with_a_diagnosis(ray_session,
     # created now and hold 2 CPUs for the rest of this driver's life (deadlocking the next evaluation)
     groups = ray_session.util.placement_group_table().values()
     assert [g["state"] for g in groups if g["state"] != "REMOVED"] == []
+
+
+def test_an_unanswering_autoscaling_coordinator_is_replaced_before_an_elastic_run(ray_session, monkeypatch):
+    """Ray's AutoscalingCoordinator (a detached actor pinned to the node that created it) whose node is gone never
+    answers again: an elastic run replaces it rather than wait in InitializingState for good. Stand-in: an actor
+    under the coordinator's name that never finishes starting."""
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinators
+
+    from resnet_ray import train
+
+    @ray_session.remote(num_cpus=0)
+    class Stuck:
+        def __init__(self):
+            time.sleep(3600)
+
+    stuck = Stuck.options(name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", lifetime="detached")
+    stuck = stuck.remote()
+    real = coordinators.get_or_create_autoscaling_coordinator
+    calls = []
+    monkeypatch.setattr(coordinators, "get_or_create_autoscaling_coordinator", lambda: calls.append(1) or real())
+    train._live_autoscaling_coordinator(timeout_s=2)
+    assert len(calls) == 2  # the stuck one, then a new one that answered
+    fresh = ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    assert ray_session.get(fresh.__ray_ready__.remote(), timeout=10) and fresh._actor_id != stuck._actor_id
