@@ -217,6 +217,11 @@ class Cluster:
         nodes = self._get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
         return [n for n in nodes if n["state"] == "ALIVE"]
 
+    def preemption_watchers(self) -> int:
+        """Ray Train's preemption watchers alive (one per worker group, started with it)."""
+        actors = self._get("/api/v0/actors?limit=10000")["data"]["result"]["result"]
+        return sum(a["class_name"] == "PreemptionWatcher" and a["state"] == "ALIVE" for a in actors)
+
     def alive_cpus(self) -> list:
         """CPU counts of the alive nodes (0 for the head), sorted."""
         return sorted(int(n["resources_total"].get("CPU", 0)) for n in self.alive())
@@ -407,8 +412,8 @@ def search(prepared, cluster, workdir, s3):
 
 CAPACITY_TIMEOUT_S = 20  # train.capacity_timeout_s of the run that loses a node (default 120)
 EPOCHS = 4  # of that run: the node dies after epoch 1's checkpoint, with epochs to go (one takes seconds here)
-SPOT_EPOCHS = 16  # of its elastic continuation: enough to span a preemption and a node's return
-DRAIN_DEADLINE_S = 10  # the spot reclaim notice (AWS gives 120 s)
+SPOT_EPOCHS = 20  # of its elastic continuation: enough to span a preemption and a node's return
+DRAIN_DEADLINE_S = 20  # the spot reclaim notice (AWS gives 120 s)
 ELASTIC = ["--scaling.num_workers", "[1, 2]", "--scaling.resize_interval_s", "5", "--train.max_failures", "0"]
 
 
@@ -486,6 +491,12 @@ def trained(search, cluster, workdir, s3):
     def spot_life(proc):
         resumed_at = time.time()
         wait_for_history(s3, "runs/best", proc, "an epoch", lambda rows: rows[-1]["finished_at"] > resumed_at)
+        # a notice the moment a worker group starts could come before Ray Train watches for one (its watcher is an
+        # actor started with the group: seconds on a loaded machine); AWS's comes at any time, 2 minutes ahead
+        deadline = time.time() + 120
+        while not cluster.preemption_watchers():
+            assert proc.poll() is None and time.time() < deadline, "no preemption watcher started"
+            time.sleep(1)
         cluster.drain(c, DRAIN_DEADLINE_S)
         time.sleep(DRAIN_DEADLINE_S)
         cluster.kill_raylet(c)  # reclaimed at the deadline
@@ -624,6 +635,7 @@ def test_s3_multinode_elastic_run_rides_a_preemption_and_grows_back_when_a_node_
     # with train.max_failures 0, a preemption counted as a failure would have stopped the run
     assert returncode == 0 and "succeeded" in output, output[-4000:]
     assert "restarting from the latest checkpoint after a preemption (train.max_preemptions)" in output
+    assert "a node of the run is being preempted" in output  # the notice, seen before the reclaim
     history = history_rows(s3, "runs/best")
     assert [h["epoch"] for h in history] == list(range(1, SPOT_EPOCHS + 1))  # each epoch once
     sizes = [h["world_size"] for h in history]
