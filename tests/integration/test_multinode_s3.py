@@ -497,7 +497,7 @@ def trained(search, cluster, workdir, s3):
         wait_for_history(s3, "runs/best", proc, "an epoch", lambda rows: rows[-1]["finished_at"] > resumed_at)
         # a notice the moment a worker group starts could come before Ray Train watches for one (its watcher is an
         # actor started with the group: seconds on a loaded machine); AWS's comes at any time, 2 minutes ahead
-        deadline = time.time() + 60
+        deadline = time.time() + 20
         while not cluster.preemption_watchers() and time.time() < deadline:
             time.sleep(1)
         cluster.drain(c, DRAIN_DEADLINE_S)
