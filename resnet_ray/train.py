@@ -28,9 +28,10 @@ from resnet_ray.watchdog import CapacityError, CapacityWatch, watch_fit
 from resnet_ray.worker import train_fn_per_worker
 
 METRIC = "val_top1"
-# An elastic run's restart is sized by the resources Ray last saw; a node that died a moment ago still counts until
-# the GCS's health check declares it dead (seconds), and the group sized with it waits for its placement group for
-# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) before Ray sizes it again. Elastic runs wait less.
+# An elastic run's restart is sized by what Ray's autoscaling coordinator last saw; a node that died a moment ago
+# still counts there for 20-30 s (measured, even with a 1 s GCS health check), and the group sized with it waits for
+# its placement group for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s) before Ray sizes it again.
+# Elastic runs wait less.
 ELASTIC_START_TIMEOUT_S = "10"
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # passed on to the Train controller by Ray
 
