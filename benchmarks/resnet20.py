@@ -92,7 +92,7 @@ def main():
         "median_images_per_s": statistics.median(h["images_per_s"] for h in result.history),
         "wall_s_this_invocation": minutes * 60,
         "command": command,
-        "run": result.run_dir,
+        "run": result.run_dir.replace(os.path.expanduser("~"), "~", 1),  # no machine's home in the figures
         "history": result.history,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

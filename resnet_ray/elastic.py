@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from resnet_ray.config import Config
 from resnet_ray.config_files import replace
 from resnet_ray.optim import peak_lr
+from resnet_ray.resources import count
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,6 @@ def describe(cfg: Config) -> str:
     """One line: the batch and lr at each world size of an elastic run, as the run starts."""
     sizes = [batch_at(cfg, w) for w in range(cfg.scaling.max_workers, cfg.scaling.min_workers - 1, -1)]
     return "elastic run, " + "; ".join(
-        f"{s.workers} worker{'s' if s.workers > 1 else ''}: batch {s.per_worker} each, global {s.global_batch}, "
-        f"lr {s.lr:.4g}"
+        f"{count(s.workers, 'worker')}: batch {s.per_worker} each, global {s.global_batch}, lr {s.lr:.4g}"
         for s in sizes
     )

@@ -53,12 +53,17 @@ def pending_nodes() -> Optional[int]:
     return len(status.pending_nodes) + sum(r.count for r in status.pending_launches)
 
 
+def count(n: int, noun: str) -> str:
+    """'1 worker', '2 workers'"""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def describe_pending(pending: Optional[int]) -> str:
     if pending is None:
         return "no autoscaler (no node comes by itself)"
     if pending == 0:
         return "no node pending"
-    return f"{pending} node{'s' if pending != 1 else ''} pending (the autoscaler is launching them)"
+    return f"{count(pending, 'node')} pending (the autoscaler is launching them)"
 
 
 def describe(nodes: list[dict]) -> str:
@@ -68,7 +73,7 @@ def describe(nodes: list[dict]) -> str:
         shown = [f"{res.get(k, 0):g} {k}" for k in ("CPU", "GPU") if res.get(k, 0) or k == "CPU"]
         return " + ".join(shown)
 
-    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: " + ", ".join(one(n) for n in nodes)
+    return f"{count(len(nodes), 'node')}: " + ", ".join(one(n) for n in nodes)
 
 
 def _needed(request: dict) -> dict:
@@ -210,36 +215,44 @@ def local_search_cpus(
 
 def workers_text(num_workers: int, per_worker: dict) -> str:
     """'2 workers x {CPU: 2}'"""
-    return f"{num_workers} worker{'s' if num_workers != 1 else ''} x {_fmt(per_worker)}"
+    return f"{count(num_workers, 'worker')} x {_fmt(per_worker)}"
 
 
 def _fmt(request: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in request.items() if v > 0 or k == "CPU") + "}"
 
 
-def release_train_reservations() -> int:
-    """Cancel the Ray Data autoscaling coordinator's requests of Train runs; returns how many were cancelled.
+def release_train_reservations(run_id: Optional[str] = None) -> int:
+    """Cancel the Ray Data autoscaling coordinator's requests of Train runs (only run ``run_id``'s when given);
+    returns how many were cancelled.
 
-    A Train run that Tune stopped (ASHA) dies without cancelling its request, which then keeps CPUs
-    reserved from every later Ray Data job of the cluster for minutes (until it expires). Call it when no
-    Train run of this driver is left: a run still alive elsewhere renews its request within 20 s.
+    Every Train run registers its workers' resources there (requester ``train-<run id>``) and withdraws them when
+    its controller shuts down. One that dies without (a trial Tune stopped, a controller the watchdog killed)
+    leaves them reserved for 180 s: from every later Ray Data job of the cluster, and from an elastic run, which
+    sizes itself from what the coordinator reserves it (the usual ``--resume`` of a run stopped for want of
+    capacity waited minutes for workers that fit). Without ``run_id``, call it when no Train run of this driver is
+    left: a run still alive elsewhere renews its request within 20 s.
     """
     import ray
 
     try:
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-        stale = ray.get(
-            coordinator.__ray_call__.remote(
-                lambda actor: [r for r in actor._ongoing_reqs if str(r).startswith("train-")]
-            ),
-            timeout=10,
+        stale = (
+            [f"train-{run_id}"]
+            if run_id
+            else ray.get(
+                coordinator.__ray_call__.remote(
+                    lambda actor: [r for r in actor._ongoing_reqs if str(r).startswith("train-")]
+                ),
+                timeout=10,
+            )
         )
         ray.get([coordinator.cancel_request.remote(r) for r in stale], timeout=10)
     except ValueError:  # no coordinator: nothing reserved
         return 0
-    except Exception as exc:  # Ray internals (version pinned): a failure here must not fail the search
-        log.warning("could not release the Train runs' Ray Data reservations: %s", exc)
+    except Exception as exc:  # Ray internals (version pinned): a failure here must not fail the job
+        log.warning("could not release the Train runs' Ray Data reservations (they expire in 180 s): %s", exc)
         return 0
     if stale:
-        log.debug("released the Ray Data reservations of %d ended Train runs", len(stale))
+        log.debug("released the Ray Data reservations of %s", ", ".join(stale))
     return len(stale)

@@ -62,8 +62,6 @@ def _check_batches(cfg: Config, meta: dict) -> None:
             f"train.batch_size: {cfg.train.batch_size} per worker is more than the "
             f"{rows // workers} training rows each of the {workers} workers gets"
         )
-    if cfg.scaling.elastic:
-        log.info("%s", elastic.describe(cfg))
 
 
 def _export_best(result, cfg: Config, run_dir: str) -> tuple[dict, str]:
@@ -189,6 +187,7 @@ def fit(cfg: Config, callbacks: Optional[list] = None, epoch_log: bool = True) -
             raise
         log.warning("%s; %s: waiting for them (train.pending_node_timeout_s)", exc, describe_pending(pending))
     if cfg.scaling.elastic:
+        log.info("%s", elastic.describe(cfg))
         _live_autoscaling_coordinator()
     run_dir = run_dir_of(cfg)
     write_config(run_dir, cfg)

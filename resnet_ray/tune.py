@@ -26,6 +26,7 @@ from resnet_ray.model import fetch_weights
 from resnet_ray.resources import (
     TRIAL_DRIVER_CPUS,
     alive_nodes,
+    count,
     local_search_cpus,
     release_train_reservations,
     trial_concurrency,
@@ -176,11 +177,10 @@ def _trial_log_class():
             if waited >= watchdog.REPORT_EVERY_S and now - self.last_line >= watchdog.REPORT_EVERY_S:
                 self.last_line = now
                 log.warning(
-                    "waiting %.0f s: %d trial%s pending, none running (each needs %g CPU for its driver besides its "
+                    "waiting %.0f s: %s pending, none running (each needs %g CPU for its driver besides its "
                     "workers); %s",
                     waited,
-                    pending,
-                    "s" if pending != 1 else "",
+                    count(pending, "trial"),
                     TRIAL_DRIVER_CPUS,
                     watchdog.diagnose(),
                 )
@@ -191,7 +191,7 @@ def _trial_log_class():
             if outcome == "finished" and epochs < self.max_epochs:
                 outcome = f"stopped early (ASHA) after epoch {epochs}"
             elif outcome == "finished":
-                outcome = f"completed {epochs} epochs"
+                outcome = f"completed {count(epochs, 'epoch')}"
             value = result.get(self.metric)
             params = ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(trial.config.items())

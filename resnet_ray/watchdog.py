@@ -222,7 +222,12 @@ def _heartbeat_class():
         def after_controller_start(self, train_run_context):
             import ray
 
-            self._write(pid=os.getpid(), actor_id=ray.get_runtime_context().get_actor_id(), controller="started")
+            self._write(
+                pid=os.getpid(),
+                actor_id=ray.get_runtime_context().get_actor_id(),
+                run_id=train_run_context.run_id,
+                controller="started",
+            )
 
         def after_controller_state_update(self, previous_state, current_state):
             name = type(current_state).__name__
@@ -244,6 +249,8 @@ def _controller_event(state, schedulings: int) -> Optional[str]:
     the worker group (None for the states of a run that goes as planned)."""
     from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
 
+    from resnet_ray.resources import count
+
     name = type(state).__name__
     if name == "PreemptingState":
         return (
@@ -259,11 +266,11 @@ def _controller_event(state, schedulings: int) -> Optional[str]:
         cause = lines[-1][:200] if lines else type(error).__name__
         return f"restarting from the latest checkpoint after a failure (train.max_failures): {cause}"
     if name == "ResizingState":
-        workers = state.scaling_decision.num_workers
-        return f"the cluster has room for {workers} workers now: resizing the run (it restarts from its checkpoint)"
+        workers = count(state.scaling_decision.num_workers, "worker")
+        return f"the cluster has room for {workers} now: resizing the run (it restarts from its checkpoint)"
     if name == "SchedulingState" and schedulings > 1:
         workers = state.scaling_decision.num_workers
-        return f"starting {workers} worker{'s' if workers != 1 else ''} from the latest checkpoint"
+        return f"starting {count(workers, 'worker')} from the latest checkpoint"
     return None
 
 
@@ -285,9 +292,11 @@ def watch_fit(
     CapacityError when ``capacity`` says that the workers the run waits for cannot come. While the run waits
     for its workers, a line a minute says for what.
 
-    A stopped run's controller is killed, so that fit() returns and the error names what was pending. Its
-    workers go with it; so do its placement groups (``_remove_placement_groups``): Ray Train's cleaner only
-    knows a group once its workers have started, and Ray keeps a dead actor's group until its job ends.
+    A stopped run's controller is killed, so that fit() returns and the error names what was pending; so is the
+    controller of a job a person stops (Ctrl-C, SIGTERM). Its workers go with it; so do its placement groups
+    (``_remove_placement_groups``): Ray Train's cleaner only knows a group once its workers have started, and Ray
+    keeps a dead actor's group until its job ends; and its reservations with Ray's autoscaling coordinator
+    (``resources.release_train_reservations``).
     """
     # Ray Train's own Ctrl-C handler aborts the controller, then exits 0 or 1 in silence: without it, Ctrl-C
     # raises KeyboardInterrupt here and the job says what was kept (cli.run); its Ray processes stop with it
@@ -342,17 +351,22 @@ def watch_fit(
             if error is not None:
                 stall.append(error)
                 log.error("%s; stopping the run", error)
-                _stop(beat.get("pid"), fit_in_main)
-                _remove_placement_groups(beat.get("actor_id"))
+                _stop_run(beat, fit_in_main)
                 return
 
     watcher = threading.Thread(target=watch, name="training watchdog", daemon=True)
     watcher.start()
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         if stall:
             raise stall[0] from None
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            # a person stopped the job (Ctrl-C, SIGTERM): its controller would train on until this driver's exit,
+            # and its reservations outlive it by 180 s (a --resume meanwhile would wait for them)
+            done.set()
+            watcher.join()
+            _stop_run(_read(path), fit_in_main=False)
         raise
     finally:
         done.set()
@@ -364,6 +378,17 @@ def watch_fit(
     if stall:
         raise stall[0]
     return result
+
+
+def _stop_run(beat: dict, fit_in_main: bool) -> None:
+    """Kill the run's controller (its workers go with it), then free what it held: its placement groups and what it
+    asked Ray's autoscaling coordinator for."""
+    _stop(beat.get("pid"), fit_in_main)
+    _remove_placement_groups(beat.get("actor_id"))
+    if beat.get("run_id"):
+        from resnet_ray.resources import release_train_reservations
+
+        release_train_reservations(beat["run_id"])
 
 
 def _remove_placement_groups(actor_id: Optional[str]) -> None:

@@ -43,11 +43,11 @@ def test_an_evaluation_whose_actors_cannot_start_fails_with_a_diagnosis(ray_sess
     assert "free 0/4 CPU" in message and "waiting for" in message  # what is pending, what is free
 
 
-def test_training_whose_workers_cannot_start_fails_with_a_diagnosis(ray_session, data_root, tmp_path):
+def test_training_whose_workers_cannot_start_fails_with_a_diagnosis(ray_session, data_root, tmp_path, caplog):
     cfg = tiny_config(data_root, str(tmp_path), **{"train.epochs": 1, "train.stall_timeout_s": 15})
     start = time.monotonic()
     with cpus_taken(ray_session, ray_session.cluster_resources()["CPU"] - 1):  # reads fit, 2 workers do not
-        with pytest.raises(StallError) as err:
+        with pytest.raises(StallError) as err, caplog.at_level("DEBUG", logger="resnet_ray.resources"):
             fit(cfg)
     assert time.monotonic() - start < 180
     message = str(err.value)
@@ -57,6 +57,12 @@ def test_training_whose_workers_cannot_start_fails_with_a_diagnosis(ray_session,
     # created now and hold 2 CPUs for the rest of this driver's life (deadlocking the next evaluation)
     groups = ray_session.util.placement_group_table().values()
     assert [g["state"] for g in groups if g["state"] != "REMOVED"] == []
+    # and what it asked Ray's autoscaling coordinator for: held 180 s more otherwise, an elastic run started
+    # meanwhile (a --resume) would wait that long for its workers
+    withdrawn = [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records if "released the Ray Data" in r.getMessage()]
+    assert len(withdrawn) == 1 and withdrawn[0].startswith("train-"), caplog.text
+    coordinator = ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    assert ray_session.get(coordinator.get_reserved_resources.remote(withdrawn[0]), timeout=10) == {}
 
 
 def test_an_unanswering_autoscaling_coordinator_is_replaced_before_an_elastic_run(ray_session, monkeypatch):
@@ -89,3 +95,38 @@ def test_an_unanswering_autoscaling_coordinator_is_replaced_before_an_elastic_ru
     assert len(calls) == 2  # the stuck one, then a new one that answered
     fresh = ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     assert ray_session.get(fresh.__ray_ready__.remote(), timeout=10) and fresh._actor_id != stuck._actor_id
+
+
+def test_a_job_stopped_in_training_frees_what_its_run_held(ray_session, data_root, tmp_path):
+    """Ctrl-C or SIGTERM of a job while it trains (KeyboardInterrupt, SystemExit out of fit): the run's controller
+    stops with it, not at the driver's exit, and what it held is free at once: its CPUs, its placement groups and
+    its request with Ray's autoscaling coordinator (which would hold them 180 s more: a --resume of an elastic run
+    meanwhile waited that long)."""
+    import _thread
+    import threading
+
+    def train_requests() -> list:
+        try:
+            coordinator = ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            return []
+        ask = coordinator.__ray_call__.remote(lambda actor: [r for r in actor._ongoing_reqs if r.startswith("train-")])
+        return ray_session.get(ask, timeout=10)
+
+    def interrupt_once_the_run_asked():
+        deadline = time.monotonic() + 120
+        while not train_requests() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        _thread.interrupt_main()
+
+    cfg = tiny_config(data_root, str(tmp_path), **{"train.epochs": 100})
+    threading.Thread(target=interrupt_once_the_run_asked, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg)
+    assert train_requests() == []
+    groups = ray_session.util.placement_group_table().values()
+    assert [g["state"] for g in groups if g["state"] != "REMOVED"] == []
+    deadline = time.monotonic() + 30  # the workers go with their controller
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray_session.available_resources()
+        time.sleep(0.5)
