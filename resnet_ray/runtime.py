@@ -115,6 +115,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# what a local instance sets in this process's environment (Ray Train passes these on to its controller)
+LOCAL_ENV = {
+    # one node that no cloud drains: Ray Train's preemption watcher (one more actor process per run) has nothing to
+    # watch. Not for a cluster: a process that starts one (a test) keeps it out of the clusters it starts
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # the Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s more
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+
 def start_local(num_cpus: Optional[float] = None) -> None:
     """A fresh single-node Ray instance with the dashboard on 127.0.0.1 (whoever reaches it runs code).
 
@@ -127,11 +137,8 @@ def start_local(num_cpus: Optional[float] = None) -> None:
     import ray
 
     cpus = local_cpus(num_cpus)
-    # one node that no cloud drains: Ray Train's preemption watcher (one more actor process per run) has
-    # nothing to watch (Train passes the variable on to its controller)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # the Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s more
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    for name, value in LOCAL_ENV.items():
+        os.environ.setdefault(name, value)
     # Ray 2.60 turns token authentication on for a new local instance and says so on every start: keep it on,
     # without the line (setting RAY_AUTH_MODE here would come too late for the RayConfig Ray has already read)
     notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
