@@ -326,6 +326,8 @@ def cluster(s3, tmp_path_factory):
     # the GCS declares a node dead after 5 failed health checks, one every 3 s by Ray's default: every second here,
     # so that the node-loss tests do not wait on it (benchmarks/elastic.py measures with Ray's default)
     env.setdefault("RAY_health_check_period_ms", "1000")
+    # Ray 2.60 drains a node for up to 30 s when its `ray start --block` gets SIGTERM: the test's nodes stop at once
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     nodes = Cluster(tmp_path_factory.mktemp("multinode"), env)
     try:
         nodes.head = nodes.add(head=True, cpus=0, expect=[0])
