@@ -356,22 +356,23 @@ def watch_fit(
 
     watcher = threading.Thread(target=watch, name="training watchdog", daemon=True)
     watcher.start()
+    interrupted = False
     try:
         result = trainer.fit()
     except BaseException as exc:
         if stall:
             raise stall[0] from None
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            # a person stopped the job (Ctrl-C, SIGTERM): its controller would train on until this driver's exit,
-            # and its reservations outlive it by 180 s (a --resume meanwhile would wait for them)
-            done.set()
-            watcher.join()
-            _stop_run(_read(path), fit_in_main=False)
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         raise
     finally:
         done.set()
         watcher.join()
-        tell(_read(path))
+        beat = _read(path)
+        tell(beat)
+        if interrupted:
+            # a person stopped the job (Ctrl-C, SIGTERM): its controller would train on until this driver's exit,
+            # and its reservations outlive it by 180 s (a --resume meanwhile would wait for them)
+            _stop_run(beat, fit_in_main=False)
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)

@@ -470,9 +470,9 @@ def trained(search, cluster, workdir, s3):
     """jobs/train.py --config best_config.yaml on 2 workers x 2 CPUs, one per worker node. Once epoch 1's
     checkpoint is registered, one node's raylet is killed and no node replaces it: the run cannot restart (the
     head has 0 CPUs, the other node 3) and there is no autoscaler. Then a node C joins, as once capacity is back,
-    and the command the failed run printed continues it, elastic (scaling.num_workers [1, 2], no failure allowed)
+    and the command the failed run printed continues it, elastic (scaling.num_workers [1, 2], one failure allowed)
     and longer: after its first epoch node C gets a preemption notice (drained with reason preemption) and is
-    reclaimed at its deadline, for good; then a node D joins."""
+    gone for good at its deadline; then a node D joins."""
     (workdir / "best_config.yaml").write_bytes(s3.read("tune/search/best_config.yaml"))
     seen = {}
 

@@ -107,12 +107,12 @@ def test_a_job_stopped_in_training_frees_what_its_run_held(ray_session, data_roo
     import threading
 
     def train_requests() -> list:
-        """The coordinator's Train requesters (Ray Data's have ids of their own type)."""
+        """The coordinator's Train requesters (Ray Data's are data-<execution id>)."""
         try:
             coordinator = ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
         except ValueError:
             return []
-        ask = coordinator.__ray_call__.remote(lambda actor: [str(r) for r in actor._ongoing_reqs])
+        ask = coordinator.__ray_call__.remote(lambda actor: list(actor._ongoing_reqs))
         return [r for r in ray_session.get(ask, timeout=10) if r.startswith("train-")]
 
     def interrupt_once_the_run_asked():
@@ -128,7 +128,8 @@ def test_a_job_stopped_in_training_frees_what_its_run_held(ray_session, data_roo
 
     seen = []
     cfg = tiny_config(data_root, str(tmp_path), **{"train.epochs": 30})
-    # Python's own Ctrl-C handler (interrupt_main does nothing under SIG_DFL, which an earlier test may have left)
+    # Python's own Ctrl-C handler: interrupt_main does nothing under SIG_IGN (a suite run under nohup) or SIG_DFL
+    # (which cli.run leaves after an interrupted job)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Thread(target=interrupt_once_the_run_asked, daemon=True).start()
